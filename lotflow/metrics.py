@@ -1,0 +1,95 @@
+"""Every Prometheus metric lotflow exposes, defined once.
+
+Metrics are built on a registry passed in, so tests and benchmarks get their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["SinkMetrics", "WorkerMetrics", "serve"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_CONFIDENCE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0)
+
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    records_in: Counter
+    records_out: Counter
+    dead_letters: Counter
+    processing_latency: Histogram
+    batch_duration: Histogram
+    confidence: Histogram
+    pending: Gauge
+    consumer_lag: Gauge
+    model_labels: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
+        return cls(
+            records_in=Counter("lotflow_records_in", "Input records consumed", ["topic"], registry=registry),
+            records_out=Counter(
+                "lotflow_records_out", "Output records produced", ["topic", "decision"], registry=registry
+            ),
+            dead_letters=Counter(
+                "lotflow_dead_letters", "Inputs sent to the dead-letter topic", ["topic", "error_class"],
+                registry=registry,
+            ),
+            processing_latency=Histogram(
+                "lotflow_processing_latency_seconds", "Receipt publish time to decision time",
+                ["node"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            batch_duration=Histogram(
+                "lotflow_batch_duration_seconds", "Time to process one batch of events",
+                ["node"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            confidence=Histogram(
+                "lotflow_confidence", "Confidence of decisions", ["node", "decision"],
+                buckets=_CONFIDENCE_BUCKETS, registry=registry,
+            ),
+            pending=Gauge("lotflow_pending_subjects", "Subjects waiting for documents", ["node"], registry=registry),
+            consumer_lag=Gauge(
+                "lotflow_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
+                registry=registry,
+            ),
+            model_labels=Counter(
+                "lotflow_model_labels", "Human labels the confidence model learned from", ["node"],
+                registry=registry,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class SinkMetrics:
+    rows: Counter
+    batch_rows: Histogram
+    batch_latency: Histogram
+    errors: Counter
+    consumer_lag: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> SinkMetrics:
+        return cls(
+            rows=Counter("lotflow_sink_rows", "Rows written to ClickHouse", ["table"], registry=registry),
+            batch_rows=Histogram(
+                "lotflow_sink_batch_rows", "Rows per insert", ["table"],
+                buckets=(1, 10, 100, 1000, 5000, 10000, 20000, 50000, 100000), registry=registry,
+            ),
+            batch_latency=Histogram(
+                "lotflow_sink_batch_latency_seconds", "Insert latency", ["table"],
+                buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            errors=Counter("lotflow_sink_errors", "Failed inserts (retried)", ["table"], registry=registry),
+            consumer_lag=Gauge(
+                "lotflow_sink_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
+                registry=registry,
+            ),
+        )
+
+
+def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
+    """Expose ``/metrics`` for ``registry`` on a background thread."""
+    start_http_server(port, addr=host, registry=registry)

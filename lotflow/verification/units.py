@@ -1,0 +1,59 @@
+"""Unit conversion for units of measure, backed by pint.
+
+pint is slow per call (tens of µs), so factors are computed once per unit pair and cached:
+the hot path multiplies by a float.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pint
+
+__all__ = ["IncompatibleUnits", "UNIT_NAMES", "conversion_factor", "convert"]
+
+# Avro UnitOfMeasure symbols -> pint unit names ("EA" is a count, not a physical unit).
+UNIT_NAMES: dict[str, str] = {
+    "KG": "kilogram",
+    "G": "gram",
+    "LB": "pound",
+    "OZ": "ounce",
+    "T": "metric_ton",
+    "L": "liter",
+    "ML": "milliliter",
+    "GAL": "gallon",
+    "M": "meter",
+    "FT": "foot",
+    "EA": "count",
+}
+
+_REGISTRY = pint.UnitRegistry()
+
+
+class IncompatibleUnits(ValueError):
+    """The two units measure different things (mass vs volume, count vs mass)."""
+
+
+@cache
+def conversion_factor(from_unit: str, to_unit: str) -> float:
+    """How many ``to_unit`` one ``from_unit`` is.
+
+    >>> round(conversion_factor("LB", "KG"), 6)
+    0.453592
+    >>> conversion_factor("KG", "KG")
+    1.0
+    """
+    if from_unit == to_unit:
+        return 1.0
+    try:
+        src, dst = UNIT_NAMES[from_unit], UNIT_NAMES[to_unit]
+    except KeyError as exc:
+        raise IncompatibleUnits(f"unknown unit {exc.args[0]!r}") from None
+    try:
+        return float(_REGISTRY.Quantity(1.0, src).to(dst).magnitude)
+    except pint.DimensionalityError:
+        raise IncompatibleUnits(f"cannot convert {from_unit} to {to_unit}") from None
+
+
+def convert(quantity: float, from_unit: str, to_unit: str) -> float:
+    return quantity * conversion_factor(from_unit, to_unit)

@@ -1,0 +1,194 @@
+"""Avro in the Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body.
+
+Records written by Confluent's serializers are read as-is, and the reverse. Schema ids
+come from a Schema Registry when ``LOTFLOW_SCHEMA_REGISTRY_URL`` is set, otherwise from
+the bundled ``schemas/avro`` files: each schema's id is derived from the Rabin fingerprint
+of its canonical form, so the mapping is the same on every machine and every version of a
+schema gets its own id.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from functools import cache
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+__all__ = [
+    "AvroCodec",
+    "BundledSchemas",
+    "DecodeError",
+    "RegistrySchemas",
+    "SchemaSource",
+    "bundled_schema_json",
+    "schema_source",
+]
+
+SCHEMA_DIR = Path(__file__).parent / "avro"
+_HEADER = struct.Struct(">bI")
+MAGIC = 0
+
+Record = dict[str, Any]
+
+
+class DecodeError(ValueError):
+    """Input bytes that are not a valid record of the expected schema."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class SchemaSource(Protocol):
+    """Where schema ids come from."""
+
+    def id_for(self, subject: str, schema: Mapping[str, Any]) -> int: ...
+
+    def writer_schema(self, schema_id: int) -> Any: ...
+
+
+@cache
+def bundled_schema_json(full_name: str) -> dict[str, Any]:
+    path = SCHEMA_DIR / f"{full_name}.avsc"
+    if not path.exists():
+        raise KeyError(f"no bundled schema {full_name!r} in {SCHEMA_DIR}")
+    with path.open() as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data
+
+
+def _bundled_id(schema: Mapping[str, Any]) -> int:
+    canonical = to_parsing_canonical_form(parse_schema(dict(schema)))
+    return int(fingerprint(canonical, "CRC-64-AVRO")[:8], 16) & 0x7FFFFFFF
+
+
+class BundledSchemas:
+    """Deterministic ids for a fixed set of schemas (by default every bundled .avsc)."""
+
+    def __init__(self, schemas: Iterable[Mapping[str, Any]]) -> None:
+        self._by_id: dict[int, Any] = {}
+        for schema in schemas:
+            schema_id = _bundled_id(schema)
+            self._by_id[schema_id] = parse_schema(dict(schema))
+
+    @classmethod
+    def default(cls) -> BundledSchemas:
+        return cls(json.loads(p.read_text()) for p in sorted(SCHEMA_DIR.glob("*.avsc")))
+
+    def add(self, schema: Mapping[str, Any]) -> int:
+        schema_id = _bundled_id(schema)
+        self._by_id.setdefault(schema_id, parse_schema(dict(schema)))
+        return schema_id
+
+    def id_for(self, subject: str, schema: Mapping[str, Any]) -> int:
+        return self.add(schema)
+
+    def writer_schema(self, schema_id: int) -> Any:
+        try:
+            return self._by_id[schema_id]
+        except KeyError:
+            raise DecodeError("SCHEMA", f"unknown schema id {schema_id}") from None
+
+
+class RegistrySchemas:
+    """Ids from a Confluent-compatible Schema Registry (``mock://`` works for tests)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._ids: dict[tuple[str, str], int] = {}
+        self._writers: dict[int, Any] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> RegistrySchemas:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        return cls(SchemaRegistryClient.new_client({"url": url}))
+
+    def id_for(self, subject: str, schema: Mapping[str, Any]) -> int:
+        from confluent_kafka.schema_registry import Schema
+
+        text = json.dumps(schema, sort_keys=True)
+        key = (subject, text)
+        if key not in self._ids:
+            self._ids[key] = self._client.register_schema(subject, Schema(json.dumps(schema), "AVRO"))
+        return self._ids[key]
+
+    def writer_schema(self, schema_id: int) -> Any:
+        if schema_id not in self._writers:
+            try:
+                registered = self._client.get_schema(schema_id)
+            except Exception as exc:  # the registry raises its own error types
+                raise DecodeError("SCHEMA", f"schema id {schema_id} not in registry: {exc}") from exc
+            self._writers[schema_id] = parse_schema(json.loads(registered.schema_str))
+        return self._writers[schema_id]
+
+
+_DEFAULT_BUNDLED: BundledSchemas | None = None
+
+
+def schema_source(registry_url: str | None) -> SchemaSource:
+    """The schema source for a deployment: the registry if configured, else the bundled files."""
+    global _DEFAULT_BUNDLED
+    if registry_url:
+        return RegistrySchemas.from_url(registry_url)
+    if _DEFAULT_BUNDLED is None:
+        _DEFAULT_BUNDLED = BundledSchemas.default()
+    return _DEFAULT_BUNDLED
+
+
+class AvroCodec:
+    """Encode/decode one topic's values with its reader schema."""
+
+    def __init__(
+        self, source: SchemaSource, subject: str, schema: Mapping[str, Any] | str
+    ) -> None:
+        schema_json = bundled_schema_json(schema) if isinstance(schema, str) else dict(schema)
+        self.full_name = f"{schema_json.get('namespace', '')}.{schema_json['name']}".lstrip(".")
+        self._source = source
+        self._reader = parse_schema(schema_json)
+        self._schema_id = source.id_for(subject, schema_json)
+        self._header = _HEADER.pack(MAGIC, self._schema_id)
+        self._resolved: dict[int, Any] = {}
+
+    @property
+    def schema_id(self) -> int:
+        return self._schema_id
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        out = BytesIO()
+        out.write(self._header)
+        try:
+            schemaless_writer(out, self._reader, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"record does not fit {self.full_name}: {exc}") from exc
+        return out.getvalue()
+
+    def decode(self, data: bytes | None) -> Record:
+        if not data or len(data) < _HEADER.size:
+            raise DecodeError("DECODE", "empty or truncated message (no Confluent header)")
+        magic, schema_id = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise DecodeError("DECODE", f"unknown magic byte {magic}")
+        body = BytesIO(data)
+        body.seek(_HEADER.size)
+        try:
+            if schema_id == self._schema_id:
+                record: Record = schemaless_reader(body, self._reader, None)
+            else:
+                writer = self._resolved.get(schema_id)
+                if writer is None:
+                    writer = self._resolved[schema_id] = self._source.writer_schema(schema_id)
+                record = schemaless_reader(body, writer, self._reader)
+        except DecodeError:
+            raise
+        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            raise DecodeError("DECODE", f"Avro body does not decode as {self.full_name}: {exc!r}") from exc
+        if body.tell() != len(data):
+            raise DecodeError("DECODE", f"{len(data) - body.tell()} trailing bytes after the record")
+        return record

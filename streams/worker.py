@@ -1,0 +1,113 @@
+"""The Faust worker: app, tables, the receiving agent, the document-wait timer, /metrics.
+
+The agent is thin: it takes batches of raw events, hands them to ``ReceivingProcessor`` and
+flushes outputs and state changes before asking for the next batch, so Faust commits an
+offset only after what it caused is on the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from lotflow.metrics import WorkerMetrics
+from lotflow.schemas.serde import DecodeError, schema_source
+from lotflow.settings import Settings
+from lotflow.streams import topics
+from lotflow.streams.producer import OutputProducer
+from lotflow.streams.receiving import InputEvent, ReceivingProcessor
+from lotflow.streams.reference import SpecCache
+from lotflow.streams.state import ChangelogTable
+
+__all__ = ["create_worker"]
+
+log = logging.getLogger(__name__)
+_QUIET = ("faust", "mode", "aiokafka", "kafka", "aiohttp", "venusian")
+
+
+def _brokers(bootstrap: str) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def create_worker(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
+    registry = registry or CollectorRegistry()
+    metrics = WorkerMetrics.create(registry)
+    source = schema_source(settings.schema_registry_url)
+    app = faust.App(
+        settings.app_id,
+        broker=_brokers(settings.bootstrap_servers),
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_max_poll_records=settings.max_poll_records,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.worker_web_port,
+        web_host=settings.worker_web_host,
+        web_enabled=True,
+        datadir=str(settings.var_dir / "faust" / settings.app_id),
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    inputs = app.topic(*(spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
+                                                              topics.CERTIFICATES)),
+                       partitions=settings.partitions, **raw)
+    po_table = ChangelogTable(app.Table("receiving-po", default=None, partitions=settings.partitions))
+    vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
+    producer = OutputProducer(settings, source)
+
+    def spec_dead_letter(msg: Any, exc: DecodeError | KeyError) -> None:
+        event = InputEvent(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), 0)
+        processor.dead_letter(event, getattr(exc, "error_class", "SCHEMA"), str(exc), int(time.time() * 1000))
+
+    specs = SpecCache(settings, source, on_bad_record=spec_dead_letter)
+    processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, producer, metrics)
+    batch_timer = metrics.batch_duration.labels("receiving")
+    last_offsets: dict[tuple[str, int], int] = {}
+
+    def flush() -> None:
+        po_table.flush_to(producer)
+        vendor_table.flush_to(producer)
+        producer.flush()
+        processor.publish_metrics()
+
+    @app.task
+    async def quiet_loggers() -> None:
+        # The Faust worker resets log levels on start; per-event debug records cost more than the work.
+        for name in _QUIET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        specs.load()
+
+    @app.agent(inputs)
+    async def receiving(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            started = time.perf_counter()
+            specs.poll()
+            handle = processor.handle
+            for event in events:
+                m = event.message
+                handle(InputEvent(m.topic, m.partition, m.offset, m.key, m.value, int(m.timestamp * 1000)))
+                last_offsets[(m.topic, m.partition)] = m.offset
+            flush()
+            batch_timer.observe(time.perf_counter() - started)
+
+    @app.timer(settings.sweep_interval_s)
+    async def document_wait() -> None:
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return  # decide only on fully recovered state
+        specs.poll()
+        if processor.sweep():
+            flush()
+        for (topic, partition), offset in list(last_offsets.items()):
+            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            if highwater is not None:
+                metrics.consumer_lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    app.lotflow_processor = processor  # type: ignore[attr-defined]
+    return app
