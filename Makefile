@@ -1,0 +1,62 @@
+# lotflow — every target installs what it needs (idempotently) first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_STAMP := var/.apt-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install system-deps demo test lint unit integration bench kafka-start kafka-stop clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+system-deps: $(APT_STAMP) ## Java 17, ZooKeeper 3.8 jars (for the local broker), promtool
+$(APT_STAMP):
+	@missing=""; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	[ -f /usr/share/java/zookeeper-3.8.0.jar ] || missing="$$missing libzookeeper-java"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@mkdir -p var && touch $@
+
+install: system-deps $(STAMP) ## create .venv and install lotflow with its dev tools
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: install ## run the whole pipeline on a local broker + embedded ClickHouse and print a summary
+	$(BIN)/lotflow demo $(DEMO_ARGS)
+
+lint: install ## ruff + mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy lotflow streams schemas scorers sinks
+
+test: install lint ## lint, then every test (unit + integration on a real broker and ClickHouse)
+	$(BIN)/pytest -q
+
+unit: install ## only the unit tests
+	$(BIN)/pytest -q tests/unit
+
+integration: install ## only the integration tests
+	$(BIN)/pytest -q tests/integration
+
+bench: install ## raw vs Faust vs pipeline throughput, latency at 1,000/s, sink rows/s -> var/bench.json
+	$(BIN)/python load-tests/bench.py $(BENCH_ARGS)
+
+kafka-start: install ## start the local broker (var/kafka)
+	$(BIN)/lotflow kafka start
+
+kafka-stop: install ## stop the local broker started by kafka-start
+	$(BIN)/lotflow kafka stop
+
+clean: ## remove var/ (broker data, embedded ClickHouse, results) and .venv
+	-$(BIN)/lotflow kafka stop 2>/dev/null
+	rm -rf var $(VENV) *.egg-info

@@ -1,0 +1,321 @@
+"""``lotflow demo``: the whole pipeline on a local broker and the embedded ClickHouse engine.
+
+Starts what is not running (broker), creates a fresh topic set and database for this run,
+starts the worker and the sink as their own processes, publishes simulated traffic, waits
+until every receipt is decided and every output is in ClickHouse, prints a reconciled summary
+with accuracy against ground truth, writes it to ``var/demo-summary.json`` and stops what it
+started, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer
+
+from lotflow import admin, localkafka
+from lotflow.reconcile import Decision, decision_from_output, score
+from lotflow.schemas.serde import AvroCodec, schema_source
+from lotflow.settings import Settings
+from lotflow.streams import topics
+
+__all__ = ["run_demo"]
+
+DEMO_PREFIX = "demo"
+DEMO_WAIT_S = 5.0
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "LOTFLOW_TOPIC_PREFIX": settings.topic_prefix,
+        "LOTFLOW_APP_ID": settings.app_id,
+        "LOTFLOW_SINK_GROUP": settings.sink_group,
+        "LOTFLOW_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "LOTFLOW_DOCUMENT_WAIT_S": str(settings.document_wait_s),
+        "LOTFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "LOTFLOW_VAR_DIR": str(settings.var_dir.resolve()),
+        "LOTFLOW_PARTITIONS": str(settings.partitions),
+    })
+    return env
+
+
+def _spawn(name: str, settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    log = (log_dir / f"{name}.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "lotflow.cli", name], env=_env(settings),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s; see {log}")
+
+
+class OutputReader:
+    """Reads decisions, dead letters, ground truth and input timestamps from Kafka as they arrive."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        source = schema_source(settings.schema_registry_url)
+        self.kinds = {
+            topics.VERIFIED.full_name(settings): ("VERIFIED", topics.VERIFIED),
+            topics.EXCEPTIONS.full_name(settings): ("EXCEPTION", topics.EXCEPTIONS),
+            topics.DEAD_LETTERS.full_name(settings): ("DEAD_LETTER", topics.DEAD_LETTERS),
+            topics.GROUND_TRUTH.full_name(settings): ("TRUTH", topics.GROUND_TRUTH),
+        }
+        self.codecs = {name: AvroCodec(source, f"{name}-value", spec.schema) for name, (_, spec) in self.kinds.items()}
+        self.inputs = {spec.full_name(settings) for spec in (topics.RECEIPTS, topics.PURCHASE_ORDERS,
+                                                             topics.CERTIFICATES)}
+        self.decisions: list[Decision] = []
+        self.ids: set[str] = set()
+        self.truths: list[dict[str, Any]] = []
+        self.input_ts: dict[tuple[str, int, int], int] = {}
+        self.counts: Counter[str] = Counter()
+        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
+                                  "group.id": f"{settings.app_id}-demo-reader", "auto.offset.reset": "earliest",
+                                  "enable.auto.commit": False})
+        self.consumer.subscribe([*self.kinds, *self.inputs])
+
+    def poll(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for msg in self.consumer.consume(5000, timeout=0.2):
+                if msg.error():
+                    continue
+                topic = msg.topic()
+                if topic in self.inputs:
+                    self.input_ts[(topic, msg.partition(), msg.offset())] = msg.timestamp()[1]
+                    continue
+                kind, _ = self.kinds[topic]
+                record = self.codecs[topic].decode(msg.value())
+                if kind == "TRUTH":
+                    self.truths.append(record)
+                    continue
+                self.counts[kind] += 1
+                self.ids.add(record["id"])
+                if kind != "DEAD_LETTER" or record["source_topic"] == topics.RECEIPTS.full_name(self.settings):
+                    self.decisions.append(decision_from_output(kind, record))
+
+    def decided_receipts(self) -> int:
+        return len({d.ref for d in self.decisions})
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _latencies(reader: OutputReader) -> list[float]:
+    """Decision time minus the broker time of the last input the decision waited for."""
+    out = []
+    for d in reader.decisions:
+        if d.outcome == "DEAD_LETTER" or any(r in ("UNKNOWN_PO", "MISSING_COA", "UNKNOWN_MATERIAL")
+                                            for r in d.reasons):
+            continue  # dead letters have no decision time; expired waits measure the wait
+        stamps = [reader.input_ts[r] for r in d.input_refs if r in reader.input_ts]
+        if stamps:
+            out.append(max(0.0, d.decision_time_ms - max(stamps)))
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1] if len(values) > 1 \
+        else values[0]
+
+
+def _sink_caught_up(settings: Settings) -> bool:
+    for spec in (*topics.OUTPUTS, topics.DECISIONS):
+        topic = spec.full_name(settings)
+        ends = admin.end_offsets(settings, topic)
+        committed = admin.committed_offsets(settings, settings.sink_group, topic)
+        if any(end > 0 and committed.get(p, 0) < end for p, end in ends.items()):
+            return False
+    return True
+
+
+def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default", rate: float = 0.0) -> int:
+    from lotflow.simulator.faults import parse_fault_spec
+    from lotflow.simulator.publish import publish
+
+    mix = parse_fault_spec(faults)  # fail on a bad spec before starting anything
+    run_id = time.strftime("%Y%m%d%H%M%S")
+    wait = base.document_wait_s if "LOTFLOW_DOCUMENT_WAIT_S" in os.environ else DEMO_WAIT_S
+    settings = base.model_copy(update={
+        "topic_prefix": f"{DEMO_PREFIX}{run_id}.", "app_id": f"lotflow-demo-{run_id}",
+        "sink_group": f"lotflow-demo-sink-{run_id}", "clickhouse_database": f"lotflow_demo_{run_id}",
+        "document_wait_s": wait,
+    })
+    var = settings.var_dir
+    log_dir = var / "demo-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started_broker = False
+    worker = sink = None
+    reader: OutputReader | None = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if not localkafka.broker_answers(settings.kafka_port):
+            print("== starting the local Kafka broker")
+            localkafka.start(settings)
+            started_broker = True
+        removed = admin.delete_topics_with_prefix(settings, DEMO_PREFIX)
+        if removed:
+            print(f"== removed {len(removed)} topics of earlier demo runs")
+        admin.create_topics(settings)
+        print(f"== topics ready under prefix {settings.topic_prefix!r}; document wait {wait:g}s")
+        subprocess.run([sys.executable, "-m", "lotflow.cli", "db", "migrate"], env=_env(settings), check=True)
+        worker = _spawn("worker", settings, log_dir)
+        sink = _spawn("sink", settings, log_dir)
+        _wait_http(f"http://{settings.worker_web_host}:{settings.worker_web_port}/metrics", worker,
+                   log_dir / "worker.log")
+        _wait_http(f"http://127.0.0.1:{settings.sink_metrics_port}/metrics", sink, log_dir / "sink.log")
+        print(f"== worker and sink running (logs in {log_dir})")
+        reader = OutputReader(settings)
+        print(f"== publishing {count} receipts (seed {seed}, faults {faults!r}, rate {rate or 'max'}/s)")
+        t0 = time.monotonic()
+        report = publish(settings, seed, count, mix, rate, progress=lambda line: print(f"   {line}"))
+        published = time.monotonic() - t0
+        expected = count
+        print(f"== published in {published:.1f}s; waiting for every receipt to be decided")
+        deadline = time.monotonic() + max(120.0, 3 * wait + count / 200)
+        last = -1
+        while time.monotonic() < deadline:
+            reader.poll(1.0)
+            decided = reader.decided_receipts()
+            if decided != last:
+                c = reader.counts
+                print(f"   decided {decided}/{expected}: verified {c['VERIFIED']}, exceptions {c['EXCEPTION']}, "
+                      f"dead letters {c['DEAD_LETTER']}")
+                last = decided
+            if decided >= expected and len(reader.truths) >= expected:
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}; see {log_dir / 'worker.log'}")
+        processing = time.monotonic() - t0
+        print("== waiting for the sink to write everything to ClickHouse")
+        sink_deadline = time.monotonic() + 120
+        while not _sink_caught_up(settings):
+            if time.monotonic() > sink_deadline:
+                raise TimeoutError("the sink did not catch up within 120s")
+            if sink.poll() is not None:
+                raise RuntimeError(f"sink exited with {sink.returncode}; see {log_dir / 'sink.log'}")
+            time.sleep(0.5)
+        _stop(worker)
+        _stop(sink)
+        reader.poll(1.0)
+        summary = _summary(settings, reader, report, processing)
+        _print_summary(summary)
+        out = var / "demo-summary.json"
+        out.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"== summary written to {out}")
+        return 0 if summary["reconciled"] else 1
+    except KeyboardInterrupt:
+        print("\n== interrupted: stopping what the demo started")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if reader is not None:
+            reader.close()
+        _stop(worker)
+        _stop(sink)
+        if started_broker:
+            localkafka.stop(settings)
+
+
+def _summary(settings: Settings, reader: OutputReader, report: Any, seconds: float) -> dict[str, Any]:
+    from lotflow.sinks.clickhouse import connect, table_counts
+
+    board = score(reader.truths, reader.decisions)
+    client = connect(settings)
+    rows = table_counts(client, settings.clickhouse_database)
+    exceptions_by_reason: Counter[str] = Counter(board.exceptions_by_reason)
+    lat = _latencies(reader)
+    in_total = board.records_in
+    kafka_out = board.verified + board.exceptions + board.dead_letters
+    receipts_topic = topics.RECEIPTS.full_name(settings)
+    ch_dead = client.query(
+        f"SELECT count() FROM {settings.clickhouse_database}.dead_letters FINAL WHERE source_topic = %(t)s",
+        parameters={"t": receipts_topic}).result_rows[0][0]
+    ch_out = rows.get("verified", 0) + rows.get("exceptions", 0) + ch_dead
+    return {
+        "records_in": in_total,
+        "verified": board.verified,
+        "exceptions": board.exceptions,
+        "dead_letters": board.dead_letters,
+        "undecided": board.undecided,
+        "reprocessed_duplicates_on_kafka": board.duplicates,
+        "reconciled_kafka": in_total == kafka_out and board.undecided == 0,
+        "reconciled_clickhouse": in_total == ch_out,
+        "reconciled": in_total == kafka_out == ch_out and board.undecided == 0,
+        "clickhouse_rows": rows,
+        "exceptions_by_reason": dict(exceptions_by_reason.most_common()),
+        "precision_verified": round(board.precision_verified, 5),
+        "recall_faults": round(board.recall_faults, 5),
+        "false_alarm_rate": round(board.false_alarm_rate, 5),
+        "faults_injected": board.faults,
+        "faults_caught_by_confidence_only": board.caught_by_model_only,
+        "recall_by_fault": {k: round(v, 4) for k, v in board.recall_by_fault.items()},
+        "missed_faults": board.missed,
+        "throughput_per_s": round(in_total / seconds, 1) if seconds else 0.0,
+        "input_messages": getattr(report, "counts", {}),
+        "latency_p50_ms": round(_percentile(lat, 0.50), 1),
+        "latency_p99_ms": round(_percentile(lat, 0.99), 1),
+        "elapsed_s": round(seconds, 1),
+        "topic_prefix": settings.topic_prefix,
+        "clickhouse_database": settings.clickhouse_database,
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print("\n================ lotflow demo summary ================")
+    print(f"receipts in        {s['records_in']:>8}")
+    print(f"  verified         {s['verified']:>8}")
+    print(f"  exceptions       {s['exceptions']:>8}")
+    print(f"  dead letters     {s['dead_letters']:>8}")
+    print(f"reconciled         Kafka {'yes' if s['reconciled_kafka'] else 'NO'}, "
+          f"ClickHouse {'yes' if s['reconciled_clickhouse'] else 'NO'}")
+    print("ClickHouse rows    " + ", ".join(f"{k} {v}" for k, v in s["clickhouse_rows"].items()))
+    print("exceptions by reason:")
+    for code, n in s["exceptions_by_reason"].items():
+        print(f"  {code:<24}{n:>6}")
+    print(f"precision of verified  {100 * s['precision_verified']:.2f} %   (target >= 99.5 %)")
+    print(f"recall of faults       {100 * s['recall_faults']:.2f} %   (target >= 99 %)")
+    print(f"false alarms           {100 * s['false_alarm_rate']:.2f} % of clean receipts")
+    print(f"caught by confidence only (no rule failed): {s['faults_caught_by_confidence_only']}")
+    if s["missed_faults"]:
+        print(f"missed faults          {s['missed_faults']}")
+    print(f"throughput             {s['throughput_per_s']} receipts/s end to end ({s['elapsed_s']} s)")
+    print(f"latency                p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms")
+    print("=======================================================")

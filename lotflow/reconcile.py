@@ -1,0 +1,107 @@
+"""Reconciliation and accuracy: join the pipeline's decisions with the simulator's ground truth.
+
+Pure functions over plain records, shared by the demo and the integration tests. A decision
+and its ground truth meet on the input record they are about (topic, partition, offset).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Decision", "Scoreboard", "decision_from_output", "score"]
+
+Ref = tuple[str, int, int]
+WAIT_REASONS = frozenset({"UNKNOWN_PO", "MISSING_COA", "UNKNOWN_MATERIAL"})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    ref: Ref
+    outcome: str  # VERIFIED | EXCEPTION | DEAD_LETTER
+    reasons: tuple[str, ...] = ()
+    blocked: bool = False
+    decision_time_ms: int = 0
+    input_refs: tuple[Ref, ...] = ()
+
+
+def decision_from_output(kind: str, record: Mapping[str, Any]) -> Decision:
+    """Turn a verified / exception / dead-letter record into a Decision."""
+    if kind == "DEAD_LETTER":
+        ref = (record["source_topic"], record["source_partition"], record["source_offset"])
+        return Decision(ref, kind)
+    refs = tuple((r["topic"], r["partition"], r["offset"]) for r in record["input_refs"])
+    reasons = tuple(r["code"] for r in record["reasons"])
+    blocked = any(r["severity"] == "BLOCK" for r in record["reasons"])
+    decided = record["decision_time"]
+    decided_ms = decided if isinstance(decided, int) else int(decided.timestamp() * 1000)
+    return Decision(refs[0], record["decision"], reasons, blocked, decided_ms, refs)
+
+
+@dataclass
+class Scoreboard:
+    records_in: int = 0
+    verified: int = 0
+    exceptions: int = 0
+    dead_letters: int = 0
+    undecided: int = 0
+    duplicates: int = 0
+    precision_verified: float = 0.0
+    recall_faults: float = 0.0
+    false_alarm_rate: float = 0.0
+    faults: int = 0
+    caught_by_model_only: int = 0
+    recall_by_fault: dict[str, float] = field(default_factory=dict)
+    exceptions_by_reason: dict[str, int] = field(default_factory=dict)
+    missed: dict[str, int] = field(default_factory=dict)
+
+
+def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) -> Scoreboard:
+    """Precision of verified, recall of faults (exception or dead letter), per fault kind."""
+    by_ref: dict[Ref, Decision] = {}
+    duplicates = 0
+    for d in decisions:
+        if d.ref in by_ref:
+            duplicates += 1  # the same input decided twice (re-processing): ids make it one row
+        by_ref[d.ref] = d
+    board = Scoreboard(duplicates=duplicates)
+    fault_total: Counter[str] = Counter()
+    fault_caught: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    missed: Counter[str] = Counter()
+    verified_good = clean = clean_flagged = 0
+    for t in truths:
+        board.records_in += 1
+        d = by_ref.get((t["source_topic"], t["source_partition"], t["source_offset"]))
+        if d is None:
+            board.undecided += 1
+            continue
+        if d.outcome == "VERIFIED":
+            board.verified += 1
+            verified_good += not t["is_fault"]
+        elif d.outcome == "EXCEPTION":
+            board.exceptions += 1
+            reasons.update(d.reasons)
+        else:
+            board.dead_letters += 1
+        if t["is_fault"]:
+            fault_total[t["fault"]] += 1
+            if d.outcome != "VERIFIED":
+                fault_caught[t["fault"]] += 1
+                if d.outcome == "EXCEPTION" and not d.blocked:
+                    board.caught_by_model_only += 1
+            else:
+                missed[t["fault"]] += 1
+        else:
+            clean += 1
+            clean_flagged += d.outcome != "VERIFIED"
+    board.faults = sum(fault_total.values())
+    board.precision_verified = verified_good / board.verified if board.verified else 1.0
+    board.recall_faults = sum(fault_caught.values()) / board.faults if board.faults else 1.0
+    board.false_alarm_rate = clean_flagged / clean if clean else 0.0
+    board.recall_by_fault = {f: fault_caught[f] / n for f, n in sorted(fault_total.items())}
+    board.exceptions_by_reason = dict(reasons.most_common())
+    board.missed = dict(missed.most_common())
+    return board
