@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=20000, ge=1)
     sink_batch_s: float = Field(default=0.5, gt=0)
     sink_metrics_port: int = 9108
+    sink_metrics_host: str = "127.0.0.1"
     sink_max_retry_s: float = Field(default=30.0, gt=0)
 
     def topic(self, name: str) -> str:
