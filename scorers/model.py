@@ -8,9 +8,8 @@ every decision.
 
 from __future__ import annotations
 
-from river import compose, linear_model, optim, preprocessing
-
 from lotflow.scorers.prior import CheckPrior
+from river import compose, linear_model, optim, preprocessing
 
 __all__ = ["OnlineConfidence"]
 

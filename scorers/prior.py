@@ -7,7 +7,7 @@ read and argued about:
           - 6.0 * (BLOCK reasons)                 # a rule failed: far below every band
           - 2.5 * (WARN reasons)
           - 1.0 * max(0, coa_max_abs_z - 2.5)       # CoA value far from this vendor's history
-          - 10  * max(0, vendor_exception_rate - 0.08)   # a vendor getting worse
+          - 10  * max(0, vendor_exception_rate - 0.08)   # a vendor whose rule failures rise
           - 0.8 * coa_history_missing             # no history yet to compare CoA values with
     confidence = 1 / (1 + exp(-logit))
 

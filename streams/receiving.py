@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.scorers import history
 from lotflow.scorers.model import OnlineConfidence
-from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import OutputProducer
 from lotflow.streams.state import KeyedState
+
+from lotflow.metrics import WorkerMetrics
+from lotflow.settings import Settings
 from lotflow.verification import receiving as rules
-from lotflow.verification.node import VerificationNode
+from lotflow.verification.node import Severity, VerificationNode
 from lotflow.verification.outputs import InputRef, Subject, dead_letter, outputs_for
 
 __all__ = ["InputEvent", "ReceivingProcessor", "build_node"]
@@ -68,6 +69,7 @@ class ReceivingProcessor:
         producer: OutputProducer,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
+        documents_settled: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.node = build_node(settings)
@@ -78,6 +80,9 @@ class ReceivingProcessor:
         self.producer = producer
         self.metrics = metrics
         self.clock = clock
+        # (partition, until_ms) -> True when every document published before until_ms on this
+        # partition has been read: absence is judged on what was published, not on a backlog.
+        self.documents_settled = documents_settled or (lambda partition, until_ms: True)
         self.wait_ms = int(settings.document_wait_s * 1000)
         names = {spec.full_name(settings): spec for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)}
@@ -180,7 +185,7 @@ class ReceivingProcessor:
         changed = False
         for pending_key, p in list(state["pending"].items()):
             receipt = p["receipt"]
-            late = expired and p["deadline"] <= now_ms
+            late = expired and p["deadline"] <= now_ms and self.documents_settled(partition, p["ts"] + self.wait_ms)
             if not late and rules.missing_documents(receipt, state["po"], self.specs, state["coas"]):
                 continue
             del state["pending"][pending_key]
@@ -225,14 +230,16 @@ class ReceivingProcessor:
             "lots": [[str(f.line["po_line"]), f.line["vendor_lot"]] for f in ctx.lines],
         }
         if not replay:
-            self._learn_history(profile, ctx, verdict.decision == "EXCEPTION")
+            # The vendor's error rate counts rule failures only: counting every exception would
+            # feed the confidence penalty back into itself.
+            self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
             self.vendor_state.put(partition, vendor_key, profile)
 
     @staticmethod
-    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, exception: bool) -> None:
-        history.observe_decision(profile, exception)
-        if exception:
-            return  # only accepted lots shape what "normal" looks like for this vendor
+    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, failed: bool) -> None:
+        history.observe_decision(profile, failed)
+        if failed:
+            return  # only lots that passed the rules shape what "normal" looks like for this vendor
         stats = profile["stats"]
         for f in ctx.lines:
             for c in f.coa_facts:

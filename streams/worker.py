@@ -12,16 +12,16 @@ import time
 from typing import Any
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import DecodeError, schema_source
-from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import OutputProducer
 from lotflow.streams.receiving import InputEvent, ReceivingProcessor
 from lotflow.streams.reference import SpecCache
 from lotflow.streams.state import ChangelogTable
+from prometheus_client import CollectorRegistry, generate_latest
+
+from lotflow.metrics import WorkerMetrics
+from lotflow.settings import Settings
 
 __all__ = ["create_worker"]
 
@@ -37,6 +37,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
     source = schema_source(settings.schema_registry_url)
+    datadir = (settings.var_dir / "faust" / settings.app_id).resolve()
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=_brokers(settings.bootstrap_servers),
@@ -48,7 +50,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         web_port=settings.worker_web_port,
         web_host=settings.worker_web_host,
         web_enabled=True,
-        datadir=str(settings.var_dir / "faust" / settings.app_id),
+        datadir=str(datadir),
     )
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(*(spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
@@ -63,9 +65,30 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         processor.dead_letter(event, getattr(exc, "error_class", "SCHEMA"), str(exc), int(time.time() * 1000))
 
     specs = SpecCache(settings, source, on_bad_record=spec_dead_letter)
-    processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, producer, metrics)
-    batch_timer = metrics.batch_duration.labels("receiving")
     last_offsets: dict[tuple[str, int], int] = {}
+    stream_time: dict[tuple[str, int], int] = {}
+    document_topics = [spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.CERTIFICATES)]
+
+    def documents_settled(partition: int, until_ms: int) -> bool:
+        """Have the PO and CoA partitions been read past ``until_ms``, or up to their end?"""
+        for topic in document_topics:
+            if stream_time.get((topic, partition), 0) >= until_ms:
+                continue
+            tp = faust.types.TP(topic, partition)
+            highwater = app.consumer.highwater(tp)
+            if highwater is None:
+                return False
+            if (topic, partition) in last_offsets:
+                next_offset = last_offsets[(topic, partition)] + 1
+            else:  # nothing read since start: Faust resumed from the committed offset
+                next_offset = app.consumer._committed_offset.get(tp) or 0
+            if next_offset < highwater:
+                return False
+        return True
+
+    processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, producer, metrics,
+                                   documents_settled=documents_settled)
+    batch_timer = metrics.batch_duration.labels("receiving")
 
     def flush() -> None:
         po_table.flush_to(producer)
@@ -88,8 +111,12 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
             handle = processor.handle
             for event in events:
                 m = event.message
-                handle(InputEvent(m.topic, m.partition, m.offset, m.key, m.value, int(m.timestamp * 1000)))
-                last_offsets[(m.topic, m.partition)] = m.offset
+                timestamp_ms = int(m.timestamp * 1000)
+                handle(InputEvent(m.topic, m.partition, m.offset, m.key, m.value, timestamp_ms))
+                tp = (m.topic, m.partition)
+                last_offsets[tp] = m.offset
+                if timestamp_ms > stream_time.get(tp, 0):
+                    stream_time[tp] = timestamp_ms
             flush()
             batch_timer.observe(time.perf_counter() - started)
 
@@ -107,7 +134,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp rejects a charset inside content_type; Prometheus text format 0.0.4 is UTF-8 anyway.
+        return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
     app.lotflow_processor = processor  # type: ignore[attr-defined]
     return app

@@ -133,3 +133,15 @@ def test_exception_is_explainable() -> None:
     assert reason["code"] == "COA_OUT_OF_SPEC" and reason["evidence"]["value"] == "97"
     assert {r["topic"] for r in exc["input_refs"]} == {"plant.receipts", "erp.purchase-orders",
                                                        "plant.certificates-of-analysis"}
+
+
+def test_absence_is_not_judged_while_documents_are_still_unread() -> None:
+    clock = Clock()
+    proc, rec, _ = make(clock)
+    settled = {"now": False}
+    proc.documents_settled = lambda partition, until_ms: settled["now"]
+    proc.handle(event(topics.RECEIPTS, receipt(), 0))
+    clock.now += 60
+    assert proc.sweep() == 0 and rec.decisions() == []  # a backlog of POs may still hold it
+    settled["now"] = True
+    assert proc.sweep() == 1

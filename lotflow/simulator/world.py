@@ -1,0 +1,267 @@
+"""The simulated plant's suppliers and materials, built deterministically from a seed.
+
+* ~40 materials ``MAT-0001``..: chemicals in KG, liquids in L (each with 1-3 measured
+  properties and ``requires_coa``), discrete parts in EA (no properties, no CoA);
+* 12 vendors, each supplying ~5 materials and with a reliability that scales its fault
+  probability; one vendor degrades over the run (0.5x -> 5x);
+* per vendor-material pair a characteristic mean and small std per property: well inside
+  the range for most pairs, close to a limit (with a tight std) for a ``near_limit``
+  fraction of them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DEGRADE_END",
+    "DEGRADE_START",
+    "Material",
+    "PropertyProfile",
+    "PropertySpec",
+    "Supply",
+    "Vendor",
+    "World",
+    "build_world",
+]
+
+DEGRADE_START = 0.5
+DEGRADE_END = 5.0
+NEAR_LIMIT_BAND = (0.03, 0.08)  # distance of a near-limit mean from the limit, fraction of range
+CLEAN_MAX_Z = 4.0  # clean CoA values never stray further than this from the vendor's mean
+
+
+@dataclass(frozen=True)
+class PropertySpec:
+    name: str
+    unit: str
+    min: float
+    max: float
+    target: float | None = None
+
+    @property
+    def span(self) -> float:
+        return self.max - self.min
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "unit": self.unit, "min": self.min, "max": self.max,
+                "target": self.target}
+
+
+@dataclass(frozen=True)
+class Material:
+    material_id: str
+    description: str
+    base_unit: str  # KG, L or EA
+    requires_coa: bool
+    quantity_tolerance_pct: float
+    properties: tuple[PropertySpec, ...]
+    base_price: float  # per base unit
+
+    def spec_record(self, event_time: int) -> dict[str, Any]:
+        """The ERP's ``lotflow.erp.MaterialSpec`` for this material."""
+        return {
+            "material_id": self.material_id,
+            "revision": 0,
+            "description": self.description,
+            "base_unit": self.base_unit,
+            "quantity_tolerance_pct": self.quantity_tolerance_pct,
+            "requires_coa": self.requires_coa,
+            "properties": [p.record() for p in self.properties],
+            "event_time": event_time,
+        }
+
+
+@dataclass(frozen=True)
+class PropertyProfile:
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Supply:
+    """What one vendor's lots of one material look like."""
+
+    vendor_id: str
+    material_id: str
+    unit_price: float  # per base unit
+    profiles: dict[str, PropertyProfile]  # by property name
+    near_limit: bool
+
+    def profile(self, prop: str) -> PropertyProfile:
+        try:
+            return self.profiles[prop]
+        except KeyError:
+            raise KeyError(f"{self.vendor_id}/{self.material_id} has no property {prop!r}") from None
+
+
+@dataclass(frozen=True)
+class Vendor:
+    vendor_id: str
+    name: str
+    lot_prefix: str
+    reliability: float  # fault-probability multiplier (1 = the mix's rate)
+    volume: float  # relative share of deliveries
+    degrading: bool
+    materials: tuple[str, ...]
+
+    def multiplier(self, progress: float) -> float:
+        """Fault-probability multiplier at ``progress`` (0..1) through the run."""
+        if self.degrading:
+            return DEGRADE_START + (DEGRADE_END - DEGRADE_START) * min(max(progress, 0.0), 1.0)
+        return self.reliability
+
+
+@dataclass(frozen=True)
+class World:
+    vendors: tuple[Vendor, ...]
+    materials: dict[str, Material]
+    supplies: dict[tuple[str, str], Supply]  # (vendor_id, material_id)
+    unknown_material_ids: tuple[str, ...]  # ids with no spec, for unknown_material faults
+
+    def supply(self, vendor_id: str, material_id: str) -> Supply:
+        return self.supplies[(vendor_id, material_id)]
+
+
+_SOLIDS = (
+    "Sodium carbonate", "Citric acid", "Titanium dioxide", "Calcium carbonate", "Zinc oxide",
+    "Magnesium stearate", "Sodium chloride", "Potassium sorbate", "Fumed silica",
+    "Microcrystalline cellulose", "Stearic acid", "Sodium bicarbonate", "Aluminium hydroxide",
+    "Talc", "Kaolin", "Polyethylene pellets",
+)
+_LIQUIDS = (
+    "Ethanol 96%", "Isopropyl alcohol", "Glycerol", "Propylene glycol", "Acetone", "Mineral oil",
+    "Silicone fluid", "Epoxy resin", "Acrylic emulsion", "Sodium hypochlorite solution",
+)
+_PARTS = (
+    "Hex bolt M8x30", "Hex nut M8", "Flat washer M8", "O-ring 20x2", "Steel bracket",
+    "Drum 200 L", "IBC tote 1000 L", "Wood pallet", "Label roll", "Carton box", "Bearing 6204",
+    "Gasket DN50", "Hose clamp 40 mm", "Cable tie 200 mm",
+)
+_VENDORS = (
+    ("Acme Chemicals", "ACM"), ("Borealis Supply", "BOR"), ("Cobalt Industrial", "COB"),
+    ("Delta Polymers", "DLT"), ("Everest Minerals", "EVR"), ("Fjord Fluids", "FJD"),
+    ("Granite Components", "GRN"), ("Helix Specialty", "HLX"), ("Ionic Materials", "ION"),
+    ("Juniper Trading", "JUN"), ("Kestrel Fasteners", "KST"), ("Lumen Solvents", "LUM"),
+)
+_SOLID_PROPS = ("purity", "moisture", "ash", "particle_size_d50")
+_LIQUID_PROPS = ("purity", "density", "viscosity", "water_content")
+
+
+def _property(rng: random.Random, name: str) -> PropertySpec:
+    if name == "purity":
+        return PropertySpec("purity", "%", rng.choice((95.0, 97.0, 98.0, 98.5, 99.0, 99.5)), 100.0)
+    if name in ("moisture", "water_content"):
+        return PropertySpec(name, "%", 0.0, round(rng.uniform(0.2, 1.5), 2))
+    if name == "ash":
+        return PropertySpec("ash", "%", 0.0, round(rng.uniform(0.05, 0.5), 3))
+    if name == "particle_size_d50":
+        nominal, width = rng.uniform(5, 200), rng.uniform(0.15, 0.30)
+        return PropertySpec(name, "um", round(nominal * (1 - width), 1), round(nominal * (1 + width), 1),
+                            round(nominal, 1))
+    if name == "density":
+        nominal, width = rng.uniform(0.78, 1.6), rng.uniform(0.015, 0.04)
+        return PropertySpec("density", "g/cm3", round(nominal * (1 - width), 3),
+                            round(nominal * (1 + width), 3), round(nominal, 3))
+    if name == "viscosity":
+        nominal, width = rng.uniform(1.0, 3000.0), rng.uniform(0.10, 0.25)
+        return PropertySpec("viscosity", "cP", round(nominal * (1 - width), 2),
+                            round(nominal * (1 + width), 2), round(nominal, 2))
+    raise ValueError(f"no template for property {name!r}")
+
+
+def _materials(rng: random.Random) -> dict[str, Material]:
+    kinds = [(name, "KG") for name in _SOLIDS] + [(name, "L") for name in _LIQUIDS]
+    kinds += [(name, "EA") for name in _PARTS]
+    rng.shuffle(kinds)
+    materials: dict[str, Material] = {}
+    for n, (description, unit) in enumerate(kinds, start=1):
+        if unit == "EA":
+            props: tuple[PropertySpec, ...] = ()
+            price = rng.uniform(0.1, 500.0)
+        else:
+            names = rng.sample(_SOLID_PROPS if unit == "KG" else _LIQUID_PROPS, rng.randint(1, 3))
+            props = tuple(_property(rng, name) for name in names)
+            price = rng.uniform(0.5, 50.0)
+        material_id = f"MAT-{n:04d}"
+        materials[material_id] = Material(
+            material_id=material_id,
+            description=description,
+            base_unit=unit,
+            requires_coa=unit != "EA",
+            quantity_tolerance_pct=float(rng.randint(1, 5)),
+            properties=props,
+            base_price=round(price, 2),
+        )
+    return materials
+
+
+def _normal_profile(rng: random.Random, prop: PropertySpec) -> PropertyProfile:
+    mean = prop.min + prop.span * rng.uniform(0.3, 0.7)
+    return PropertyProfile(mean, prop.span * rng.uniform(0.015, 0.04))
+
+
+def _near_limit_profile(rng: random.Random, prop: PropertySpec) -> PropertyProfile:
+    distance = prop.span * rng.uniform(*NEAR_LIMIT_BAND)
+    mean = prop.min + distance if rng.random() < 0.5 else prop.max - distance
+    std = min(prop.span * rng.uniform(0.005, 0.012), distance / (CLEAN_MAX_Z + 0.5))
+    return PropertyProfile(mean, std)
+
+
+def _vendor_materials(rng: random.Random, materials: dict[str, Material]) -> tuple[str, ...]:
+    solids = [m.material_id for m in materials.values() if m.base_unit == "KG"]
+    first = rng.choice(solids)  # every vendor has a KG chemical: every fault kind applies to it
+    others = rng.sample([mid for mid in materials if mid != first], rng.randint(3, 5))
+    return tuple(sorted([first, *others]))
+
+
+def build_world(seed: int, near_limit_fraction: float = 0.15) -> World:
+    """The vendors, materials and vendor-material profiles of run ``seed``."""
+    rng = random.Random(f"lotflow-world:{seed}")
+    materials = _materials(rng)
+
+    volumes = [rng.uniform(0.5, 1.5) for _ in _VENDORS]
+    raw = [min(max(rng.lognormvariate(0.0, 0.5), 0.3), 3.0) for _ in _VENDORS]
+    degrading = rng.randrange(len(_VENDORS))
+    # Scale the others so the volume-weighted mean multiplier over the run is 1: the mix's
+    # rates are then the run's overall rates. The degrading vendor averages the mean of its
+    # ramp over the part of the run that gets faults (progress 0.1..1).
+    ramp_mean = DEGRADE_START + (DEGRADE_END - DEGRADE_START) * 0.55
+    others = sum(v * r for i, (v, r) in enumerate(zip(volumes, raw, strict=True)) if i != degrading)
+    scale = (sum(volumes) - volumes[degrading] * ramp_mean) / others
+
+    vendors: list[Vendor] = []
+    for i, (name, prefix) in enumerate(_VENDORS):
+        vendors.append(Vendor(
+            vendor_id=f"V-{i + 1:03d}",
+            name=name,
+            lot_prefix=prefix,
+            reliability=1.0 if i == degrading else raw[i] * scale,
+            volume=volumes[i],
+            degrading=i == degrading,
+            materials=_vendor_materials(rng, materials),
+        ))
+
+    pairs = [(v.vendor_id, mid) for v in vendors for mid in v.materials]
+    coa_pairs = [p for p in pairs if materials[p[1]].properties]
+    near = set(rng.sample(coa_pairs, round(near_limit_fraction * len(coa_pairs))))
+    supplies: dict[tuple[str, str], Supply] = {}
+    for vendor_id, material_id in pairs:
+        material = materials[material_id]
+        is_near = (vendor_id, material_id) in near
+        near_prop = rng.randrange(len(material.properties)) if is_near else -1
+        profiles = {
+            prop.name: _near_limit_profile(rng, prop) if k == near_prop else _normal_profile(rng, prop)
+            for k, prop in enumerate(material.properties)
+        }
+        supplies[(vendor_id, material_id)] = Supply(
+            vendor_id=vendor_id,
+            material_id=material_id,
+            unit_price=round(material.base_price * rng.uniform(0.85, 1.15), 2),
+            profiles=profiles,
+            near_limit=is_near,
+        )
+    unknown = tuple(f"MAT-{9000 + n:04d}" for n in range(1, 21))
+    return World(tuple(vendors), materials, supplies, unknown)
