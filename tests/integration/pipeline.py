@@ -1,0 +1,118 @@
+"""Helpers for end-to-end tests: a real worker process, a producer of encoded inputs, a reader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from lotflow.demo import OutputReader
+from lotflow.schemas.serde import AvroCodec, schema_source
+from lotflow.settings import Settings
+from lotflow.streams.producer import producer_config
+from lotflow.streams.topics import TopicSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerProcess:
+    """``lotflow worker`` as its own process, as in production."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return dict(os.environ, LOTFLOW_TOPIC_PREFIX=s.topic_prefix, LOTFLOW_APP_ID=s.app_id,
+                    LOTFLOW_BOOTSTRAP_SERVERS=s.bootstrap_servers, LOTFLOW_DOCUMENT_WAIT_S=str(s.document_wait_s),
+                    LOTFLOW_VAR_DIR=str(PROJECT_ROOT / "var" / "test-workers"),
+                    LOTFLOW_WORKER_WEB_PORT=str(s.worker_web_port), LOTFLOW_PARTITIONS=str(s.partitions))
+
+    def start(self, timeout: float = 90.0) -> WorkerProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lotflow.cli", "worker"], env=self.env(),
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if self.metrics() is not None:
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def metrics(self) -> str | None:
+        try:
+            url = f"http://127.0.0.1:{self.settings.worker_web_port}/metrics"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.read().decode()
+        except OSError:
+            return None
+
+    def records_in(self) -> float:
+        text = self.metrics() or ""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("lotflow_records_in_total{"))
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, no final commit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Inputs:
+    """Publishes records encoded exactly as plant systems would (Confluent wire, murmur2 keys)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = schema_source(settings.schema_registry_url)
+        self.producer = Producer(producer_config(settings))
+        self.codecs: dict[str, AvroCodec] = {}
+
+    def send(self, spec: TopicSpec, key: str, record: dict[str, Any] | bytes) -> None:
+        topic = spec.full_name(self.settings)
+        if isinstance(record, bytes):
+            value = record
+        else:
+            codec = self.codecs.get(topic) or AvroCodec(self.source, f"{topic}-value", spec.schema)
+            self.codecs[topic] = codec
+            value = codec.encode(record)
+        self.producer.produce(topic, key=key.encode(), value=value)
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+def wait_for(reader: OutputReader, predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reader.poll(0.5)
+        if predicate():
+            return
+    raise AssertionError(f"timed out waiting for {what}: {dict(reader.counts)}")
