@@ -167,16 +167,15 @@ class ReceivingProcessor:
         rid = receipt["receipt_id"]
         applied = state["receipts"].get(rid)
         if applied is not None and applied["offset"] == event.offset:
-            # Re-delivered after a crash: decide again (same ids, same outputs), learn nothing twice.
-            self._decide(key, event.partition, state, receipt, [event.topic, event.partition, event.offset],
-                         event.timestamp_ms, now_ms, replay=True)
-        else:
-            # setdefault: a receipt re-delivered while it waits keeps its original deadline
-            state["pending"].setdefault(f"{rid}@{event.offset}", {
-                "receipt": receipt, "ref": [event.topic, event.partition, event.offset],
-                "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
-            })
-            self._decide_ready(key, event.partition, state, now_ms, expired=False)
+            # Re-delivered after a crash. State is written only after the outputs were acknowledged,
+            # so its decision is already on the broker: deciding again could only differ.
+            return
+        # setdefault: a receipt re-delivered while it waits keeps its original deadline
+        state["pending"].setdefault(f"{rid}@{event.offset}", {
+            "receipt": receipt, "ref": [event.topic, event.partition, event.offset],
+            "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
+        })
+        self._decide_ready(key, event.partition, state, now_ms, expired=False)
         self.po_state.put(event.partition, key, state)
 
     # --- deciding ---------------------------------------------------------------
@@ -189,12 +188,12 @@ class ReceivingProcessor:
             if not late and rules.missing_documents(receipt, state["po"], self.specs, state["coas"]):
                 continue
             del state["pending"][pending_key]
-            self._decide(key, partition, state, receipt, p["ref"], p["ts"], now_ms, replay=False)
+            self._decide(key, partition, state, receipt, p["ref"], p["ts"], now_ms)
             changed = True
         return changed
 
     def _decide(self, key: str, partition: int, state: Record, receipt: Record, ref: list[Any],
-                input_ts_ms: int, now_ms: int, replay: bool) -> None:
+                input_ts_ms: int, now_ms: int) -> None:
         vendor_key = f"{receipt['vendor_id']}@{partition}"
         profile = self.vendor_state.get(vendor_key) or history.empty_profile()
         ctx = rules.derive(receipt, state, self.specs, profile, self.rules, ref[2])
@@ -229,11 +228,10 @@ class ReceivingProcessor:
             "qty": {str(f.line["po_line"]): f.qty_in_po_unit or 0.0 for f in ctx.lines},
             "lots": [[str(f.line["po_line"]), f.line["vendor_lot"]] for f in ctx.lines],
         }
-        if not replay:
-            # The vendor's error rate counts rule failures only: counting every exception would
-            # feed the confidence penalty back into itself.
-            self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
-            self.vendor_state.put(partition, vendor_key, profile)
+        # The vendor's error rate counts rule failures only: counting every exception would
+        # feed the confidence penalty back into itself.
+        self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
+        self.vendor_state.put(partition, vendor_key, profile)
 
     @staticmethod
     def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, failed: bool) -> None:

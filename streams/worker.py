@@ -91,9 +91,11 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     batch_timer = metrics.batch_duration.labels("receiving")
 
     def flush() -> None:
-        po_table.flush_to(producer)
-        vendor_table.flush_to(producer)
+        # Outputs first, state second: a state that says "decided" implies the decision is on
+        # the broker, so a receipt re-delivered after a crash is skipped, never decided twice.
         producer.flush()
+        if po_table.flush_to(producer) + vendor_table.flush_to(producer):
+            producer.flush()
         processor.publish_metrics()
 
     @app.task

@@ -156,9 +156,10 @@ def test_worker_killed_mid_stream_loses_nothing_and_clickhouse_has_no_duplicates
     deadline = time.monotonic() + 120
     while not sink.caught_up() and time.monotonic() < deadline:
         time.sleep(0.2)
+    caught_up = sink.caught_up()
     stop.set()
     thread.join(60)
-    assert sink.caught_up()
+    assert caught_up
     rows = table_counts(client, database)
     receipts_topic = topics.RECEIPTS.full_name(settings)
     dead = client.query(f"SELECT count() FROM {database}.dead_letters FINAL WHERE source_topic = %(t)s",
