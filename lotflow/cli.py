@@ -95,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
     sink = sub.add_parser("sink", help="run the ClickHouse sink")
     sink.set_defaults(func=_sink)
-    for name, helptext, count in (("simulate", "publish simulated plant traffic", 20000),
-                                  ("demo", "run the whole pipeline on a local broker and print a summary", 20000)):
+    for name, helptext, rate in (("simulate", "publish simulated plant traffic", 0.0),
+                                 ("demo", "run the whole pipeline on a local broker and print a summary", 0.0)):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--seed", type=int, default=7)
-        p.add_argument("--count", type=int, default=count, help="receipts to publish")
-        p.add_argument("--rate", type=float, default=0.0, help="receipts per second (0: as fast as possible)")
+        p.add_argument("--count", type=int, default=20000, help="receipts to publish")
+        p.add_argument("--rate", type=float, default=rate, help="receipts per second (0: as fast as possible)")
         p.add_argument("--faults", default="default", help="'default', 'none' or name=rate,... per receipt")
         p.set_defaults(func=_simulate if name == "simulate" else _demo)
     return parser

@@ -33,6 +33,7 @@ __all__ = ["run_demo"]
 
 DEMO_PREFIX = "demo"
 DEMO_WAIT_S = 5.0
+DEMO_RATE = 0.0  # receipts/s offered by the simulator; 0 publishes as fast as it can
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -156,6 +157,24 @@ def _percentile(values: list[float], q: float) -> float:
         else values[0]
 
 
+def _worker_decisions(url: str, receipts_topic: str) -> tuple[int, int, int]:
+    """(verified, exceptions, dead letters of receipts) from the worker's Prometheus counters."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return (0, 0, 0)
+    verified = exceptions = dead = 0.0
+    for line in text.splitlines():
+        if line.startswith('lotflow_records_out_total{topic="lotflow.verified"'):
+            verified += float(line.rsplit(" ", 1)[1])
+        elif line.startswith('lotflow_records_out_total{topic="lotflow.exceptions"'):
+            exceptions += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f'lotflow_dead_letters_total{{topic="{receipts_topic}"'):
+            dead += float(line.rsplit(" ", 1)[1])
+    return int(verified), int(exceptions), int(dead)
+
+
 def _sink_caught_up(settings: Settings) -> bool:
     for spec in (*topics.OUTPUTS, topics.DECISIONS):
         topic = spec.full_name(settings)
@@ -166,7 +185,8 @@ def _sink_caught_up(settings: Settings) -> bool:
     return True
 
 
-def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default", rate: float = 0.0) -> int:
+def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default",
+             rate: float = DEMO_RATE) -> int:
     from lotflow.simulator.faults import parse_fault_spec
     from lotflow.simulator.publish import publish
 
@@ -202,27 +222,26 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
                    log_dir / "worker.log")
         _wait_http(f"http://127.0.0.1:{settings.sink_metrics_port}/metrics", sink, log_dir / "sink.log")
         print(f"== worker and sink running (logs in {log_dir})")
-        reader = OutputReader(settings)
         print(f"== publishing {count} receipts (seed {seed}, faults {faults!r}, rate {rate or 'max'}/s)")
         t0 = time.monotonic()
         report = publish(settings, seed, count, mix, rate, progress=lambda line: print(f"   {line}"))
         published = time.monotonic() - t0
-        expected = count
         print(f"== published in {published:.1f}s; waiting for every receipt to be decided")
+        # Progress from the worker's own counters: reading every output here would compete with it.
+        metrics_url = f"http://{settings.worker_web_host}:{settings.worker_web_port}/metrics"
         deadline = time.monotonic() + max(120.0, 3 * wait + count / 200)
-        last = -1
+        last: tuple[int, ...] = ()
         while time.monotonic() < deadline:
-            reader.poll(1.0)
-            decided = reader.decided_receipts()
-            if decided != last:
-                c = reader.counts
-                print(f"   decided {decided}/{expected}: verified {c['VERIFIED']}, exceptions {c['EXCEPTION']}, "
-                      f"dead letters {c['DEAD_LETTER']}")
-                last = decided
-            if decided >= expected and len(reader.truths) >= expected:
+            counts = _worker_decisions(metrics_url, topics.RECEIPTS.full_name(settings))
+            if counts != last:
+                print(f"   decided {sum(counts)}/{count}: verified {counts[0]}, exceptions {counts[1]}, "
+                      f"dead letters {counts[2]}")
+                last = counts
+            if sum(counts) >= count:
                 break
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.returncode}; see {log_dir / 'worker.log'}")
+            time.sleep(1.0)
         processing = time.monotonic() - t0
         print("== waiting for the sink to write everything to ClickHouse")
         sink_deadline = time.monotonic() + 120
@@ -234,7 +253,13 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
             time.sleep(0.5)
         _stop(worker)
         _stop(sink)
-        reader.poll(1.0)
+        print("== reading decisions and ground truth back from Kafka")
+        reader = OutputReader(settings)
+        while reader.decided_receipts() < count or len(reader.truths) < count:
+            before = reader.decided_receipts() + len(reader.truths)
+            reader.poll(2.0)
+            if reader.decided_receipts() + len(reader.truths) == before:
+                break  # nothing more arrives: the summary shows what is missing
         summary = _summary(settings, reader, report, processing)
         _print_summary(summary)
         out = var / "demo-summary.json"
@@ -289,6 +314,7 @@ def _summary(settings: Settings, reader: OutputReader, report: Any, seconds: flo
         "recall_by_fault": {k: round(v, 4) for k, v in board.recall_by_fault.items()},
         "missed_faults": board.missed,
         "throughput_per_s": round(in_total / seconds, 1) if seconds else 0.0,
+        "offered_rate_per_s": getattr(report, "receipts_per_s", None),
         "input_messages": getattr(report, "counts", {}),
         "latency_p50_ms": round(_percentile(lat, 0.50), 1),
         "latency_p99_ms": round(_percentile(lat, 0.99), 1),

@@ -22,9 +22,9 @@ __all__ = [
     "ReceivingContext",
     "ReceivingRules",
     "derive",
+    "features",
     "missing_documents",
     "node_config",
-    "features",
     "validate_receipt",
 ]
 

@@ -10,7 +10,7 @@ from functools import cache
 
 import pint
 
-__all__ = ["IncompatibleUnits", "UNIT_NAMES", "conversion_factor", "convert"]
+__all__ = ["UNIT_NAMES", "IncompatibleUnits", "conversion_factor", "convert"]
 
 # Avro UnitOfMeasure symbols -> pint unit names ("EA" is a count, not a physical unit).
 UNIT_NAMES: dict[str, str] = {
