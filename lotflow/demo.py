@@ -118,7 +118,8 @@ class OutputReader:
                     continue
                 topic = msg.topic()
                 if topic in self.inputs:
-                    self.input_ts[(topic, msg.partition(), msg.offset())] = msg.timestamp()[1]
+                    ref = (str(topic), int(msg.partition() or 0), int(msg.offset() or 0))
+                    self.input_ts[ref] = msg.timestamp()[1]
                     continue
                 kind, _ = self.kinds[topic]
                 record = self.codecs[topic].decode(msg.value())

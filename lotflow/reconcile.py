@@ -74,10 +74,11 @@ def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) ->
     verified_good = clean = clean_flagged = 0
     for t in truths:
         board.records_in += 1
-        d = by_ref.get((t["source_topic"], t["source_partition"], t["source_offset"]))
-        if d is None:
+        found = by_ref.get((t["source_topic"], t["source_partition"], t["source_offset"]))
+        if found is None:
             board.undecided += 1
             continue
+        d = found
         if d.outcome == "VERIFIED":
             board.verified += 1
             verified_good += not t["is_fault"]

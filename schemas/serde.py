@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -179,12 +179,12 @@ class AvroCodec:
         body.seek(_HEADER.size)
         try:
             if schema_id == self._schema_id:
-                record: Record = schemaless_reader(body, self._reader, None)
+                record = cast(Record, schemaless_reader(body, self._reader, None))
             else:
                 writer = self._resolved.get(schema_id)
                 if writer is None:
                     writer = self._resolved[schema_id] = self._source.writer_schema(schema_id)
-                record = schemaless_reader(body, writer, self._reader)
+                record = cast(Record, schemaless_reader(body, writer, self._reader))
         except DecodeError:
             raise
         except Exception as exc:  # fastavro raises many types on corrupt bodies

@@ -8,8 +8,9 @@ every decision.
 
 from __future__ import annotations
 
-from lotflow.scorers.prior import CheckPrior
 from river import compose, linear_model, optim, preprocessing
+
+from lotflow.scorers.prior import CheckPrior
 
 __all__ = ["OnlineConfidence"]
 

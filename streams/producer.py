@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
-from lotflow.schemas.serde import AvroCodec, SchemaSource
-from lotflow.streams.topics import TopicSpec
 
+from lotflow.schemas.serde import AvroCodec, SchemaSource
 from lotflow.settings import Settings
+from lotflow.streams.topics import TopicSpec
 
 __all__ = ["OutputProducer", "producer_config"]
 

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.scorers import history
 from lotflow.scorers.model import OnlineConfidence
+from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import OutputProducer
 from lotflow.streams.state import KeyedState
-
-from lotflow.metrics import WorkerMetrics
-from lotflow.settings import Settings
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Severity, VerificationNode
 from lotflow.verification.outputs import InputRef, Subject, dead_letter, outputs_for

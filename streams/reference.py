@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
-from lotflow.streams.topics import MATERIAL_SPECS
 
+from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.settings import Settings
+from lotflow.streams.topics import MATERIAL_SPECS
 
 __all__ = ["SpecCache", "normalize_spec"]
 

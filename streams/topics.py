@@ -56,16 +56,33 @@ SHIPMENTS = TopicSpec("plant.shipments", "shipment_id", "lotflow.plant.Shipment"
 ASSET_STATUS = TopicSpec("plant.asset-status", "asset_id", "lotflow.plant.AssetStatus", Cleanup.COMPACT)
 
 VERIFIED = TopicSpec("lotflow.verified", "subject_key", "lotflow.verification.VerifiedRecord", retention_ms=30 * DAY_MS)
-EXCEPTIONS = TopicSpec("lotflow.exceptions", "subject_key", "lotflow.verification.ExceptionRecord", retention_ms=30 * DAY_MS)
+EXCEPTIONS = TopicSpec(
+    "lotflow.exceptions", "subject_key", "lotflow.verification.ExceptionRecord", retention_ms=30 * DAY_MS
+)
 AUDIT = TopicSpec("lotflow.audit", "subject_key", "lotflow.verification.AuditRecord", retention_ms=365 * DAY_MS)
 LOT_EVENTS = TopicSpec("lotflow.lot-events", "lot_id", "lotflow.verification.LotEvent", retention_ms=365 * DAY_MS)
-DECISIONS = TopicSpec("lotflow.decisions", "subject_key", "lotflow.verification.HumanDecision", retention_ms=365 * DAY_MS)
-DEAD_LETTERS = TopicSpec("lotflow.dead-letters", "original key", "lotflow.verification.DeadLetter", retention_ms=30 * DAY_MS)
+DECISIONS = TopicSpec(
+    "lotflow.decisions", "subject_key", "lotflow.verification.HumanDecision", retention_ms=365 * DAY_MS
+)
+DEAD_LETTERS = TopicSpec(
+    "lotflow.dead-letters", "original key", "lotflow.verification.DeadLetter", retention_ms=30 * DAY_MS
+)
 
 GROUND_TRUTH = TopicSpec("sim.ground-truth", "subject_id", "lotflow.sim.GroundTruth", co_partitioned=False)
 
-INPUTS = (PURCHASE_ORDERS, MATERIAL_SPECS, SUPPLIER_INVOICES, BOMS, RECEIPTS, CERTIFICATES,
-          QC_RESULTS, PRODUCTION_RECORDS, LABOR_CLOCK, SHIPMENTS, ASSET_STATUS)
+INPUTS = (
+    PURCHASE_ORDERS,
+    MATERIAL_SPECS,
+    SUPPLIER_INVOICES,
+    BOMS,
+    RECEIPTS,
+    CERTIFICATES,
+    QC_RESULTS,
+    PRODUCTION_RECORDS,
+    LABOR_CLOCK,
+    SHIPMENTS,
+    ASSET_STATUS,
+)
 OUTPUTS = (VERIFIED, EXCEPTIONS, AUDIT, LOT_EVENTS, DEAD_LETTERS)
 TOPICS: tuple[TopicSpec, ...] = (*INPUTS, *OUTPUTS, DECISIONS, GROUND_TRUTH)
 

@@ -12,16 +12,16 @@ import time
 from typing import Any
 
 import faust
+from prometheus_client import CollectorRegistry, generate_latest
+
+from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import DecodeError, schema_source
+from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import OutputProducer
 from lotflow.streams.receiving import InputEvent, ReceivingProcessor
 from lotflow.streams.reference import SpecCache
 from lotflow.streams.state import ChangelogTable
-from prometheus_client import CollectorRegistry, generate_latest
-
-from lotflow.metrics import WorkerMetrics
-from lotflow.settings import Settings
 
 __all__ = ["create_worker"]
 
@@ -52,10 +52,11 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         web_enabled=True,
         datadir=str(datadir),
     )
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    # Raw bytes: decoding is ours, so a bad record becomes a dead letter instead of a Faust error.
     inputs = app.topic(*(spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)),
-                       partitions=settings.partitions, **raw)
+                       partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw")
     po_table = ChangelogTable(app.Table("receiving-po", default=None, partitions=settings.partitions))
     vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
     producer = OutputProducer(settings, source)
@@ -81,7 +82,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
             if (topic, partition) in last_offsets:
                 next_offset = last_offsets[(topic, partition)] + 1
             else:  # nothing read since start: Faust resumed from the committed offset
-                next_offset = app.consumer._committed_offset.get(tp) or 0
+                committed: Any = app.consumer._committed_offset  # type: ignore[attr-defined]
+                next_offset = committed.get(tp) or 0
             if next_offset < highwater:
                 return False
         return True
@@ -124,7 +126,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
 
     @app.timer(settings.sweep_interval_s)
     async def document_wait() -> None:
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
+        recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
+        if app.rebalancing or not recovery.completed.is_set():
             return  # decide only on fully recovered state
         specs.poll()
         if processor.sweep():

@@ -7,6 +7,7 @@ the hot path multiplies by a float.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import pint
 
@@ -27,7 +28,7 @@ UNIT_NAMES: dict[str, str] = {
     "EA": "count",
 }
 
-_REGISTRY = pint.UnitRegistry()
+_REGISTRY: Any = pint.UnitRegistry()
 
 
 class IncompatibleUnits(ValueError):

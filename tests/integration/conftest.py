@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lotflow.streams.topics import TOPICS, TopicSpec
 
 from lotflow import localkafka
 from lotflow.admin import create_topics, delete_topics_with_prefix
 from lotflow.settings import Settings
+from lotflow.streams.topics import TOPICS, TopicSpec
 
 HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parents[1]

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
-from lotflow.streams.topics import RECEIPTS, TOPICS, Cleanup
 
 from lotflow.admin import (
     TopicMismatchError,
@@ -18,6 +17,7 @@ from lotflow.admin import (
     end_offsets,
 )
 from lotflow.settings import Settings
+from lotflow.streams.topics import RECEIPTS, TOPICS, Cleanup
 
 TopicSetFactory = Callable[..., Settings]  # the `topic_set` fixture, see conftest.py
 
