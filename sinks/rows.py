@@ -1,0 +1,313 @@
+"""Decoded output records → ClickHouse rows: pure functions, one per table.
+
+Each ``to_row(record, topic, partition, offset, ingested_at)`` returns a tuple in the order
+of its table's ``columns``. Nested Avro values that are read whole (reasons, input refs,
+verified lines) are stored as JSON strings next to flattened columns that queries filter
+on (``reason_codes``; ``input_topic/partition/offset`` of the first input ref).
+
+``TABLES`` maps every topic the sink reads to its table. The DDL lives in
+``sinks/migrations.py``; a test checks both agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from lotflow.streams.topics import (
+    AUDIT,
+    DEAD_LETTERS,
+    DECISIONS,
+    EXCEPTIONS,
+    LOT_EVENTS,
+    VERIFIED,
+    TopicSpec,
+)
+
+__all__ = [
+    "AUDIT_COLUMNS",
+    "DEAD_LETTER_COLUMNS",
+    "DECISION_COLUMNS",
+    "EXCEPTION_COLUMNS",
+    "KAFKA_COLUMNS",
+    "LOT_EVENT_COLUMNS",
+    "REJECTS",
+    "REJECT_COLUMNS",
+    "TABLES",
+    "VERIFIED_COLUMNS",
+    "Row",
+    "TableSpec",
+    "audit_row",
+    "dead_letter_row",
+    "decision_row",
+    "exception_row",
+    "lot_event_row",
+    "reject_row",
+    "verified_row",
+]
+
+Row = tuple[Any, ...]
+Record = Mapping[str, Any]
+ToRow = Callable[[Record, str, int, int, datetime], Row]
+
+KAFKA_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "ingested_at")
+
+_DECISION_COMMON = (
+    "id",
+    "node",
+    "subject_key",
+    "subject_id",
+    "decision",
+    "confidence",
+    "reason_codes",
+    "reasons",
+    "model_version",
+    "input_topic",
+    "input_partition",
+    "input_offset",
+    "input_refs",
+    "event_time",
+    "decision_time",
+    "vendor_id",
+    "lot_ids",
+)
+
+VERIFIED_COLUMNS = (*_DECISION_COMMON, "lines", *KAFKA_COLUMNS)
+EXCEPTION_COLUMNS = (
+    *_DECISION_COMMON,
+    "priority",
+    "route_to",
+    "recommended_action",
+    "historical_pattern",
+    "features",
+    *KAFKA_COLUMNS,
+)
+AUDIT_COLUMNS = (*_DECISION_COMMON, "actor", "output_topic", "output_id", *KAFKA_COLUMNS)
+LOT_EVENT_COLUMNS = (
+    "id",
+    "lot_id",
+    "node",
+    "event_type",
+    "subject_key",
+    "decision",
+    "confidence",
+    "parent_lots",
+    "attributes",
+    "event_time",
+    "decision_time",
+    *KAFKA_COLUMNS,
+)
+DEAD_LETTER_COLUMNS = (
+    "id",
+    "node",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "original_key",
+    "original_value",
+    "error_class",
+    "reason",
+    "failed_at",
+    *KAFKA_COLUMNS,
+)
+DECISION_COLUMNS = (
+    "decision_id",
+    "exception_id",
+    "node",
+    "subject_key",
+    "resolution",
+    "decided_by",
+    "decided_at",
+    "reasoning",
+    "certainty",
+    *KAFKA_COLUMNS,
+)
+REJECT_COLUMNS = (
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "raw_key",
+    "raw_value",
+    "error_class",
+    "error",
+    "rejected_at",
+)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _reasons(reasons: Sequence[Mapping[str, Any]]) -> tuple[list[str], str]:
+    codes = [r["code"] for r in reasons]
+    return codes, _json(reasons)
+
+
+def _input_refs(refs: Sequence[Mapping[str, Any]]) -> tuple[str, int, int, str]:
+    if not refs:
+        return "", -1, -1, "[]"
+    first = refs[0]
+    return first["topic"], first["partition"], first["offset"], _json(refs)
+
+
+def _decision_common(r: Record) -> Row:
+    codes, reasons = _reasons(r["reasons"])
+    return (
+        r["id"],
+        r["node"],
+        r["subject_key"],
+        r["subject_id"],
+        r["decision"],
+        r["confidence"],
+        codes,
+        reasons,
+        r["model_version"],
+        *_input_refs(r["input_refs"]),
+        r["event_time"],
+        r["decision_time"],
+        r.get("vendor_id", ""),
+        list(r.get("lot_ids", ())),
+    )
+
+
+def verified_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        *_decision_common(r),
+        _json(r.get("lines", ())),
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def exception_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        *_decision_common(r),
+        r["priority"],
+        r["route_to"],
+        r["recommended_action"],
+        r.get("historical_pattern", ""),
+        dict(r.get("features", {})),
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def audit_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        *_decision_common(r),
+        r["actor"],
+        r["output_topic"],
+        r["output_id"],
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def lot_event_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        r["id"],
+        r["lot_id"],
+        r["node"],
+        r["event_type"],
+        r["subject_key"],
+        r["decision"],
+        r["confidence"],
+        list(r.get("parent_lots", ())),
+        dict(r.get("attributes", {})),
+        r["event_time"],
+        r["decision_time"],
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def dead_letter_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        r["id"],
+        r["node"],
+        r["source_topic"],
+        r["source_partition"],
+        r["source_offset"],
+        r.get("original_key"),
+        r.get("original_value"),
+        r["error_class"],
+        r["reason"],
+        r["failed_at"],
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def decision_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        r["decision_id"],
+        r["exception_id"],
+        r["node"],
+        r["subject_key"],
+        r["resolution"],
+        r["decided_by"],
+        r["decided_at"],
+        r.get("reasoning", ""),
+        r.get("certainty", 1.0),
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def reject_row(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error_class: str,
+    error: str,
+    rejected_at: datetime,
+) -> Row:
+    """A record the sink could not decode or map, kept with its raw bytes."""
+    return (topic, partition, offset, key, value, error_class, error, rejected_at)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where one topic's records go and how a record becomes a row."""
+
+    table: str
+    columns: tuple[str, ...]
+    to_row: ToRow
+    avro_table: str | None = None
+    """Null table whose materialized view maps raw Avro records into ``table`` (fast path)."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"duplicate column in {self.table}")
+
+
+TABLES: Mapping[TopicSpec, TableSpec] = {
+    VERIFIED: TableSpec("verified", VERIFIED_COLUMNS, verified_row, "verified_avro"),
+    EXCEPTIONS: TableSpec("exceptions", EXCEPTION_COLUMNS, exception_row, "exceptions_avro"),
+    AUDIT: TableSpec("audit", AUDIT_COLUMNS, audit_row, "audit_avro"),
+    LOT_EVENTS: TableSpec("lot_events", LOT_EVENT_COLUMNS, lot_event_row, "lot_events_avro"),
+    DEAD_LETTERS: TableSpec("dead_letters", DEAD_LETTER_COLUMNS, dead_letter_row, "dead_letters_avro"),
+    DECISIONS: TableSpec("decisions", DECISION_COLUMNS, decision_row, "decisions_avro"),
+}
+"""Every topic the sink reads (the output topics and decisions) → its table."""
+
+REJECTS = "sink_rejects"
+"""Table of records the sink could not decode or map (columns: ``REJECT_COLUMNS``)."""

@@ -1,0 +1,538 @@
+"""The ClickHouse sink on the real broker and the real embedded ClickHouse engine.
+
+One chdb engine path per process: every test shares the session's engine under
+``var/test-clickhouse`` and gets a fresh database (and, through ``topic_set``, fresh topics
+and a fresh consumer group). Nothing is mocked; the failure tests wrap the real client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from lotflow.admin import committed_offsets, end_offsets
+from lotflow.metrics import SinkMetrics
+from lotflow.schemas.serde import AvroCodec, bundled_schema_json, schema_source
+from lotflow.settings import Settings
+from lotflow.sinks.clickhouse import (
+    ClickHouseSink,
+    SinkProgress,
+    avro_container,
+    connect,
+    container_header,
+    table_counts,
+)
+from lotflow.sinks.migrations import MIGRATIONS, applied_versions, migrate
+from lotflow.sinks.rows import REJECTS, TABLES
+from lotflow.streams.topics import (
+    AUDIT,
+    DEAD_LETTERS,
+    DECISIONS,
+    EXCEPTIONS,
+    LOT_EVENTS,
+    VERIFIED,
+    TopicSpec,
+)
+
+TopicSetFactory = Callable[..., Settings]  # the `topic_set` fixture, see conftest.py
+
+CLICKHOUSE_DIR = Path(__file__).resolve().parents[2] / "var" / "test-clickhouse"
+SINK_TOPICS = list(TABLES)
+T0 = datetime(2026, 3, 14, 9, 0, 0, tzinfo=UTC)
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def clickhouse_dsn() -> SecretStr:
+    CLICKHOUSE_DIR.mkdir(parents=True, exist_ok=True)
+    return SecretStr(f"chdb://{CLICKHOUSE_DIR}")
+
+
+@pytest.fixture
+def sink_settings(topic_set: TopicSetFactory, clickhouse_dsn: SecretStr) -> Iterator[Settings]:
+    """Fresh topics, group and ClickHouse database (migrated) for one test."""
+    database = f"sink_{uuid.uuid4().hex[:10]}"
+    settings = topic_set(
+        SINK_TOPICS,
+        clickhouse_dsn=clickhouse_dsn,
+        clickhouse_database=database,
+        sink_batch_s=0.2,
+        sink_max_retry_s=0.5,
+    )
+    client = connect(settings)
+    migrate(client, database)
+    yield settings
+    client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
+
+
+@pytest.fixture
+def client(sink_settings: Settings) -> Client:
+    return connect(sink_settings)
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+def decision_common(i: int, decision: str) -> dict[str, Any]:
+    t = T0 + timedelta(seconds=i)
+    return {
+        "id": f"receiving:plant.receipts:{i % 4}:{i}",
+        "node": "receiving",
+        "subject_key": f"PO-{i:05d}",
+        "subject_id": f"R-{i}",
+        "decision": decision,
+        "confidence": 0.5 + (i % 50) / 100,
+        "reasons": [
+            {
+                "code": "UNIT_MISMATCH",
+                "message": "kg vs lb",
+                "severity": "WARN",
+                "evidence": {"po_unit": "kg", "receipt_unit": "lb", "i": str(i)},
+            }
+        ],
+        "model_version": "receiving-v1",
+        "input_refs": [{"topic": "plant.receipts", "partition": i % 4, "offset": i}],
+        "event_time": t,
+        "decision_time": t + timedelta(milliseconds=250),
+        "vendor_id": f"V-{i % 7}",
+        "lot_ids": [f"L-{i}"],
+    }
+
+
+def sample(spec: TopicSpec, i: int) -> dict[str, Any]:
+    t = T0 + timedelta(seconds=i)
+    if spec is VERIFIED:
+        return {
+            **decision_common(i, "VERIFIED"),
+            "lines": [
+                {"po_line": 1, "material_id": "M-1", "quantity": 10.0 + i, "unit": "kg", "vendor_lot": f"VL-{i}"}
+            ],
+        }
+    if spec is EXCEPTIONS:
+        return {
+            **decision_common(i, "EXCEPTION"),
+            "priority": "HIGH" if i % 2 else "NORMAL",
+            "route_to": "receiving",
+            "recommended_action": "recount",
+            "historical_pattern": "",
+            "features": {"qty_ratio": 0.97, "i": float(i)},
+        }
+    if spec is AUDIT:
+        return {
+            **decision_common(i, "VERIFIED"),
+            "actor": "node:receiving",
+            "output_topic": "lotflow.verified",
+            "output_id": f"out-{i}",
+        }
+    if spec is LOT_EVENTS:
+        return {
+            "id": f"lot-{i}",
+            "lot_id": f"L-{i % 13}",
+            "node": "receiving",
+            "event_type": "RECEIVED",
+            "subject_key": f"PO-{i:05d}",
+            "decision": "VERIFIED",
+            "confidence": 0.9,
+            "parent_lots": [f"VL-{i}"],
+            "attributes": {"vendor": "V-1"},
+            "event_time": t,
+            "decision_time": t,
+        }
+    if spec is DEAD_LETTERS:
+        return {
+            "id": f"dl-{i}",
+            "node": "receiving",
+            "source_topic": "plant.receipts",
+            "source_partition": i % 4,
+            "source_offset": i,
+            "original_key": b"PO-1",
+            "original_value": bytes([0, 255, i % 256]),
+            "error_class": "DECODE",
+            "reason": "truncated",
+            "failed_at": t,
+        }
+    if spec is DECISIONS:
+        return {
+            "decision_id": f"D-{i}",
+            "exception_id": f"E-{i}",
+            "node": "receiving",
+            "subject_key": f"PO-{i:05d}",
+            "resolution": "ACCEPT",
+            "decided_by": "maria",
+            "decided_at": t,
+            "reasoning": "ok",
+            "certainty": 0.9,
+        }
+    raise AssertionError(spec)
+
+
+def produce(settings: Settings, specs: list[TopicSpec], n: int, *, garbage: int = 0) -> dict[str, int]:
+    """``n`` valid records to each topic of ``specs`` (+ ``garbage`` undecodable ones to the
+    first); returns records produced per topic."""
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "partitioner": "murmur2_random", "linger.ms": 20}
+    )
+    source = schema_source(settings.schema_registry_url)
+    produced: dict[str, int] = {}
+    for spec in specs:
+        topic = settings.topic(spec.name)
+        codec = AvroCodec(source, f"{topic}-value", spec.schema)
+        for i in range(n):
+            producer.produce(topic, codec.encode(sample(spec, i)), key=f"k{i}".encode())
+            if i % 5000 == 0:
+                producer.poll(0)
+        produced[topic] = n
+    first = settings.topic(specs[0].name)
+    for j in range(garbage):
+        bad = [b"not avro", None, b"\x00\x00\x00\x00\x01\x02", b"\x00"][j % 4]
+        producer.produce(first, bad, key=f"bad{j}".encode())
+    produced[first] += garbage
+    assert producer.flush(30) == 0
+    return produced
+
+
+# --- running the sink ---------------------------------------------------------------------
+
+
+class SinkRun:
+    def __init__(self, sink: ClickHouseSink, registry: CollectorRegistry) -> None:
+        self.sink = sink
+        self.registry = registry
+        self.stop = threading.Event()
+        self.progress: list[SinkProgress] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sink", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.sink.run(self.stop, on_progress=self.progress.append)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def wait_caught_up(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.sink.caught_up():
+            assert self.thread.is_alive(), f"sink died: {self.error!r}"
+            assert time.monotonic() < deadline, "sink did not catch up"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "sink did not stop"
+        assert self.error is None, self.error
+
+
+def start_sink(settings: Settings, client: Any, **kwargs: Any) -> SinkRun:
+    registry = CollectorRegistry()
+    sink = ClickHouseSink(settings, client, SinkMetrics.create(registry), **kwargs)
+    run = SinkRun(sink, registry)
+    run.thread.start()
+    return run
+
+
+def drain(settings: Settings, client: Any, **kwargs: Any) -> SinkRun:
+    run = start_sink(settings, client, **kwargs)
+    try:
+        run.wait_caught_up()
+    finally:
+        run.close()
+    return run
+
+
+def assert_committed_to_end(settings: Settings, specs: list[TopicSpec]) -> None:
+    for spec in specs:
+        topic = settings.topic(spec.name)
+        assert committed_offsets(settings, settings.sink_group, topic) == end_offsets(settings, topic)
+
+
+def rows(client: Client, settings: Settings, table: str, order: str) -> list[dict[str, Any]]:
+    result = client.query(
+        f"SELECT * EXCEPT ingested_at FROM {settings.clickhouse_database}.{table} FINAL ORDER BY {order}"
+    )
+    out = []
+    for row in result.named_results():
+        for name in ("reasons", "input_refs", "lines"):
+            if name in row:
+                row[name] = json.loads(row[name])
+        out.append(row)
+    return out
+
+
+class FlakyClient:
+    """The real client, whose first ``failures`` inserts raise (after ``on_failure``)."""
+
+    def __init__(self, real: Client, failures: int, on_failure: Callable[[], None] = lambda: None):
+        self.real = real
+        self.failures = failures
+        self.failed = 0
+        self.on_failure = on_failure
+
+    def _maybe_fail(self) -> None:
+        if self.failed < self.failures:
+            self.failed += 1
+            self.on_failure()
+            raise ConnectionError(f"injected ClickHouse failure {self.failed}")
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail()
+        return self.real.insert(*args, **kwargs)
+
+    def raw_insert(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail()
+        return self.real.raw_insert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+def test_migrations_apply_once_and_record_versions(client: Client, sink_settings: Settings) -> None:
+    database = sink_settings.clickhouse_database  # the fixture already migrated it
+    assert migrate(client, database) == []
+    assert migrate(client, database) == []
+    assert applied_versions(client, database) == {m.version for m in MIGRATIONS}
+    tables = {r[0] for r in client.query(f"SHOW TABLES FROM {database}").result_rows}
+    assert {t.table for t in TABLES.values()} | {REJECTS, "schema_migrations"} <= tables
+
+    fresh = f"{database}_fresh"
+    try:
+        assert migrate(client, fresh) == [m.version for m in MIGRATIONS]
+        assert migrate(client, fresh) == []
+        recorded = client.query(
+            f"SELECT version, count() FROM {fresh}.schema_migrations GROUP BY version ORDER BY version"
+        ).result_rows
+        assert recorded == [(m.version, 1) for m in MIGRATIONS]
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {fresh} SYNC")
+
+
+def test_a_repeated_insert_with_the_same_token_is_dropped(client: Client, sink_settings: Settings) -> None:
+    """non_replicated_deduplication_window makes the token work on the embedded engine,
+    for direct inserts and through the Avro materialized view."""
+    db = sink_settings.clickhouse_database
+    codec = AvroCodec(schema_source(None), "audit-value", AUDIT.schema)
+    records = [sample(AUDIT, i) for i in range(20)]
+    table = TABLES[AUDIT]
+    now = datetime.now(UTC)
+    rows_ = [table.to_row(r, "t", 0, i, now) for i, r in enumerate(records)]
+    sync = bytes(16)
+    data = avro_container(
+        container_header(bundled_schema_json(AUDIT.schema), sync),
+        sync,
+        b"\x02t\x00",
+        [(codec.encode(r), 100 + i, 0) for i, r in enumerate(records)],
+    )
+
+    def raw_count() -> int:
+        return int(client.query(f"SELECT count() FROM {db}.audit").result_rows[0][0])
+
+    for _ in range(2):
+        client.insert(
+            "audit",
+            rows_,
+            column_names=list(table.columns),
+            database=db,
+            settings={"insert_deduplication_token": "t:0:0-19"},
+        )
+    assert raw_count() == 20
+    for _ in range(2):
+        client.raw_insert(
+            f"{db}.audit_avro",
+            insert_block=data,
+            fmt="Avro",
+            settings={
+                "insert_deduplication_token": "t:0:100-119",
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+            },
+        )
+    assert raw_count() == 40
+    client.insert(
+        "audit",
+        rows_,
+        column_names=list(table.columns),
+        database=db,
+        settings={"insert_deduplication_token": "t:0:0-19:other"},
+    )
+    assert raw_count() == 60  # another token is written ...
+    assert table_counts(client, db, ["audit"]) == {"audit": 20}  # ... and the same 20 ids collapse
+
+
+def test_every_table_gets_every_record_once_and_replays_replace(client: Client, sink_settings: Settings) -> None:
+    n, garbage = 300, 8
+    produce(sink_settings, SINK_TOPICS, n, garbage=garbage)
+
+    first = drain(sink_settings, client)
+    expected = {t.table: n for t in TABLES.values()} | {REJECTS: garbage}
+    assert table_counts(client, sink_settings.clickhouse_database) == expected
+    assert_committed_to_end(sink_settings, SINK_TOPICS)
+    assert first.metric("lotflow_sink_rows_total", table="audit") == n
+    assert first.metric("lotflow_sink_rows_total", table=REJECTS) == garbage
+    assert sum(p.rows + p.rejects for p in first.progress) == n * len(SINK_TOPICS) + garbage
+
+    rejects = client.query(
+        f"SELECT raw_value, error_class FROM {sink_settings.clickhouse_database}.{REJECTS} FINAL ORDER BY kafka_offset"
+    ).result_rows
+    assert {r[1] for r in rejects} == {"DECODE", "SCHEMA"}
+    assert (None, "DECODE") in rejects  # a tombstone is kept, not dropped
+
+    # A second consumer group re-reads everything: rows replace, never duplicate.
+    again = sink_settings.model_copy(update={"sink_group": f"{sink_settings.sink_group}-again"})
+    drain(again, client, decode_in_clickhouse=False)
+    assert table_counts(client, sink_settings.clickhouse_database) == expected
+    # The same group again: nothing left to read, nothing written.
+    third = drain(sink_settings, client)
+    assert third.metric("lotflow_sink_rows_total", table="audit") == 0
+
+
+def test_clickhouse_and_python_decoding_write_identical_rows(client: Client, sink_settings: Settings) -> None:
+    produce(sink_settings, SINK_TOPICS, 50)
+    drain(sink_settings, client, decode_in_clickhouse=True)
+    fast = {t.table: rows(client, sink_settings, t.table, "kafka_topic, kafka_offset") for t in TABLES.values()}
+
+    python_db = f"{sink_settings.clickhouse_database}_py"
+    migrate(client, python_db)
+    try:
+        python = sink_settings.model_copy(
+            update={"clickhouse_database": python_db, "sink_group": f"{sink_settings.sink_group}-py"}
+        )
+        drain(python, client, decode_in_clickhouse=False)
+        for spec, table in TABLES.items():
+            slow = rows(client, python, table.table, "kafka_topic, kafka_offset")
+            assert len(slow) == 50, spec.name
+            assert slow == fast[table.table], spec.name
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {python_db} SYNC")
+
+
+def test_insert_failures_are_retried_and_offsets_wait_for_the_insert(client: Client, sink_settings: Settings) -> None:
+    specs = [AUDIT, LOT_EVENTS]
+    n = 400
+    produce(sink_settings, specs, n)
+    committed_at_failure: list[dict[int, int]] = []
+
+    def snapshot() -> None:
+        committed_at_failure.append(
+            committed_offsets(sink_settings, sink_settings.sink_group, sink_settings.topic(AUDIT.name))
+        )
+
+    # Fail the Avro insert (→ Python fallback) and then two more inserts (→ back-off).
+    flaky = FlakyClient(client, failures=3, on_failure=snapshot)
+    run = drain(sink_settings, flaky)
+    assert flaky.failed == 3
+    assert all(set(c.values()) == {0} for c in committed_at_failure), committed_at_failure
+    counts = table_counts(client, sink_settings.clickhouse_database, ["audit", "lot_events"])
+    assert counts == {"audit": n, "lot_events": n}
+    assert_committed_to_end(sink_settings, specs)
+    errors = sum(run.metric("lotflow_sink_errors_total", table=t) for t in ("audit", "lot_events"))
+    assert errors == 3
+
+
+def test_nothing_is_committed_while_clickhouse_keeps_failing(client: Client, sink_settings: Settings) -> None:
+    produce(sink_settings, [AUDIT], 100)
+    down = FlakyClient(client, failures=10**9)
+    run = start_sink(sink_settings, down)
+    deadline = time.monotonic() + 30
+    while down.failed < 4:  # the fast path, its fallback, then back-off retries
+        assert time.monotonic() < deadline and run.thread.is_alive()
+        time.sleep(0.05)
+    topic = sink_settings.topic(AUDIT.name)
+    assert set(committed_offsets(sink_settings, sink_settings.sink_group, topic).values()) == {0}
+    assert not run.sink.caught_up()
+    run.close()  # shutdown gives up after sink_max_retry_s without committing
+    assert set(committed_offsets(sink_settings, sink_settings.sink_group, topic).values()) == {0}
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": 0}
+
+    # ClickHouse is back: the same group writes everything.
+    drain(sink_settings, client)
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": 100}
+    assert_committed_to_end(sink_settings, [AUDIT])
+
+
+def test_revoked_partitions_drop_their_buffers_and_are_reread(
+    client: Client, sink_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second member joins while the first holds unflushed batches: nothing is lost."""
+    caplog.set_level(logging.INFO, logger="lotflow.sinks.clickhouse")
+    n = 200
+    produce(sink_settings, [AUDIT], n)
+    slow = sink_settings.model_copy(update={"sink_batch_s": 3600.0, "sink_batch_rows": 10**6})
+    fast_cfg = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+    first = start_sink(slow, client, consumer_config=fast_cfg)
+    try:
+        deadline = time.monotonic() + 30
+        while first.sink.buffered() < n:  # consumed, not written
+            assert time.monotonic() < deadline and first.thread.is_alive()
+            time.sleep(0.05)
+        second = start_sink(sink_settings, client, consumer_config=fast_cfg)
+        try:
+            second.wait_caught_up()  # its share is written and committed
+            assert 0 < table_counts(client, sink_settings.clickhouse_database, ["audit"])["audit"] < n
+        finally:
+            second.close()
+    finally:
+        first.close()  # flushes what it still holds
+    assert any("uncommitted records dropped" in r.getMessage() for r in caplog.records)
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": n}
+    assert_committed_to_end(sink_settings, [AUDIT])
+
+
+def test_transactional_topics_are_committed_past_their_markers(client: Client, sink_settings: Settings) -> None:
+    """Records written in transactions: the end offset counts the commit markers, and the
+    sink still reports caught up with the group's offsets at the very end."""
+    topic = sink_settings.topic(AUDIT.name)
+    codec = AvroCodec(schema_source(None), f"{topic}-value", AUDIT.schema)
+    producer = Producer(
+        {"bootstrap.servers": sink_settings.bootstrap_servers, "transactional.id": f"sink-test-{uuid.uuid4().hex[:8]}"}
+    )
+    producer.init_transactions(30)
+    for txn in range(3):
+        producer.begin_transaction()
+        for i in range(txn * 40, txn * 40 + 40):
+            producer.produce(topic, codec.encode(sample(AUDIT, i)), key=f"k{i}".encode())
+        producer.commit_transaction(30)
+    producer.begin_transaction()
+    producer.produce(topic, codec.encode(sample(AUDIT, 999)), key=b"aborted")
+    producer.abort_transaction(30)
+
+    drain(sink_settings, client)
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": 120}
+    assert_committed_to_end(sink_settings, [AUDIT])
+
+
+def test_client_is_shared_safely_across_threads(client: Client, sink_settings: Settings) -> None:
+    """Queries from another thread while the sink inserts, on the one cached client."""
+    produce(sink_settings, [AUDIT], 3000)
+    assert connect(sink_settings) is client
+    run = start_sink(sink_settings, client)
+    seen: list[int] = []
+    try:
+        while not run.sink.caught_up():
+            assert run.thread.is_alive()
+            seen.append(table_counts(client, sink_settings.clickhouse_database, ["audit"])["audit"])
+    finally:
+        run.close()
+    assert seen == sorted(seen)
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": 3000}
