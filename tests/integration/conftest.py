@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from lotflow import localkafka
 from lotflow.admin import create_topics, delete_topics_with_prefix
@@ -27,6 +28,15 @@ TEST_KAFKA_PORT = 9192
 TEST_ZOOKEEPER_PORT = 2281
 
 TopicSetFactory = Callable[..., Settings]
+# The embedded engine allows one path per process: every test in the session shares this one,
+# each with a database of its own.
+CLICKHOUSE_DIR = PROJECT_ROOT / "var" / "test-clickhouse"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_dsn() -> SecretStr:
+    CLICKHOUSE_DIR.mkdir(parents=True, exist_ok=True)
+    return SecretStr(f"chdb://{CLICKHOUSE_DIR}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

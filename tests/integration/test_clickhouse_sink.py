@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,18 +48,11 @@ from lotflow.streams.topics import (
 
 TopicSetFactory = Callable[..., Settings]  # the `topic_set` fixture, see conftest.py
 
-CLICKHOUSE_DIR = Path(__file__).resolve().parents[2] / "var" / "test-clickhouse"
 SINK_TOPICS = list(TABLES)
 T0 = datetime(2026, 3, 14, 9, 0, 0, tzinfo=UTC)
 
 
 # --- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def clickhouse_dsn() -> SecretStr:
-    CLICKHOUSE_DIR.mkdir(parents=True, exist_ok=True)
-    return SecretStr(f"chdb://{CLICKHOUSE_DIR}")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from lotflow.demo import OutputReader
 from lotflow.metrics import SinkMetrics
@@ -125,10 +126,11 @@ def test_missing_document_timer_fires_after_a_restart(pipeline: tuple[Settings, 
 
 
 def test_worker_killed_mid_stream_loses_nothing_and_clickhouse_has_no_duplicates(
-        pipeline: tuple[Settings, Path], workers: list[WorkerProcess]) -> None:
+        pipeline: tuple[Settings, Path], workers: list[WorkerProcess], clickhouse_dsn: SecretStr) -> None:
     settings, log = pipeline
     database = f"pipe_{uuid.uuid4().hex[:10]}"
-    settings = settings.model_copy(update={"clickhouse_database": database, "sink_batch_s": 0.2})
+    settings = settings.model_copy(update={"clickhouse_database": database, "sink_batch_s": 0.2,
+                                           "clickhouse_dsn": clickhouse_dsn})
     count = 3000
     report = publish(settings, 21, count, parse_fault_spec("default"), 0.0, None)
     assert report.failed == 0
