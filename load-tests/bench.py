@@ -211,10 +211,11 @@ def _latencies_since(reader: OutputReader, since_ms: int) -> list[float]:
     return _latencies(reader)
 
 
-def bench_sink(settings: Settings, rows: int) -> float:
+def bench_sink(settings: Settings, rows: int) -> dict[str, float]:
     import sink_bench  # load-tests/sink_bench.py
 
-    return float(sink_bench.measure_sink_rows_per_s(settings, rows))
+    figures = sink_bench.measure_sink_rows_per_s(settings, rows)
+    return {"sink_rows_per_s": figures["rows_per_s"], "sink_steady_rows_per_s": figures["steady_rows_per_s"]}
 
 
 def main() -> int:
@@ -239,15 +240,21 @@ def main() -> int:
         localkafka.start(settings)
         started = True
     results: dict[str, Any] = {"machine_cores": os.cpu_count(), "partitions": settings.partitions}
+    out = settings.var_dir / "bench.json"
     try:
         admin.delete_topics_with_prefix(settings, "bench")
         say(f"(a) raw confluent-kafka passthrough, {args.raw_count} messages")
         results["raw_msgs_per_s"] = bench_raw(settings, args.raw_count)
+        say(f"    {results['raw_msgs_per_s']:,.0f} msg/s")
         say(f"(b) bare Faust agent passthrough, {args.faust_count} messages")
         results["faust_msgs_per_s"] = bench_faust(settings, args.faust_count, log_dir)
+        say(f"    {results['faust_msgs_per_s']:,.0f} msg/s")
         results.update(bench_pipeline(settings, args.receipts, args.latency_seconds, args.rate, log_dir))
+        say(f"    pipeline {results['pipeline_msgs_per_s']:,.0f} msg/s, latency p50 {results['latency_p50_ms']} ms "
+            f"p99 {results['latency_p99_ms']} ms")
+        out.write_text(json.dumps(results, indent=2))  # keep what was measured if a later stage fails
         say(f"sink: {args.sink_rows} rows")
-        results["sink_rows_per_s"] = bench_sink(settings, args.sink_rows)
+        results.update(bench_sink(settings, args.sink_rows))
     finally:
         admin.delete_topics_with_prefix(settings, settings.topic_prefix)
         if started:
@@ -255,7 +262,6 @@ def main() -> int:
     results["ratio_vs_faust"] = results["pipeline_msgs_per_s"] / results["faust_msgs_per_s"]
     results["ratio_vs_raw"] = results["pipeline_msgs_per_s"] / results["raw_msgs_per_s"]
     results = {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}
-    out = settings.var_dir / "bench.json"
     out.write_text(json.dumps(results, indent=2))
     print("\n============ lotflow bench ============")
     for key, value in results.items():

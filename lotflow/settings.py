@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     quantity_tolerance_pct: float = Field(default=2.0, ge=0)
     price_tolerance_pct: float = Field(default=15.0, ge=0)
     min_labels_for_model: int = Field(default=50, ge=1)
+    po_state_retention_s: float = Field(default=30 * 86400.0, gt=0, description="forget a PO idle this long")
 
     # --- worker hot path -------------------------------------------------------
     batch_size: int = Field(default=2000, ge=1)

@@ -83,6 +83,7 @@ class ReceivingProcessor:
         # partition has been read: absence is judged on what was published, not on a backlog.
         self.documents_settled = documents_settled or (lambda partition, until_ms: True)
         self.wait_ms = int(settings.document_wait_s * 1000)
+        self.retention_ms = int(settings.po_state_retention_s * 1000)
         names = {spec.full_name(settings): spec for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)}
         self._codecs = {name: AvroCodec(source, f"{name}-value", spec.schema) for name, spec in names.items()}
@@ -133,7 +134,10 @@ class ReceivingProcessor:
 
     def _state(self, key: str) -> Record:
         state = self.po_state.get(key)
-        return state if state is not None else {"po": None, "coas": {}, "receipts": {}, "pending": {}}
+        if state is None:
+            state = {"po": None, "coas": {}, "receipts": {}, "pending": {}}
+        state["touched"] = int(self.clock() * 1000)
+        return state
 
     def _on_purchase_order(self, event: InputEvent, po: Record, now_ms: int) -> None:
         key = po["po_number"]
@@ -251,7 +255,12 @@ class ReceivingProcessor:
         decided = 0
         waiting = 0
         for key, state in self.po_state.items():
-            if not state or not state["pending"]:
+            if not state:
+                continue
+            if not state["pending"]:
+                if now_ms - state.get("touched", now_ms) > self.retention_ms:
+                    # Idle past retention: forget it (a tombstone), or state grows with every PO.
+                    self.po_state.put(self.po_state.partition_of(key), key, None)
                 continue
             partition = self.po_state.partition_of(key)
             before = len(state["pending"])

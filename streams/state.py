@@ -38,6 +38,10 @@ class DictState:
         return self.data.get(key)
 
     def put(self, partition: int, key: str, value: Any) -> None:
+        if value is None:
+            self.data.pop(key, None)
+            self.partitions.pop(key, None)
+            return
         self.data[key] = value
         self.partitions[key] = partition
 
@@ -67,9 +71,14 @@ class ChangelogTable:
         return self._store.data.get(key)
 
     def put(self, partition: int, key: str, value: Any) -> None:
+        """Set ``key``; ``None`` deletes it (a tombstone in the changelog)."""
         store = self._store
-        store.data[key] = value
-        store._key_partition[key] = partition  # Faust drops keys of revoked partitions by this map
+        if value is None:
+            store.data.pop(key, None)
+            store._key_partition.pop(key, None)
+        else:
+            store.data[key] = value
+            store._key_partition[key] = partition  # Faust drops keys of revoked partitions by this map
         self._dirty[key] = partition
 
     def items(self) -> Iterator[tuple[str, Any]]:

@@ -145,3 +145,16 @@ def test_absence_is_not_judged_while_documents_are_still_unread() -> None:
     assert proc.sweep() == 0 and rec.decisions() == []  # a backlog of POs may still hold it
     settled["now"] = True
     assert proc.sweep() == 1
+
+
+def test_idle_po_state_is_forgotten_after_retention() -> None:
+    clock = Clock()
+    proc, _, po_state = make(clock)
+    feed(proc, ["po", "coa", "receipt"])
+    assert po_state.get("PO-1") is not None
+    clock.now += SETTINGS.po_state_retention_s - 1
+    proc.sweep()
+    assert po_state.get("PO-1") is not None
+    clock.now += 2
+    proc.sweep()
+    assert po_state.get("PO-1") is None
