@@ -43,6 +43,9 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         settings.app_id,
         broker=_brokers(settings.bootstrap_servers),
         store="memory://",
+        # Standbys would replay other workers' partitions into this worker's store, and the
+        # document-wait sweep would then decide receipts this worker does not own.
+        table_standby_replicas=0,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         broker_max_poll_records=settings.max_poll_records,
