@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from lotflow import admin, localkafka
 from lotflow.reconcile import Decision, decision_from_output, score
@@ -166,13 +167,15 @@ def _worker_decisions(url: str, receipts_topic: str) -> tuple[int, int, int]:
     except OSError:
         return (0, 0, 0)
     verified = exceptions = dead = 0.0
-    for line in text.splitlines():
-        if line.startswith('lotflow_records_out_total{topic="lotflow.verified"'):
-            verified += float(line.rsplit(" ", 1)[1])
-        elif line.startswith('lotflow_records_out_total{topic="lotflow.exceptions"'):
-            exceptions += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f'lotflow_dead_letters_total{{topic="{receipts_topic}"'):
-            dead += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            topic = sample.labels.get("topic")
+            if sample.name == "lotflow_records_out_total" and topic == topics.VERIFIED.name:
+                verified += sample.value
+            elif sample.name == "lotflow_records_out_total" and topic == topics.EXCEPTIONS.name:
+                exceptions += sample.value
+            elif sample.name == "lotflow_dead_letters_total" and topic == receipts_topic:
+                dead += sample.value
     return int(verified), int(exceptions), int(dead)
 
 

@@ -199,7 +199,13 @@ class ReceivingProcessor:
                 input_ts_ms: int, now_ms: int) -> None:
         vendor_key = f"{receipt['vendor_id']}@{partition}"
         profile = self.vendor_state.get(vendor_key) or history.empty_profile()
-        ctx = rules.derive(receipt, state, self.specs, profile, self.rules, ref[2])
+        # Each partition writes its own slice of a vendor's history; decisions read all the
+        # slices this worker holds, so history is not thinned by the partition count.
+        slices = [profile] + [p for q in range(self.settings.partitions) if q != partition
+                              and (p := self.vendor_state.get(f"{receipt['vendor_id']}@{q}")) is not None]
+        keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
+        view = history.pooled(slices, keys)
+        ctx = rules.derive(receipt, state, self.specs, view, self.rules, ref[2])
         evaluation = self.node.evaluate(ctx)
         verdict = evaluation.verdict
         refs = [InputRef(*ref)]
@@ -235,6 +241,10 @@ class ReceivingProcessor:
         # feed the confidence penalty back into itself.
         self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
         self.vendor_state.put(partition, vendor_key, profile)
+
+    def _history_keys(self, material_id: str) -> list[str]:
+        spec = self.specs.get(material_id)
+        return [f"{material_id}|{p['name']}" for p in spec["properties"]] if spec else []
 
     @staticmethod
     def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, failed: bool) -> None:
@@ -283,7 +293,7 @@ class ReceivingProcessor:
 
 def _historical_pattern(ctx: rules.ReceivingContext) -> str:
     profile = ctx.vendor_profile
-    parts = [f"vendor {ctx.receipt['vendor_id']}: {profile['n']} earlier receipts on this partition, "
+    parts = [f"vendor {ctx.receipt['vendor_id']}: {profile['n']} earlier receipts, "
              f"{100 * history.exception_rate(profile):.0f}% recent exceptions"]
     for f in ctx.lines:
         for c in f.coa_facts:

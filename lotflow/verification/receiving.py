@@ -245,7 +245,8 @@ def check_lines(ctx: ReceivingContext) -> list[Reason]:
                           deviation_pct=100 * deviation, tolerance_pct=f.tolerance_pct))
         ratio = qty / ordered
         slip = next((k for k in UNIT_SLIP_FACTORS if abs(ratio / k - 1) <= ctx.rules.unit_slip_tolerance), None)
-        if slip is not None and line["unit"] == pl["unit"]:
+        # A declared partial shipment may be any fraction of the line, 45 % (= 1 lb/kg) included.
+        if slip is not None and line["unit"] == pl["unit"] and not line["partial"]:
             out.append(_r("PROBABLE_UNIT_MISLABEL", Severity.WARN,
                           f"quantity is {ratio:.4f} x the PO: the unit on the label is probably wrong",
                           ratio=ratio, unit_factor=slip))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 from lotflow.demo import OutputReader
 from lotflow.schemas.serde import AvroCodec, schema_source
@@ -68,8 +69,8 @@ class WorkerProcess:
 
     def records_in(self) -> float:
         text = self.metrics() or ""
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("lotflow_records_in_total{"))
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "lotflow_records_in_total")
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, no final commit."""

@@ -137,3 +137,7 @@ def test_impossible_dates_and_empty_receipts_are_invalid() -> None:
 def test_coa_builder_is_consistent_with_the_state_shape() -> None:
     c = coa()
     assert c["vendor_lot"] == "L-1" and c["values"][0]["property"] == "purity"
+
+
+def test_a_partial_shipment_of_45_percent_is_not_read_as_a_unit_slip() -> None:
+    assert codes(receipt(quantity=453.6, partial=True), state()) == {"PARTIAL_DELIVERY": Severity.INFO}

@@ -22,8 +22,11 @@ def samples(seed: int, n: int = 200) -> list[tuple[dict[str, float], bool]]:
     out = []
     for _ in range(n):
         bad = rng.random() < 0.3
-        x = {"n_block": float(bad), "coa_max_abs_z": rng.uniform(5, 9) if bad else rng.uniform(0, 2),
-             "vendor_exception_rate": rng.uniform(0, 0.1)}
+        x = {
+            "n_block": float(bad),
+            "coa_max_abs_z": rng.uniform(5, 9) if bad else rng.uniform(0, 2),
+            "vendor_exception_rate": rng.uniform(0, 0.1),
+        }
         if rng.random() < 0.5:
             x["price_max_abs_dev"] = rng.uniform(0, 0.05)  # features may appear or vanish
         out.append((x, not bad))
@@ -103,3 +106,22 @@ def test_welford_history_and_zscore() -> None:
     z = history.zscore(stat, 14.0)
     assert z is not None and z == pytest.approx(3 / std)
     assert history.zscore(stat, 14.0, min_history=11) is None
+
+
+def test_history_slices_pool_to_the_statistics_of_all_values() -> None:
+    values = [9.0, 10.0, 11.0, 10.5, 9.5, 10.2, 9.8]
+    whole = None
+    for v in values:
+        whole = history.observe_value(whole, v)
+    a = b = None
+    for v in values[:3]:
+        a = history.observe_value(a, v)
+    for v in values[3:]:
+        b = history.observe_value(b, v)
+    assert a is not None and b is not None and whole is not None
+    merged = history.merge_stats([a, b])
+    assert merged is not None and merged == pytest.approx(whole)
+    view = history.pooled(
+        [{"n": 3, "exc": 0.1, "stats": {"m|p": a}}, {"n": 1, "exc": 0.5, "stats": {"m|p": b}}], ["m|p"]
+    )
+    assert view["n"] == 4 and view["exc"] == pytest.approx(0.2) and view["stats"]["m|p"] == pytest.approx(whole)
