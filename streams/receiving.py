@@ -86,6 +86,7 @@ class ReceivingProcessor:
         self.retention_ms = int(settings.po_state_retention_s * 1000)
         names = {spec.full_name(settings): spec for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)}
+        self._receipts_topic = topics.RECEIPTS.full_name(settings)
         self._codecs = {name: AvroCodec(source, f"{name}-value", spec.schema) for name, spec in names.items()}
         self._handlers: dict[str, Callable[[InputEvent, Record, int], None]] = {
             topics.PURCHASE_ORDERS.full_name(settings): self._on_purchase_order,
@@ -105,7 +106,7 @@ class ReceivingProcessor:
         now_ms = int(self.clock() * 1000)
         try:
             record = self._codecs[event.topic].decode(event.value)
-            if event.topic == topics.RECEIPTS.full_name(self.settings):
+            if event.topic == self._receipts_topic:
                 record = self._normalize_receipt(record)
                 rules.validate_receipt(record, now_ms)
         except DecodeError as exc:
