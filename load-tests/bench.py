@@ -147,10 +147,7 @@ def rss_mb(pid: int) -> float:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    return dict(os.environ, LOTFLOW_TOPIC_PREFIX=settings.topic_prefix, LOTFLOW_APP_ID=settings.app_id,
-                LOTFLOW_DOCUMENT_WAIT_S=str(settings.document_wait_s),
-                LOTFLOW_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-                LOTFLOW_VAR_DIR=str(settings.var_dir.resolve()), LOTFLOW_PARTITIONS=str(settings.partitions))
+    return {**os.environ, **settings.to_env()}
 
 
 def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float,

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer
 from prometheus_client.parser import text_string_to_metric_families
 
 from lotflow import admin, localkafka
-from lotflow.reconcile import Decision, decision_from_output, score
+from lotflow.reconcile import WAIT_REASONS, Decision, decision_from_output, score
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.streams import topics
@@ -38,18 +38,7 @@ DEMO_RATE = 0.0  # receipts/s offered by the simulator; 0 publishes as fast as i
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "LOTFLOW_TOPIC_PREFIX": settings.topic_prefix,
-        "LOTFLOW_APP_ID": settings.app_id,
-        "LOTFLOW_SINK_GROUP": settings.sink_group,
-        "LOTFLOW_CLICKHOUSE_DATABASE": settings.clickhouse_database,
-        "LOTFLOW_DOCUMENT_WAIT_S": str(settings.document_wait_s),
-        "LOTFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "LOTFLOW_VAR_DIR": str(settings.var_dir.resolve()),
-        "LOTFLOW_PARTITIONS": str(settings.partitions),
-    })
-    return env
+    return {**os.environ, **settings.to_env()}
 
 
 def _spawn(name: str, settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -143,8 +132,7 @@ def _latencies(reader: OutputReader) -> list[float]:
     """Decision time minus the broker time of the last input the decision waited for."""
     out = []
     for d in reader.decisions:
-        if d.outcome == "DEAD_LETTER" or any(r in ("UNKNOWN_PO", "MISSING_COA", "UNKNOWN_MATERIAL")
-                                            for r in d.reasons):
+        if d.outcome == "DEAD_LETTER" or WAIT_REASONS.intersection(d.reasons):
             continue  # dead letters have no decision time; expired waits measure the wait
         stamps = [reader.input_ts[r] for r in d.input_refs if r in reader.input_ts]
         if stamps:

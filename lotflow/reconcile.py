@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Decision", "Scoreboard", "decision_from_output", "score"]
+__all__ = ["WAIT_REASONS", "Decision", "Scoreboard", "decision_from_output", "score"]
 
 Ref = tuple[str, int, int]
 WAIT_REASONS = frozenset({"UNKNOWN_PO", "MISSING_COA", "UNKNOWN_MATERIAL"})

@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     sink_metrics_host: str = "127.0.0.1"
     sink_max_retry_s: float = Field(default=30.0, gt=0)
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``LOTFLOW_*`` variables, for a child process (worker, sink)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, Path):
+                value = value.resolve()
+            env[f"LOTFLOW_{name.upper()}"] = str(value)
+        return env
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

@@ -39,11 +39,8 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        s = self.settings
-        return dict(os.environ, LOTFLOW_TOPIC_PREFIX=s.topic_prefix, LOTFLOW_APP_ID=s.app_id,
-                    LOTFLOW_BOOTSTRAP_SERVERS=s.bootstrap_servers, LOTFLOW_DOCUMENT_WAIT_S=str(s.document_wait_s),
-                    LOTFLOW_VAR_DIR=str(PROJECT_ROOT / "var" / "test-workers"),
-                    LOTFLOW_WORKER_WEB_PORT=str(s.worker_web_port), LOTFLOW_PARTITIONS=str(s.partitions))
+        worker_settings = self.settings.model_copy(update={"var_dir": PROJECT_ROOT / "var" / "test-workers"})
+        return {**os.environ, **worker_settings.to_env()}
 
     def start(self, timeout: float = 90.0) -> WorkerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)

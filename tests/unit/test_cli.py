@@ -20,3 +20,14 @@ def test_simulate_options_parse() -> None:
 def test_a_bad_fault_spec_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--faults", "nonsense=0.1"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_settings_survive_the_trip_through_a_child_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from lotflow.settings import Settings
+
+    original = Settings(topic_prefix="t1.", document_wait_s=3.5, clickhouse_dsn=SecretStr("https://u:p@h:8443"))
+    for key, value in original.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original.model_copy(update={"var_dir": original.var_dir.resolve()})
