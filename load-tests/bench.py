@@ -2,8 +2,11 @@
 
 (a) raw confluent-kafka consume -> produce passthrough, (b) a bare Faust agent passthrough
 with default settings, (c) the receiving pipeline doing its real work; then end-to-end latency
-at a fixed receipt rate, ClickHouse sink rows/s, and worker RSS at start and end. Figures are
-printed and written to ``var/bench.json``. Ratios hold on noisy machines; absolute numbers don't.
+at a fixed receipt rate (every receipt published in that phase must be decided, or the bench
+fails), ClickHouse sink rows/s, worker RSS at start and end, and worker RSS holding 100,000
+open POs plus a blanket PO with 500 partial receipts. Figures are printed and written to
+``var/bench.json``, also when a stage fails (then with ``failed`` and exit status 1). Ratios
+hold on noisy machines; absolute numbers don't.
 """
 
 from __future__ import annotations
@@ -14,24 +17,31 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from lotflow import admin, localkafka  # noqa: E402
+from lotflow.childproc import child_env, metric_value, process_rss_mb, scrape_metrics  # noqa: E402
 from lotflow.demo import OutputReader, _latencies, _percentile  # noqa: E402
+from lotflow.kafka_clients import RedeliveringProducer, client_config, produce, producer_config  # noqa: E402
+from lotflow.reconcile import WAIT_REASONS, Decision  # noqa: E402
 from lotflow.settings import Settings, get_settings  # noqa: E402
 from lotflow.simulator.faults import parse_fault_spec  # noqa: E402
 from lotflow.simulator.publish import publish  # noqa: E402
 from lotflow.streams import topics  # noqa: E402
-from lotflow.streams.producer import producer_config  # noqa: E402
+
+Ref = tuple[str, int, int]
+
+
+class BenchFailed(RuntimeError):
+    """A stage could not produce an honest figure: the bench exits non-zero."""
 
 
 def say(message: str) -> None:
@@ -39,23 +49,18 @@ def say(message: str) -> None:
 
 
 def make_topics(settings: Settings, names: list[str]) -> None:
-    client = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    client = AdminClient(client_config(settings))
     futures = client.create_topics([NewTopic(n, settings.partitions, 1) for n in names])
     for future in futures.values():
         future.result()
 
 
 def fill(settings: Settings, topic: str, count: int, size: int = 200) -> None:
-    producer = Producer(producer_config(settings, **{"compression.type": "none"}))
+    producer = RedeliveringProducer(producer_config(settings, **{"compression.type": "none"}))
     payload = b"x" * size
     for i in range(count):
-        while True:
-            try:
-                producer.produce(topic, key=str(i % 10007).encode(), value=payload)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush()
+        producer.send(topic, str(i % 10007).encode(), payload)
+    producer.flush(300)
 
 
 def total(settings: Settings, topic: str) -> int:
@@ -66,8 +71,9 @@ def bench_raw(settings: Settings, count: int) -> float:
     src, dst = settings.topic("bench.raw-in"), settings.topic("bench.raw-out")
     make_topics(settings, [src, dst])
     fill(settings, src, count)
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"{src}-g",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings, **{"group.id": f"{src}-g", "auto.offset.reset": "earliest",
+                                                   "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed"}))
     producer = Producer(producer_config(settings, **{"compression.type": "none"}))
     consumer.subscribe([src])
     seen, started = 0, 0.0
@@ -78,23 +84,19 @@ def bench_raw(settings: Settings, count: int) -> float:
         for msg in batch:
             if msg.error():
                 continue
-            while True:
-                try:
-                    producer.produce(dst, key=msg.key(), value=msg.value())
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce(producer, dst, msg.key(), msg.value())
             seen += 1
         producer.poll(0)
         if batch:
             consumer.commit(asynchronous=True)
-    producer.flush()
+    if producer.flush(120):
+        raise BenchFailed("raw passthrough: records left undelivered")
     elapsed = time.perf_counter() - started
     consumer.close()
     return count / elapsed
 
 
-def wait_progress(read: Any, target: int, timeout: float, label: str) -> float:
+def wait_progress(read: Callable[[], int], target: int, timeout: float, label: str) -> float:
     """Seconds from the first processed record to ``target`` (polling ``read``)."""
     deadline = time.monotonic() + timeout
     started = 0.0
@@ -110,103 +112,153 @@ def wait_progress(read: Any, target: int, timeout: float, label: str) -> float:
             say(f"  {label}: {value}/{target}")
             last_print = now
         time.sleep(0.1)
-    raise TimeoutError(f"{label}: only {read()}/{target} after {timeout}s")
+    raise BenchFailed(f"{label}: only {read()}/{target} after {timeout}s")
 
 
 def bench_faust(settings: Settings, count: int, log_dir: Path) -> float:
     src, dst = settings.topic("bench.faust-in"), settings.topic("bench.faust-out")
     make_topics(settings, [src, dst])
     fill(settings, src, count)
-    env = dict(os.environ, BENCH_IN=src, BENCH_OUT=dst, BENCH_APP=f"{settings.app_id}-faust",
-               BENCH_BROKER=settings.bootstrap_servers.split(",")[0], BENCH_WEB_PORT="6067")
+    env = child_env(settings, BENCH_IN=src, BENCH_OUT=dst, BENCH_APP=f"{settings.app_id}-faust",
+                    BENCH_BROKER=settings.bootstrap_servers.split(",")[0], BENCH_WEB_PORT="6067")
     log = (log_dir / "faust-passthrough.log").open("wb")
     proc = subprocess.Popen([sys.executable, str(HERE / "faust_passthrough.py"), "worker", "-l", "warn"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(log_dir))
     try:
         elapsed = wait_progress(lambda: total(settings, dst), count, 600, "faust passthrough")
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
     return count / elapsed
 
 
-def metric_sum(port: int, name: str) -> float:
+def worker_metric(settings: Settings, name: str, **labels: str) -> float:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
+        return metric_value(scrape_metrics(settings.worker_web_port, settings.worker_web_host), name, **labels)
     except OSError:
         return 0.0
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lotflow.cli", "worker"], env=child_env(settings),
+                            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            scrape_metrics(settings.worker_web_port, settings.worker_web_host, timeout=1)
+            return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            stop(proc)
+            raise BenchFailed(f"worker did not start; see {log}")
+        time.sleep(0.2)
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **settings.to_env()}
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float,
-                   log_dir: Path) -> dict[str, Any]:
+def end_positions(settings: Settings, specs: list[topics.TopicSpec]) -> dict[tuple[str, int], int]:
+    """Current end offset of every partition of ``specs``: where a reader of what follows starts."""
+    out: dict[tuple[str, int], int] = {}
+    for spec in specs:
+        name = spec.full_name(settings)
+        out.update({(name, p): end for p, end in admin.end_offsets(settings, name).items()})
+    return out
+
+
+def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float, latency_timeout: float,
+                   log_dir: Path, result: dict[str, Any]) -> None:
+    """(c) throughput, then latency; figures go into ``result`` as they are measured."""
     admin.create_topics(settings)
     mix = parse_fault_spec("default")
     say(f"(c) publishing {receipts} receipts of simulated traffic")
     report = publish(settings, 11, receipts, mix, 0.0, None)
-    inputs = sum(n for t, n in report.per_topic.items()
-                 if t in {s.full_name(settings) for s in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
-                                                          topics.CERTIFICATES)})
-    log = (log_dir / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lotflow.cli", "worker"], env=worker_env(settings),
-                            stdout=log, stderr=subprocess.STDOUT)
-    port = settings.worker_web_port
-    result: dict[str, Any] = {}
+    input_specs = [topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES]
+    inputs = sum(n for t, n in report.per_topic.items() if t in {s.full_name(settings) for s in input_specs})
+    proc = start_worker(settings, log_dir / "worker.log")
     try:
-        deadline = time.monotonic() + 90
-        while not urllib_ok(port):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker did not start; see {log_dir / 'worker.log'}")
-            time.sleep(0.2)
-        result["worker_rss_start_mb"] = round(rss_mb(proc.pid), 1)
-        elapsed = wait_progress(lambda: int(metric_sum(port, "lotflow_records_in_total")), inputs, 900,
+        result["worker_rss_start_mb"] = round(process_rss_mb(proc.pid), 1)
+        elapsed = wait_progress(lambda: int(worker_metric(settings, "lotflow_records_in_total")), inputs, 900,
                                 "pipeline inputs")
         result["pipeline_msgs_per_s"] = inputs / elapsed
         result["pipeline_receipts_per_s"] = receipts / elapsed
         result["pipeline_input_messages"] = inputs
-        say(f"latency: {int(latency_s * rate)} receipts at {rate:g}/s")
-        reader = OutputReader(settings)
-        reader.poll(2.0)
-        phase_start_ms = int(time.time() * 1000)
-        publish(settings, 12, int(latency_s * rate), mix, rate, None)
-        time.sleep(2.0)
-        reader.poll(3.0)
-        lat = _latencies_since(reader, phase_start_ms)
-        reader.close()
-        result["latency_samples"] = len(lat)
-        result["latency_p50_ms"] = round(_percentile(lat, 0.50), 1)
-        result["latency_p99_ms"] = round(_percentile(lat, 0.99), 1)
-        result["worker_rss_end_mb"] = round(rss_mb(proc.pid), 1)
+        say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s")
+        measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
+        result["worker_rss_end_mb"] = round(process_rss_mb(proc.pid), 1)
     finally:
-        proc.terminate()
-        proc.wait(30)
-    return result
+        stop(proc)
 
 
-def urllib_ok(port: int) -> bool:
+def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float, timeout: float,
+                    log_dir: Path, result: dict[str, Any]) -> None:
+    """Publish ``count`` receipts at ``rate``/s and read (read_committed) until every one of
+    them is decided — verified, exception or dead letter, matched by the receipt's
+    topic/partition/offset — and every input it references is seen. Fails after ``timeout``
+    s past the end of publishing, with the partial figures in ``result``."""
+    say(f"latency: {count} receipts at {rate:g}/s")
+    watched = [topics.VERIFIED, topics.EXCEPTIONS, topics.DEAD_LETTERS, topics.RECEIPTS,
+               topics.PURCHASE_ORDERS, topics.CERTIFICATES]
+    reader = OutputReader(settings, start=end_positions(settings, watched))
+    truth_path = log_dir / "latency-truth.jsonl"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
-            return True
-    except OSError:
-        return False
+        report = publish(settings, 12, count, parse_fault_spec("default"), rate, None, truth_path=truth_path)
+        if report.failed:
+            raise BenchFailed(f"latency: {report.failed} receipts were not published: {report.errors[:3]}")
+        truths = [json.loads(line) for line in truth_path.read_text().splitlines()]
+        expected: set[Ref] = {(t["source_topic"], t["source_partition"], t["source_offset"]) for t in truths}
+        result["latency_receipts"] = len(expected)
+        deadline = time.monotonic() + timeout
+        decided: dict[Ref, Decision] = {}
+        last_print = 0.0
+        while True:
+            reader.poll(0.5)
+            for d in reader.decisions:
+                if d.ref in expected:
+                    decided.setdefault(d.ref, d)  # the first decision of a receipt counts
+            reader.decisions.clear()
+            unseen_inputs = [r for r in decided if r not in reader.input_ts]
+            if len(decided) == len(expected) and not unseen_inputs:
+                break
+            now = time.monotonic()
+            if now - last_print > 2:
+                say(f"  latency: decided {len(decided)}/{len(expected)}")
+                last_print = now
+            if proc.poll() is not None or now > deadline:
+                why = "the worker exited" if proc.poll() is not None else f"{timeout:g}s after publishing"
+                record_latency(reader, list(decided.values()), result)
+                result["latency_receipts_decided"] = len(decided)
+                raise BenchFailed(f"latency: only {len(decided)}/{len(expected)} receipts decided ({why})")
+        result["latency_receipts_decided"] = len(decided)
+        record_latency(reader, list(decided.values()), result)
+    finally:
+        reader.close()
+    if result["latency_samples"] != result["latency_samples_expected"]:
+        raise BenchFailed(f"latency: {result['latency_samples']} samples for "
+                          f"{result['latency_samples_expected']} decided receipts")
 
 
-def _latencies_since(reader: OutputReader, since_ms: int) -> list[float]:
-    recent = [d for d in reader.decisions if d.decision_time_ms >= since_ms]
-    reader.decisions = recent
-    return _latencies(reader)
+def record_latency(reader: OutputReader, decisions: list[Decision], result: dict[str, Any]) -> None:
+    """Latency figures of ``decisions``. A sample is expected for every decision except dead
+    letters (no decision time) and expired document waits (they measure the wait)."""
+    expected = [d for d in decisions if d.outcome != "DEAD_LETTER" and not WAIT_REASONS.intersection(d.reasons)]
+    reader.decisions = decisions
+    lat = _latencies(reader)
+    result["latency_samples"] = len(lat)
+    result["latency_samples_expected"] = len(expected)
+    result["latency_dead_letters"] = sum(d.outcome == "DEAD_LETTER" for d in decisions)
+    result["latency_expired_waits"] = len(decisions) - len(expected) - result["latency_dead_letters"]
+    result["latency_p50_ms"] = round(_percentile(lat, 0.50), 1)
+    result["latency_p99_ms"] = round(_percentile(lat, 0.99), 1)
+    result["latency_max_ms"] = round(max(lat, default=0.0), 1)
 
 
 def bench_sink(settings: Settings, rows: int) -> dict[str, float]:
@@ -216,6 +268,45 @@ def bench_sink(settings: Settings, rows: int) -> dict[str, float]:
     return {"sink_rows_per_s": figures["rows_per_s"], "sink_steady_rows_per_s": figures["steady_rows_per_s"]}
 
 
+def input_lag(settings: Settings) -> int:
+    """Records of the input topics the worker's group has not committed yet."""
+    specs = [topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES]  # specs: read whole, no group
+    return sum(sum(admin.consumer_lag(settings, settings.app_id, s.full_name(settings)).values()) for s in specs)
+
+
+def bench_open_pos(base: Settings, pos: int, blanket: int, timeout: float, log_dir: Path,
+                   result: dict[str, Any]) -> None:
+    """Worker RSS once it holds ``pos`` open POs and a blanket PO with ``blanket`` receipts."""
+    from open_pos import open_po_events, publish_events  # load-tests/open_pos.py
+
+    settings = base.model_copy(update={"topic_prefix": f"{base.topic_prefix}openpos.",
+                                       "app_id": f"{base.app_id}-openpos"})
+    admin.create_topics(settings)
+    proc = start_worker(settings, log_dir / "worker-open-pos.log")
+    try:
+        result["worker_rss_open_pos_baseline_mb"] = round(process_rss_mb(proc.pid), 1)
+        say(f"open POs: publishing {pos} open POs + 1 blanket PO with {blanket} partial receipts")
+        sent = publish_events(settings, open_po_events(13, pos, blanket, int(time.time() * 1000)))
+        inputs = sum(n for t, n in sent.items() if t != topics.MATERIAL_SPECS.full_name(settings))
+        wait_progress(lambda: int(worker_metric(settings, "lotflow_records_in_total")), inputs, timeout,
+                      "open-PO inputs")
+        deadline = time.monotonic() + 120
+        while (lag := input_lag(settings)) > 0:  # consumed *and* committed
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise BenchFailed(f"open POs: the worker's group still lags {lag} records")
+            time.sleep(0.5)
+        metric_lag = worker_metric(settings, "lotflow_consumer_lag")
+        if metric_lag:
+            say(f"  note: lotflow_consumer_lag reads {metric_lag:g} with the group committed to the end")
+        result["worker_rss_open_pos_mb"] = round(process_rss_mb(proc.pid), 1)
+        result["open_pos"] = pos
+        result["open_pos_blanket_receipts"] = blanket
+        result["open_pos_input_messages"] = inputs
+    finally:
+        stop(proc)
+        admin.delete_topics_with_prefix(settings, settings.topic_prefix)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw-count", type=int, default=200_000)
@@ -223,7 +314,11 @@ def main() -> int:
     parser.add_argument("--receipts", type=int, default=20_000)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--latency-timeout", type=float, default=120.0,
+                        help="seconds after the latency phase's publishing by which every receipt must be decided")
     parser.add_argument("--sink-rows", type=int, default=200_000)
+    parser.add_argument("--open-pos", type=int, default=100_000)
+    parser.add_argument("--blanket-receipts", type=int, default=500)
     args = parser.parse_args()
 
     base = get_settings()
@@ -239,6 +334,7 @@ def main() -> int:
         started = True
     results: dict[str, Any] = {"machine_cores": os.cpu_count(), "partitions": settings.partitions}
     out = settings.var_dir / "bench.json"
+    failure: str | None = None
     try:
         admin.delete_topics_with_prefix(settings, "bench")
         say(f"(a) raw confluent-kafka passthrough, {args.raw_count} messages")
@@ -247,27 +343,50 @@ def main() -> int:
         say(f"(b) bare Faust agent passthrough, {args.faust_count} messages")
         results["faust_msgs_per_s"] = bench_faust(settings, args.faust_count, log_dir)
         say(f"    {results['faust_msgs_per_s']:,.0f} msg/s")
-        results.update(bench_pipeline(settings, args.receipts, args.latency_seconds, args.rate, log_dir))
-        say(f"    pipeline {results['pipeline_msgs_per_s']:,.0f} msg/s, latency p50 {results['latency_p50_ms']} ms "
-            f"p99 {results['latency_p99_ms']} ms")
-        out.write_text(json.dumps(results, indent=2))  # keep what was measured if a later stage fails
+        try:
+            bench_pipeline(settings, args.receipts, args.latency_seconds, args.rate, args.latency_timeout,
+                           log_dir, results)
+        finally:
+            write(out, results)  # keep what was measured if a later stage fails
+        say(f"    latency p50 {results['latency_p50_ms']} ms p99 {results['latency_p99_ms']} ms "
+            f"({results['latency_samples']}/{results['latency_samples_expected']} samples)")
         say(f"sink: {args.sink_rows} rows")
         results.update(bench_sink(settings, args.sink_rows))
+        write(out, results)
+        bench_open_pos(settings, args.open_pos, args.blanket_receipts, 900, log_dir, results)
+    except Exception as exc:
+        failure = str(exc) if isinstance(exc, BenchFailed) else f"{type(exc).__name__}: {exc}"
+    except KeyboardInterrupt:
+        failure = "interrupted"
     finally:
         admin.delete_topics_with_prefix(settings, settings.topic_prefix)
         if started:
             localkafka.stop(settings)
-    results["ratio_vs_faust"] = results["pipeline_msgs_per_s"] / results["faust_msgs_per_s"]
-    results["ratio_vs_raw"] = results["pipeline_msgs_per_s"] / results["raw_msgs_per_s"]
-    results = {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}
-    out.write_text(json.dumps(results, indent=2))
+    if "pipeline_msgs_per_s" in results and "faust_msgs_per_s" in results:
+        results["ratio_vs_faust"] = results["pipeline_msgs_per_s"] / results["faust_msgs_per_s"]
+        results["ratio_vs_raw"] = results["pipeline_msgs_per_s"] / results["raw_msgs_per_s"]
+    if failure is not None:
+        results["failed"] = failure
+    results = rounded(results)
+    write(out, results)
     print("\n============ lotflow bench ============")
     for key, value in results.items():
-        print(f"{key:<28}{value}")
-    print(f"targets: ratio_vs_faust >= 2.5, latency_p99_ms < 50 at {args.rate:g}/s, sink_rows_per_s >= 100000, "
-          "worker RSS flat")
+        print(f"{key:<34}{value}")
+    print(f"targets: ratio_vs_faust >= 2.5, latency_p99_ms < 50 at {args.rate:g}/s with every receipt decided, "
+          "sink_rows_per_s >= 100000, worker RSS flat")
     print(f"written to {out}")
+    if failure is not None:
+        print(f"BENCH FAILED: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def rounded(results: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    out.write_text(json.dumps(rounded(results), indent=2))
 
 
 if __name__ == "__main__":

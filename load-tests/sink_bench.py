@@ -22,18 +22,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
 from lotflow import localkafka
 from lotflow.admin import create_topics, delete_topics_with_prefix
+from lotflow.childproc import metric_value, parse_metrics
+from lotflow.kafka_clients import RedeliveringProducer, producer_config
 from lotflow.metrics import SinkMetrics
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
-from lotflow.sinks.clickhouse import ClickHouseSink, SinkProgress, connect, table_counts
+from lotflow.sinks.client import connect, table_counts
 from lotflow.sinks.migrations import migrate
 from lotflow.sinks.rows import TABLES
+from lotflow.sinks.sink import ClickHouseSink, SinkProgress
 from lotflow.streams.topics import AUDIT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,29 +77,16 @@ def audit_record(i: int) -> dict[str, Any]:
 def produce(settings: Settings, n: int) -> float:
     topic = settings.topic(AUDIT.name)
     codec = AvroCodec(schema_source(settings.schema_registry_url), f"{topic}-value", AUDIT.schema)
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "partitioner": "murmur2_random",
-            "linger.ms": 50,
-            "batch.num.messages": 10_000,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 1_000_000,
-        }
+    producer = RedeliveringProducer(
+        producer_config(settings, **{"linger.ms": 50, "queue.buffering.max.messages": 1_000_000})
     )
     started = time.perf_counter()
     for i in range(n):
         record = audit_record(i)
-        while True:
-            try:
-                producer.produce(topic, codec.encode(record), key=record["subject_key"].encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
+        producer.send(topic, record["subject_key"].encode(), codec.encode(record))
         if i % 10_000 == 0:
             producer.poll(0)
-    if producer.flush(120) != 0:
-        raise RuntimeError("records left unsent")
+    producer.flush(300)  # raises if a record was not delivered
     return time.perf_counter() - started
 
 
@@ -125,10 +114,11 @@ def measure_sink_rows_per_s(
         def on_progress(p: SinkProgress) -> None:
             progress.append((time.perf_counter(), p.rows))
 
+        registry = CollectorRegistry()
         sink = ClickHouseSink(
             settings,
             client,
-            SinkMetrics.create(CollectorRegistry()),
+            SinkMetrics.create(registry),
             {AUDIT: TABLES[AUDIT]},
             decode_in_clickhouse=decode_in_clickhouse,
         )
@@ -148,6 +138,11 @@ def measure_sink_rows_per_s(
         counted = table_counts(client, settings.clickhouse_database, ["audit"])["audit"]
         if counted != n_rows:
             raise RuntimeError(f"audit holds {counted} rows, expected {n_rows}")
+        # what the sink's /metrics would report
+        samples = parse_metrics(generate_latest(registry).decode())
+        inserted = metric_value(samples, "lotflow_sink_rows_total", table="audit")
+        if inserted != n_rows:
+            raise RuntimeError(f"lotflow_sink_rows_total reads {inserted:g}, expected {n_rows}")
         first_t = progress[0][0]
         steady_rows = sum(rows for _, rows in progress[1:])
         steady_s = progress[-1][0] - first_t

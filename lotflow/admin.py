@@ -13,6 +13,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from lotflow.kafka_clients import client_config
 from lotflow.settings import Settings
 from lotflow.streams.topics import TOPICS, TopicSpec
 
@@ -31,7 +32,7 @@ class TopicMismatchError(RuntimeError):
 
 
 def _admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    return AdminClient(client_config(settings))
 
 
 def _metadata(admin: AdminClient, timeout: float) -> ClusterMetadata:
@@ -146,12 +147,11 @@ def delete_topics_with_prefix(
 
 
 def _consumer(settings: Settings, group: str | None) -> Consumer:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
+    conf: dict[str, Any] = client_config(settings, **{
         "group.id": group or f"lotflow-admin-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-    }
+    })
     return Consumer(conf)
 
 

@@ -17,6 +17,8 @@ def _kafka(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if args.action == "start":
+        if args.sasl_port is not None:
+            settings = settings.model_copy(update={"kafka_sasl_port": args.sasl_port})
         localkafka.start(settings)
     elif args.action == "stop":
         localkafka.stop(settings)
@@ -68,6 +70,12 @@ def _simulate(args: argparse.Namespace) -> int:
     mix = parse_fault_spec(args.faults)
     report = publish(get_settings(), args.seed, args.count, mix, args.rate, progress=print)
     print(report)
+    delivered = sum(report.per_topic.values())
+    print(f"delivered {delivered} records, failed {report.failed}, redelivered {report.redelivered}")
+    if report.failed:
+        print(f"lotflow simulate: error: {report.failed} records were not delivered "
+              f"(first: {report.errors[:1]})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     kafka = sub.add_parser("kafka", help="run a local Apache Kafka broker (dev, demo, CI)")
     kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("--sasl-port", type=int, default=None, metavar="PORT",
+                       help="start: also serve SASL_PLAINTEXT (PLAIN, SCRAM-SHA-256/512) on PORT for the user "
+                            "LOTFLOW_KAFKA_SASL_USERNAME / LOTFLOW_KAFKA_SASL_PASSWORD (default "
+                            "LOTFLOW_KAFKA_SASL_PORT; 0: none)")
     kafka.set_defaults(func=_kafka)
     topics = sub.add_parser("topics", help="manage topics")
     topics.add_argument("action", choices=["create"], help="create every declared topic (idempotent)")

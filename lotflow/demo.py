@@ -18,13 +18,15 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer
-from prometheus_client.parser import text_string_to_metric_families
+from confluent_kafka import Consumer, TopicPartition
 
 from lotflow import admin, localkafka
+from lotflow.childproc import child_env, metric_value, scrape_metrics
+from lotflow.kafka_clients import client_config
 from lotflow.reconcile import WAIT_REASONS, Decision, decision_from_output, score
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
@@ -37,13 +39,9 @@ DEMO_WAIT_S = 5.0
 DEMO_RATE = 0.0  # receipts/s offered by the simulator; 0 publishes as fast as it can
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **settings.to_env()}
-
-
 def _spawn(name: str, settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     log = (log_dir / f"{name}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "lotflow.cli", name], env=_env(settings),
+    return subprocess.Popen([sys.executable, "-m", "lotflow.cli", name], env=child_env(settings),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -76,9 +74,14 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 
 class OutputReader:
-    """Reads decisions, dead letters, ground truth and input timestamps from Kafka as they arrive."""
+    """Reads decisions, dead letters, ground truth and input timestamps from Kafka as they arrive.
 
-    def __init__(self, settings: Settings) -> None:
+    Reads ``read_committed``: records of aborted worker transactions are never seen. From the
+    start of every topic (a fresh group), or from ``start`` (``(topic, partition) -> offset``)
+    where given: then only the topics in ``start`` are read.
+    """
+
+    def __init__(self, settings: Settings, start: Mapping[tuple[str, int], int] | None = None) -> None:
         self.settings = settings
         source = schema_source(settings.schema_registry_url)
         self.kinds = {
@@ -95,10 +98,13 @@ class OutputReader:
         self.truths: list[dict[str, Any]] = []
         self.input_ts: dict[tuple[str, int, int], int] = {}
         self.counts: Counter[str] = Counter()
-        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
-                                  "group.id": f"{settings.app_id}-demo-reader", "auto.offset.reset": "earliest",
-                                  "enable.auto.commit": False})
-        self.consumer.subscribe([*self.kinds, *self.inputs])
+        self.consumer = Consumer(client_config(settings, **{
+            "group.id": f"{settings.app_id}-demo-reader", "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "isolation.level": "read_committed"}))
+        if start is None:
+            self.consumer.subscribe([*self.kinds, *self.inputs])
+        else:
+            self.consumer.assign([TopicPartition(t, p, o) for (t, p), o in sorted(start.items())])
 
     def poll(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -147,24 +153,16 @@ def _percentile(values: list[float], q: float) -> float:
         else values[0]
 
 
-def _worker_decisions(url: str, receipts_topic: str) -> tuple[int, int, int]:
+def _worker_decisions(settings: Settings) -> tuple[int, int, int]:
     """(verified, exceptions, dead letters of receipts) from the worker's Prometheus counters."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            text = resp.read().decode()
+        samples = scrape_metrics(settings.worker_web_port, settings.worker_web_host)
     except OSError:
         return (0, 0, 0)
-    verified = exceptions = dead = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            topic = sample.labels.get("topic")
-            if sample.name == "lotflow_records_out_total" and topic == topics.VERIFIED.name:
-                verified += sample.value
-            elif sample.name == "lotflow_records_out_total" and topic == topics.EXCEPTIONS.name:
-                exceptions += sample.value
-            elif sample.name == "lotflow_dead_letters_total" and topic == receipts_topic:
-                dead += sample.value
-    return int(verified), int(exceptions), int(dead)
+    out = "lotflow_records_out_total"
+    return (int(metric_value(samples, out, topic=topics.VERIFIED.name)),
+            int(metric_value(samples, out, topic=topics.EXCEPTIONS.name)),
+            int(metric_value(samples, "lotflow_dead_letters_total", topic=topics.RECEIPTS.full_name(settings))))
 
 
 def _sink_caught_up(settings: Settings) -> bool:
@@ -207,7 +205,7 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
             print(f"== removed {len(removed)} topics of earlier demo runs")
         admin.create_topics(settings)
         print(f"== topics ready under prefix {settings.topic_prefix!r}; document wait {wait:g}s")
-        subprocess.run([sys.executable, "-m", "lotflow.cli", "db", "migrate"], env=_env(settings), check=True)
+        subprocess.run([sys.executable, "-m", "lotflow.cli", "db", "migrate"], env=child_env(settings), check=True)
         worker = _spawn("worker", settings, log_dir)
         sink = _spawn("sink", settings, log_dir)
         _wait_http(f"http://{settings.worker_web_host}:{settings.worker_web_port}/metrics", worker,
@@ -220,11 +218,10 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
         published = time.monotonic() - t0
         print(f"== published in {published:.1f}s; waiting for every receipt to be decided")
         # Progress from the worker's own counters: reading every output here would compete with it.
-        metrics_url = f"http://{settings.worker_web_host}:{settings.worker_web_port}/metrics"
         deadline = time.monotonic() + max(120.0, 3 * wait + count / 200)
         last: tuple[int, ...] = ()
         while time.monotonic() < deadline:
-            counts = _worker_decisions(metrics_url, topics.RECEIPTS.full_name(settings))
+            counts = _worker_decisions(settings)
             if counts != last:
                 print(f"   decided {sum(counts)}/{count}: verified {counts[0]}, exceptions {counts[1]}, "
                       f"dead letters {counts[2]}")
@@ -272,7 +269,7 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
 
 
 def _summary(settings: Settings, reader: OutputReader, report: Any, seconds: float) -> dict[str, Any]:
-    from lotflow.sinks.clickhouse import connect, table_counts
+    from lotflow.sinks.client import connect, table_counts
 
     board = score(reader.truths, reader.decisions)
     client = connect(settings)

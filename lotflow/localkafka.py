@@ -6,6 +6,14 @@ ZooKeeper 3.4.14 jar is swapped for Debian's 3.8.0 (the 3.4 client cannot resolv
 ``127.0.0.1`` on Java 17). See ``/work/shared/INFRA.md``.
 
 Only processes started here (recorded in ``var_dir/kafka/*.pid``) are ever stopped.
+
+With ``kafka_sasl_port`` > 0 the broker also serves a ``SASL_PLAINTEXT`` listener on that
+port, with the mechanisms PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, for the one user
+``kafka_sasl_username`` / ``kafka_sasl_password``: PLAIN users come from a JAAS file
+(``var_dir/kafka/config/kafka_server_jaas.conf``, mode 0600, passed to the broker with
+``KAFKA_OPTS=-Djava.security.auth.login.config=...``), SCRAM credentials are stored in
+ZooKeeper with ``kafka-configs.sh`` before the broker starts. The PLAINTEXT listener stays:
+the broker talks to itself (inter-broker) and ``broker_answers`` probes it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from lotflow.settings import Settings
 
 __all__ = [
     "KAFKA_DIST_NAME",
+    "SASL_MECHANISMS",
     "LocalKafkaError",
     "broker_answers",
     "ensure_distribution",
@@ -52,6 +61,9 @@ _INSTALL_HINT = "apt-get install -y libzookeeper-java openjdk-17-jre-headless"
 _STARTED_LINE = "started (kafka.server.KafkaServer)"
 _STOP_GRACE_S = 30.0
 _ZK_HEAP_OPTS = "-Xmx256m -Xms256m"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_MECHANISMS = tuple(m for m in SASL_MECHANISMS if m.startswith("SCRAM-"))
+_JAAS_FILE = "kafka_server_jaas.conf"
 
 
 class LocalKafkaError(RuntimeError):
@@ -282,6 +294,8 @@ def _write_configs(settings: Settings, lay: _Layout) -> tuple[Path, Path]:
     zk_data.mkdir(parents=True, exist_ok=True)
     kafka_logs.mkdir(parents=True, exist_ok=True)
     listener = f"PLAINTEXT://127.0.0.1:{settings.kafka_port}"
+    if settings.kafka_sasl_port:
+        listener += f",SASL_PLAINTEXT://127.0.0.1:{settings.kafka_sasl_port}"
     zk_props = {
         "dataDir": str(zk_data),
         "clientPort": str(settings.zookeeper_port),
@@ -307,6 +321,11 @@ def _write_configs(settings: Settings, lay: _Layout) -> tuple[Path, Path]:
         "log.cleaner.enable": "true",
         "delete.topic.enable": "true",
     }
+    if settings.kafka_sasl_port:
+        server_props.update({
+            "inter.broker.listener.name": "PLAINTEXT",
+            "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+        })
     zk_file = lay.config / "zookeeper.properties"
     server_file = lay.config / "server.properties"
     header = "# written by lotflow.localkafka.start; regenerated on every start\n"
@@ -315,7 +334,64 @@ def _write_configs(settings: Settings, lay: _Layout) -> tuple[Path, Path]:
     return zk_file, server_file
 
 
-def _spawn(proc: _Proc, script: Path, config: Path, heap_opts: str) -> int:
+_SASL_FORBIDDEN = set('"\\,[]=\'') | {" ", "\t", "\n", "\r"}
+
+
+def _sasl_user(settings: Settings) -> tuple[str, str]:
+    """The SASL listener's user and password, checked for what the JAAS file and
+    ``kafka-configs.sh`` can carry."""
+    user = settings.kafka_sasl_username
+    password = settings.kafka_sasl_password
+    if not user or password is None or not password.get_secret_value():
+        raise LocalKafkaError("LOTFLOW_KAFKA_SASL_PORT > 0 needs LOTFLOW_KAFKA_SASL_USERNAME and "
+                              "LOTFLOW_KAFKA_SASL_PASSWORD (the user the SASL listener accepts)")
+    secret = password.get_secret_value()
+    for what, value in (("username", user), ("password", secret)):
+        if _SASL_FORBIDDEN & set(value):
+            raise LocalKafkaError(f"the local broker's SASL {what} must not contain quotes, backslashes, "
+                                  "commas, brackets, '=' or whitespace")
+    return user, secret
+
+
+def _write_jaas(lay: _Layout, user: str, password: str) -> Path:
+    """The broker's JAAS file (mode 0600): PLAIN with one user; SCRAM users live in ZooKeeper."""
+    jaas = lay.config / _JAAS_FILE
+    text = (
+        "// written by lotflow.localkafka.start; regenerated on every start\n"
+        "KafkaServer {\n"
+        "  org.apache.kafka.common.security.plain.PlainLoginModule required\n"
+        f'    user_{user}="{password}";\n'
+        "  org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+        "};\n"
+    )
+    jaas.unlink(missing_ok=True)
+    fd = os.open(jaas, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return jaas
+
+
+def _add_scram_user(settings: Settings, dist: Path, lay: _Layout, user: str, password: str) -> None:
+    """Store the user's SCRAM credentials in ZooKeeper (idempotent; the broker picks them up)."""
+    java = _java()
+    env = dict(os.environ)
+    env.pop("JMX_PORT", None)
+    env.pop("KAFKA_OPTS", None)
+    env["KAFKA_HEAP_OPTS"] = "-Xmx128m"
+    env["LOG_DIR"] = str(lay.logs / "tools")
+    env["PATH"] = f"{Path(java).parent}{os.pathsep}{env.get('PATH', '')}"
+    scram = ",".join(f"{m}=[password={password}]" for m in _SCRAM_MECHANISMS)
+    cmd = ["bash", str(dist / "bin" / "kafka-configs.sh"), "--zookeeper", f"127.0.0.1:{settings.zookeeper_port}",
+           "--alter", "--add-config", scram, "--entity-type", "users", "--entity-name", user]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).replace(password, "***")
+        raise LocalKafkaError(f"kafka-configs.sh could not add the SCRAM user {user!r} "
+                              f"(exit {proc.returncode}):\n{output[-2000:]}")
+    _say(f"SCRAM credentials ({', '.join(_SCRAM_MECHANISMS)}) stored for user {user!r}")
+
+
+def _spawn(proc: _Proc, script: Path, config: Path, heap_opts: str, kafka_opts: str | None = None) -> int:
     java = _java()
     proc.log4j_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -323,6 +399,9 @@ def _spawn(proc: _Proc, script: Path, config: Path, heap_opts: str) -> int:
     env["KAFKA_HEAP_OPTS"] = heap_opts
     env["LOG_DIR"] = str(proc.log4j_dir)
     env["PATH"] = f"{Path(java).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("KAFKA_OPTS", None)
+    if kafka_opts:
+        env["KAFKA_OPTS"] = kafka_opts
     with proc.log_file.open("ab") as log:
         log.write(f"\n==== lotflow: starting {proc.name} at {time.ctime()} ====\n".encode())
         log.flush()
@@ -425,7 +504,10 @@ def start(settings: Settings, timeout: float = 90) -> None:
     return. On failure print the end of the logs, stop what this call started, and raise.
     """
     lay = _layout(settings)
-    kport, zport = settings.kafka_port, settings.zookeeper_port
+    kport, zport, sport = settings.kafka_port, settings.zookeeper_port, settings.kafka_sasl_port
+    sasl = _sasl_user(settings) if sport else None
+    if sport and sport in (kport, zport):
+        raise LocalKafkaError(f"LOTFLOW_KAFKA_SASL_PORT {sport} must differ from the Kafka and ZooKeeper ports")
     our_kafka = _live_pid(lay.kafka)
     our_zk = _live_pid(lay.zookeeper)
     if port_open(kport):
@@ -437,6 +519,9 @@ def start(settings: Settings, timeout: float = 90) -> None:
         else:
             raise LocalKafkaError(f"port {kport} is in use by something that is not a Kafka "
                                   "broker; set LOTFLOW_KAFKA_PORT to a free port")
+        if sport and not port_open(sport):
+            raise LocalKafkaError(f"the running broker has no SASL listener on 127.0.0.1:{sport}; "
+                                  "stop it (`lotflow kafka stop`) and start it again with LOTFLOW_KAFKA_SASL_PORT set")
         if our_kafka is None or broker_answers(kport, timeout=timeout):
             return
         raise LocalKafkaError(f"broker pid {our_kafka} holds port {kport} but does not answer")
@@ -471,6 +556,16 @@ def start(settings: Settings, timeout: float = 90) -> None:
     if not _wait_zookeeper(zport, deadline, lay.zookeeper, zk_pid):
         raise abort(f"ZooKeeper did not accept connections on 127.0.0.1:{zport}")
 
+    kafka_opts = None
+    if sasl is not None and our_kafka is None:
+        if port_open(sport):
+            raise abort(f"port {sport} (LOTFLOW_KAFKA_SASL_PORT) is in use")
+        try:
+            _add_scram_user(settings, dist, lay, *sasl)
+        except (LocalKafkaError, subprocess.TimeoutExpired) as exc:
+            raise abort(str(exc)) from exc
+        kafka_opts = f"-Djava.security.auth.login.config={_write_jaas(lay, *sasl)}"
+
     # Broker (a pid file alive while the port is closed: it is still starting up)
     if our_kafka is not None:
         _say(f"broker pid {our_kafka} is already starting; waiting for it")
@@ -478,9 +573,10 @@ def start(settings: Settings, timeout: float = 90) -> None:
     else:
         heap = settings.kafka_heap
         kafka_pid = _spawn(lay.kafka, dist / "bin" / "kafka-server-start.sh", server_file,
-                           f"-Xmx{heap} -Xms{heap}")
+                           f"-Xmx{heap} -Xms{heap}", kafka_opts)
         started.append(lay.kafka)
-        _say(f"started Kafka broker (pid {kafka_pid}) on 127.0.0.1:{kport}, heap {heap}")
+        also = f" and SASL_PLAINTEXT on 127.0.0.1:{sport}" if sport else ""
+        _say(f"started Kafka broker (pid {kafka_pid}) on 127.0.0.1:{kport}{also}, heap {heap}")
 
     logged = False
     while time.monotonic() < deadline:
@@ -489,8 +585,10 @@ def start(settings: Settings, timeout: float = 90) -> None:
         if not logged:
             logged = _STARTED_LINE in _tail(lay.kafka.log_file, offsets["kafka"], lines=10**9)
         left = deadline - time.monotonic()
-        if logged and broker_answers(kport, timeout=min(5.0, max(0.5, left))):
-            _say(f"Kafka ready on 127.0.0.1:{kport} after {time.monotonic() - t0:.1f} s")
+        if (logged and broker_answers(kport, timeout=min(5.0, max(0.5, left)))
+                and (not sport or port_open(sport))):
+            also = f" (SASL_PLAINTEXT on {sport})" if sport else ""
+            _say(f"Kafka ready on 127.0.0.1:{kport}{also} after {time.monotonic() - t0:.1f} s")
             return
         time.sleep(0.2)
     raise abort(f"the Kafka broker was not ready within {timeout:.0f} s")
@@ -521,4 +619,7 @@ def status(settings: Settings) -> dict[str, Any]:
             "port_answering": (_zookeeper_ok(port) if proc is lay.zookeeper else port_open(port)),
             "log": str(proc.log_file),
         }
+    if settings.kafka_sasl_port:
+        result["kafka"]["sasl_port"] = settings.kafka_sasl_port
+        result["kafka"]["sasl_port_answering"] = port_open(settings.kafka_sasl_port)
     return result

@@ -2,6 +2,12 @@
 
 Pure functions over plain records, shared by the demo and the integration tests. A decision
 and its ground truth meet on the input record they are about (topic, partition, offset).
+
+A receipt may be decided more than once: re-processing after a crash repeats a decision
+(``duplicates``), and a later document can reopen a verified receipt (a PO revision cutting
+its line below what was received: the ground truth ``PO_REVISED_BELOW_RECEIVED``). The
+decision that counts is the latest by ``decision_time_ms`` (the last seen on a tie); a
+receipt first verified and later raised as an exception counts as ``reopened``.
 """
 
 from __future__ import annotations
@@ -56,22 +62,32 @@ class Scoreboard:
     recall_by_fault: dict[str, float] = field(default_factory=dict)
     exceptions_by_reason: dict[str, int] = field(default_factory=dict)
     missed: dict[str, int] = field(default_factory=dict)
+    reopened: int = 0  # verified first, an exception later (the later outcome counts)
+    silent_faults: int = 0
+    recall_silent: float = 0.0
+    false_alarms_by_benign: dict[str, int] = field(default_factory=dict)  # "" -> "CLEAN"
 
 
 def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) -> Scoreboard:
     """Precision of verified, recall of faults (exception or dead letter), per fault kind."""
-    by_ref: dict[Ref, Decision] = {}
-    duplicates = 0
+    seen: dict[Ref, list[Decision]] = {}
     for d in decisions:
-        if d.ref in by_ref:
-            duplicates += 1  # the same input decided twice (re-processing): ids make it one row
-        by_ref[d.ref] = d
-    board = Scoreboard(duplicates=duplicates)
+        seen.setdefault(d.ref, []).append(d)
+    by_ref: dict[Ref, Decision] = {}
+    duplicates = reopened = 0
+    for ref, found in seen.items():
+        # the latest decision counts; max() keeps the first of equal keys, so index breaks ties
+        _, _, last = max((d.decision_time_ms, n, d) for n, d in enumerate(found))
+        by_ref[ref] = last
+        duplicates += len(found) - 1  # re-processing, or reopened by a later document
+        reopened += last.outcome == "EXCEPTION" and any(d.outcome == "VERIFIED" for d in found)
+    board = Scoreboard(duplicates=duplicates, reopened=reopened)
     fault_total: Counter[str] = Counter()
     fault_caught: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     missed: Counter[str] = Counter()
-    verified_good = clean = clean_flagged = 0
+    benign_flagged: Counter[str] = Counter()
+    verified_good = clean = clean_flagged = silent = silent_caught = 0
     for t in truths:
         board.records_in += 1
         found = by_ref.get((t["source_topic"], t["source_partition"], t["source_offset"]))
@@ -89,15 +105,19 @@ def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) ->
             board.dead_letters += 1
         if t["is_fault"]:
             fault_total[t["fault"]] += 1
+            silent += bool(t.get("silent"))
             if d.outcome != "VERIFIED":
                 fault_caught[t["fault"]] += 1
+                silent_caught += bool(t.get("silent"))
                 if d.outcome == "EXCEPTION" and not d.blocked:
                     board.caught_by_model_only += 1
             else:
                 missed[t["fault"]] += 1
         else:
             clean += 1
-            clean_flagged += d.outcome != "VERIFIED"
+            if d.outcome != "VERIFIED":
+                clean_flagged += 1
+                benign_flagged[t.get("benign") or "CLEAN"] += 1
     board.faults = sum(fault_total.values())
     board.precision_verified = verified_good / board.verified if board.verified else 1.0
     board.recall_faults = sum(fault_caught.values()) / board.faults if board.faults else 1.0
@@ -105,4 +125,7 @@ def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) ->
     board.recall_by_fault = {f: fault_caught[f] / n for f, n in sorted(fault_total.items())}
     board.exceptions_by_reason = dict(reasons.most_common())
     board.missed = dict(missed.most_common())
+    board.silent_faults = silent
+    board.recall_silent = silent_caught / silent if silent else 1.0
+    board.false_alarms_by_benign = dict(benign_flagged.most_common())
     return board

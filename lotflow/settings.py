@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOTFLOW_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LOTFLOW_", frozen=True, extra="ignore",
+                                      hide_input_in_errors=True)  # errors never echo a password
 
     # --- Kafka -----------------------------------------------------------------
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -25,6 +27,21 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1, description="partitions of every co-partitioned topic")
     replication_factor: int = Field(default=1, ge=1)
     app_id: str = "lotflow-receiving"
+
+    # --- Kafka security -------------------------------------------------------------
+    # Every Kafka client (librdkafka producers/consumers/admin, Faust) takes these through
+    # lotflow.kafka_clients. Passwords are SecretStr: never in a repr or a log line.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle (PEM) to verify the brokers")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="client certificate (PEM), for mutual TLS")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="client private key (PEM), for mutual TLS")
+    kafka_ssl_key_password: SecretStr | None = None
+    # lotflow kafka start only: also open a SASL_PLAINTEXT listener on this port (0: none),
+    # serving PLAIN and SCRAM-SHA-256 for the user kafka_sasl_username / kafka_sasl_password.
+    kafka_sasl_port: int = Field(default=0, ge=0, le=65535)
 
     # --- local broker (lotflow kafka start) ------------------------------------
     var_dir: Path = Path("var")
@@ -53,6 +70,18 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=1.0, gt=0)
     worker_web_port: int = 6066
     worker_web_host: str = "127.0.0.1"
+    max_message_bytes: int = Field(default=1_000_000, ge=10_000,
+                                   description="largest output/state record; the broker's message.max.bytes")
+    transaction_timeout_s: float = Field(default=10.0, gt=0, description="a dead worker's open transaction "
+                                                                         "blocks read_committed readers this long")
+    commit_max_backoff_s: float = Field(default=5.0, gt=0, description="longest pause between commit retries")
+    stall_timeout_s: float = Field(default=60.0, gt=0, description="/healthz fails when input waits and no "
+                                                                  "batch completed for this long")
+    worker_instance_id: str | None = Field(default=None, description="static group membership id and "
+                                           "transactional id; stable per worker (pod name); unset: host+port")
+    session_timeout_s: float = Field(default=10.0, gt=0, description="consumer group session timeout")
+    fault_inject: str | None = Field(default=None, description="testing only: POINT[:N] kills the worker at "
+                                     "the Nth batch reaching after_produce|before_commit|after_commit")
 
     # --- sink -----------------------------------------------------------------------
     sink_group: str = "lotflow-clickhouse-sink"
@@ -61,6 +90,17 @@ class Settings(BaseSettings):
     sink_metrics_port: int = 9108
     sink_metrics_host: str = "127.0.0.1"
     sink_max_retry_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Settings:
+        needs_credentials = self.kafka_security_protocol.startswith("SASL_") or self.kafka_sasl_port > 0
+        if needs_credentials and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
+            why = (f"LOTFLOW_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+                   if self.kafka_security_protocol.startswith("SASL_") else "LOTFLOW_KAFKA_SASL_PORT > 0")
+            raise ValueError(f"{why} needs LOTFLOW_KAFKA_SASL_USERNAME and LOTFLOW_KAFKA_SASL_PASSWORD")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("LOTFLOW_KAFKA_SSL_CERTFILE and LOTFLOW_KAFKA_SSL_KEYFILE go together (mutual TLS)")
+        return self
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``LOTFLOW_*`` variables, for a child process (worker, sink)."""

@@ -155,6 +155,10 @@ class AvroCodec:
         self._schema_id = source.id_for(subject, schema_json)
         self._header = _HEADER.pack(MAGIC, self._schema_id)
         self._resolved: dict[int, Any] = {}
+        # fastavro reads a negative union branch or enum index as counting from the end (Python
+        # indexing), so a corrupt index decodes as the last branch or symbol. Where the schema has
+        # unions or enums, a decoded record must encode back to the same bytes.
+        self._check_canonical = _has_index(schema_json)
 
     @property
     def schema_id(self) -> int:
@@ -191,4 +195,22 @@ class AvroCodec:
             raise DecodeError("DECODE", f"Avro body does not decode as {self.full_name}: {exc!r}") from exc
         if body.tell() != len(data):
             raise DecodeError("DECODE", f"{len(data) - body.tell()} trailing bytes after the record")
+        if self._check_canonical and schema_id == self._schema_id:
+            again = BytesIO()
+            again.write(self._header)
+            schemaless_writer(again, self._reader, record)
+            if again.getbuffer() != data:
+                raise DecodeError("DECODE", f"Avro body of {self.full_name} is not canonical: "
+                                            "a negative union branch or enum index, or an over-long number")
         return record
+
+
+def _has_index(schema: Any) -> bool:
+    """Does the schema contain a union or an enum (an index that can be corrupt)?"""
+    if isinstance(schema, list):
+        return True
+    if isinstance(schema, dict):
+        if schema.get("type") == "enum":
+            return True
+        return any(_has_index(v) for k, v in schema.items() if k in ("type", "items", "values", "fields"))
+    return False

@@ -19,6 +19,8 @@ decision tables by ``subject_key`` ("why was this PO/lot approved?"), ``lot_even
 ``lot_id`` (genealogy); ``v2`` adds skip indexes for lot ids inside arrays. ``v3`` adds the
 sink's Avro ingestion path: ``<table>_avro`` (Null engine, shaped like the Avro record) and
 ``<table>_avro_mv`` mapping it into ``<table>`` exactly as ``sinks/rows.py`` does in Python.
+``v4`` adds ``dead_letters.original_size`` (``ALTER ... ADD COLUMN IF NOT EXISTS``, and the
+view's query replaced in place).
 """
 
 from __future__ import annotations
@@ -291,10 +293,22 @@ _V3 = (
     ),
 )
 
+# v4: DeadLetter.original_size (the value may be cut to 64 KiB; this is its full size). The view's
+# query is replaced in place (no drop/create window in which an Avro insert would be lost).
+_V4 = (
+    f"ALTER TABLE {DB}.dead_letters ADD COLUMN IF NOT EXISTS original_size Int64 DEFAULT -1 AFTER original_value",
+    f"ALTER TABLE {DB}.dead_letters_avro ADD COLUMN IF NOT EXISTS original_size Int64 DEFAULT -1 AFTER original_value",
+    f"""ALTER TABLE {DB}.dead_letters_avro_mv MODIFY QUERY SELECT
+    id, node, source_topic, source_partition, source_offset, original_key, original_value,
+    original_size, error_class, reason, failed_at,{_MV_KAFKA}
+FROM {DB}.dead_letters_avro AS src""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "output, decision and reject tables", _V1),
     Migration(2, "skip indexes for lot ids inside arrays (traceability lookups)", _V2),
     Migration(3, "Avro ingestion: <table>_avro Null tables and <table>_avro_mv views", _V3),
+    Migration(4, "dead_letters.original_size", _V4),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DB}.schema_migrations (

@@ -109,6 +109,7 @@ DEAD_LETTER_COLUMNS = (
     "source_offset",
     "original_key",
     "original_value",
+    "original_size",
     "error_class",
     "reason",
     "failed_at",
@@ -242,6 +243,7 @@ def dead_letter_row(r: Record, topic: str, partition: int, offset: int, ingested
         r["source_offset"],
         r.get("original_key"),
         r.get("original_value"),
+        r.get("original_size", -1),  # -1 also for records written before the field existed
         r["error_class"],
         r["reason"],
         r["failed_at"],

@@ -1,81 +1,160 @@
-"""The worker's output path: Avro-encode and produce through librdkafka, not Faust's producer.
+"""The worker's output path: Avro-encode, then produce each batch in one Kafka transaction.
 
 Faust's own send path (aiokafka, a future per message) costs far more than the work; the
-agent produces here and calls ``flush`` before it asks for the next batch, so Faust acks and
-commits an input only after its outputs and state changes are on the broker.
+agent produces through librdkafka instead. A batch's outputs and its table changelog records
+are produced in one transaction, committed before the agent asks Faust for the next batch (so
+before Faust commits the batch's input offsets). A consumer reading ``read_committed`` sees all
+of a batch or nothing of it. A commit that fails is retried, with back-off, from the same
+messages; while it fails the worker reports itself unhealthy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
+from lotflow.kafka_clients import produce, producer_config
 from lotflow.schemas.serde import AvroCodec, SchemaSource
 from lotflow.settings import Settings
-from lotflow.streams.topics import TopicSpec
+from lotflow.streams.topics import TopicSpec, topic_by_name
+from lotflow.verification.outputs import OutputKind
 
-__all__ = ["OutputProducer", "producer_config"]
+__all__ = ["Encoder", "Message", "MessageTooLarge", "TransactionalOutput"]
 
-
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        # Java clients, aiokafka and Faust hash keys with murmur2; librdkafka's default (CRC32)
-        # would put the same key on another partition and break co-partitioned joins.
-        "partitioner": "murmur2_random",
-        "enable.idempotence": True,
-        "linger.ms": 2,
-        "batch.num.messages": 10000,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 500000,
-    }
-    config.update(overrides)
-    return config
+log = logging.getLogger(__name__)
+RECORD_OVERHEAD_BYTES = 512  # record headers and batch framing on top of key + value
 
 
-class OutputProducer:
-    def __init__(self, settings: Settings, source: SchemaSource, producer: Producer | None = None) -> None:
+class MessageTooLarge(ValueError):
+    """An output would pass the broker's record size limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    key: bytes
+    value: bytes | None
+    partition: int | None = None
+
+
+class Encoder:
+    """Output records -> Confluent-wire Avro messages, checked against the record size limit."""
+
+    def __init__(self, settings: Settings, source: SchemaSource) -> None:
+        self.max_bytes = settings.max_message_bytes - RECORD_OVERHEAD_BYTES
+        self._codecs: dict[str, tuple[str, AvroCodec]] = {}
         self._settings = settings
         self._source = source
-        self._producer = producer or Producer(producer_config(settings))
-        self._codecs: dict[str, tuple[str, AvroCodec]] = {}
-        self._errors: list[str] = []
 
-    def codec(self, spec: TopicSpec) -> tuple[str, AvroCodec]:
+    def _codec(self, spec: TopicSpec) -> tuple[str, AvroCodec]:
         entry = self._codecs.get(spec.name)
         if entry is None:
             topic = spec.full_name(self._settings)
             entry = self._codecs[spec.name] = (topic, AvroCodec(self._source, f"{topic}-value", spec.schema))
         return entry
 
-    def send(self, spec: TopicSpec, key: str, record: dict[str, Any]) -> None:
-        topic, codec = self.codec(spec)
-        self._produce(topic, key.encode(), codec.encode(record), None)
+    def encode(self, kind: OutputKind | TopicSpec, key: str, record: Mapping[str, Any]) -> Message:
+        spec = kind if isinstance(kind, TopicSpec) else topic_by_name(kind.value)
+        topic, codec = self._codec(spec)
+        value = codec.encode(record)
+        key_bytes = key.encode()
+        if len(value) + len(key_bytes) > self.max_bytes:
+            raise MessageTooLarge(f"{spec.name} record of {len(value) + len(key_bytes)} bytes is above the "
+                                  f"{self.max_bytes}-byte limit")
+        return Message(topic, key_bytes, value)
+
+
+class TransactionalOutput:
+    """One producer, one transaction per batch; ``send``/``send_raw`` between ``begin`` and ``commit``."""
+
+    def __init__(self, settings: Settings, transactional_id: str, producer: Producer | None = None,
+                 crash_at: Callable[[str], None] | None = None) -> None:
+        self._producer = producer or Producer(producer_config(
+            settings,
+            **{"transactional.id": transactional_id,
+               "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000),
+               "message.max.bytes": settings.max_message_bytes}))
+        self._timeout = settings.transaction_timeout_s
+        self._max_backoff = settings.commit_max_backoff_s
+        self._batch: list[Message] = []
+        self._open = False
+        self._crash_at = crash_at or (lambda point: None)
+        self.failing_since: float | None = None  # monotonic time of the first failed commit in a row
+        self.commits = 0
+        self._producer.init_transactions(self._timeout)
+
+    def begin(self) -> None:
+        if not self._open:
+            self._producer.begin_transaction()
+            self._open = True
+
+    def send(self, message: Message) -> None:
+        self.begin()
+        self._batch.append(message)
+        produce(self._producer, message.topic, message.key, message.value, partition=message.partition)
 
     def send_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
-        self._produce(topic, key, value, partition)
+        self.send(Message(topic, key, value, partition))
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+    def in_transaction(self) -> int:
+        return len(self._batch)
 
-    def _produce(self, topic: str, key: bytes, value: bytes | None, partition: int | None) -> None:
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
-        if partition is not None:
-            kwargs["partition"] = partition
+    async def commit(self) -> None:
+        """Commit the batch's transaction; on failure retry (aborting and re-producing if it must)."""
+        if not self._open:
+            return
+        self._crash_at("after_produce")
+        backoff = 0.1
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                self._producer.produce(topic, **kwargs)
-                return
-            except BufferError:
-                self._producer.poll(0.05)  # local queue full: let deliveries drain
+                # flush + commit block in librdkafka (GIL released): off the event loop, so the
+                # health endpoint keeps answering while the broker is away.
+                remaining = await loop.run_in_executor(None, self._producer.flush, self._timeout)
+                if not remaining:
+                    self._crash_at("before_commit")
+                    await loop.run_in_executor(None, self._producer.commit_transaction, self._timeout)
+                    break
+                problem = f"{remaining} messages not acknowledged within {self._timeout}s"
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if error is None or error.fatal():
+                    raise  # fenced by a newer instance of this worker, or broken: restart from the changelog
+                problem = str(exc)
+                if error.txn_requires_abort():
+                    await self._abort_quietly(loop)
+                    self._producer.begin_transaction()
+                    for m in self._batch:
+                        produce(self._producer, m.topic, m.key, m.value, partition=m.partition)
+                # else retriable: commit again as is
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            log.warning("transaction commit failed (%s); retrying in %.1fs", problem, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+        self._open = False
+        self._batch.clear()
+        self.failing_since = None
+        self.commits += 1
+        self._crash_at("after_commit")
 
-    def flush(self, timeout: float = 60.0) -> None:
-        """Wait until everything produced is acknowledged; raise if anything failed."""
-        remaining = self._producer.flush(timeout)
-        if remaining:
-            raise KafkaException(f"{remaining} messages not delivered within {timeout}s")
-        if self._errors:
-            errors, self._errors = self._errors, []
-            raise KafkaException(f"{len(errors)} deliveries failed, first: {errors[0]}")
+    async def _abort_quietly(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                await loop.run_in_executor(None, self._producer.abort_transaction, self._timeout)
+                return
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if getattr(error, "fatal", lambda: False)():
+                    raise
+                log.warning("transaction abort failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    def close(self) -> None:
+        self._producer.flush(5)

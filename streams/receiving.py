@@ -1,20 +1,36 @@
 """Receiving worker logic: the join state, the document wait and the hand-off to the node.
 
 One processor per worker process. ``handle`` takes the raw Kafka records of the
-co-partitioned inputs (POs, receipts, CoAs, all keyed by PO number); ``sweep`` runs on a
-timer and decides receipts whose documents arrived late (specs) or never (the wait
-expired). The wait deadline is stored with the receipt in the table, so it survives a
-restart. Nothing here knows about Faust: state, producer and specs are passed in.
+co-partitioned inputs (POs, receipts, CoAs, all keyed by PO number) and appends the encoded
+outputs to ``outbox``; ``sweep`` runs on a timer and decides receipts whose wait expired.
+Nothing here knows about Faust: state, specs and the vendor history of other workers are
+passed in.
+
+Every record is handled in its own unit of work (``StateUnit``): the outputs are encoded and
+the new state serialised before anything is applied, and any exception sends the record to
+the dead letters with the state untouched. State, all in the PO's partition:
+
+* ``P|<po>``          the PO revision in force, received totals per line (in the PO's unit),
+                      the last receipt per line, and the receipts still waiting for documents;
+* ``C|<po>|<lot>``    the merged certificates of a lot not yet received;
+* ``R|<po>|<rid>``    a decided receipt id (duplicates, re-delivery after a crash);
+* ``L|<po>|<line>|<lot>``  which receipt delivered a lot on a PO line;
+* ``O|<topic>|<partition>``  the last input offset handled, committed with its effects.
+
+So no value grows with the number of receipts of a blanket PO. Keys idle for
+``po_state_retention_s`` are forgotten (a retention index, not a scan).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
+
+import orjson
 
 from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
@@ -22,11 +38,13 @@ from lotflow.scorers import history
 from lotflow.scorers.model import OnlineConfidence
 from lotflow.settings import Settings
 from lotflow.streams import topics
-from lotflow.streams.producer import OutputProducer
-from lotflow.streams.state import KeyedState
+from lotflow.streams.producer import Encoder, Message, MessageTooLarge
+from lotflow.streams.state import ChangelogTable, StateTooLarge, StateUnit
+from lotflow.streams.timers import DueIndex
 from lotflow.verification import receiving as rules
-from lotflow.verification.node import Severity, VerificationNode
-from lotflow.verification.outputs import InputRef, Subject, dead_letter, outputs_for
+from lotflow.verification.node import Evaluation, Reason, Severity, VerificationNode, decide
+from lotflow.verification.outputs import InputRef, Output, Subject, dead_letter, outputs_for
+from lotflow.verification.validation import InvalidRecord, normalize_coa, normalize_po, normalize_receipt
 
 __all__ = ["InputEvent", "ReceivingProcessor", "build_node"]
 
@@ -44,10 +62,6 @@ class InputEvent:
     timestamp_ms: int
 
 
-def _ms(value: datetime | int) -> int:
-    return value if isinstance(value, int) else int(value.timestamp() * 1000)
-
-
 def build_node(settings: Settings) -> VerificationNode[rules.ReceivingContext]:
     return VerificationNode(
         config=rules.node_config(settings.receiving_verify_threshold, settings.receiving_high_priority_threshold),
@@ -57,18 +71,38 @@ def build_node(settings: Settings) -> VerificationNode[rules.ReceivingContext]:
     )
 
 
+def _core_key(po: str) -> str:
+    return f"P|{po}"
+
+
+def _new_core() -> Record:
+    return {"po": None, "po_ref": None, "received": {}, "last": {}, "pending": {}, "t": 0}
+
+
+def error_class(exc: BaseException) -> str:
+    if isinstance(exc, DecodeError):
+        return exc.error_class
+    if isinstance(exc, InvalidRecord):
+        return "INVALID_VALUE"
+    if isinstance(exc, MessageTooLarge):
+        return "OUTPUT_TOO_LARGE"
+    if isinstance(exc, StateTooLarge):
+        return "STATE_TOO_LARGE"
+    return type(exc).__name__
+
+
 class ReceivingProcessor:
     def __init__(
         self,
         settings: Settings,
         source: SchemaSource,
-        po_state: KeyedState,
-        vendor_state: KeyedState,
+        po_state: ChangelogTable,
+        vendor_state: ChangelogTable,
         specs: Mapping[str, Record],
-        producer: OutputProducer,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
         documents_settled: Callable[[int, int], bool] | None = None,
+        remote_history: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.node = build_node(settings)
@@ -76,172 +110,311 @@ class ReceivingProcessor:
         self.po_state = po_state
         self.vendor_state = vendor_state
         self.specs = specs
-        self.producer = producer
         self.metrics = metrics
         self.clock = clock
         # (partition, until_ms) -> True when every document published before until_ms on this
         # partition has been read: absence is judged on what was published, not on a backlog.
         self.documents_settled = documents_settled or (lambda partition, until_ms: True)
+        # Vendor-history slices of partitions other workers own (read from the changelog).
+        self.remote_history: Mapping[str, Any] = remote_history if remote_history is not None else {}
+        self.encoder = Encoder(settings, source)
+        self.outbox: list[Message] = []
         self.wait_ms = int(settings.document_wait_s * 1000)
         self.retention_ms = int(settings.po_state_retention_s * 1000)
-        names = {spec.full_name(settings): spec for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
-                                                              topics.CERTIFICATES)}
-        self._receipts_topic = topics.RECEIPTS.full_name(settings)
-        self._codecs = {name: AvroCodec(source, f"{name}-value", spec.schema) for name, spec in names.items()}
+        self._max_state_bytes = self.encoder.max_bytes
+        self._codecs = {spec.full_name(settings): AvroCodec(source, f"{spec.full_name(settings)}-value", spec.schema)
+                        for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES)}
+        self._po_topic = topics.PURCHASE_ORDERS.full_name(settings)
         self._handlers: dict[str, Callable[[InputEvent, Record, int], None]] = {
-            topics.PURCHASE_ORDERS.full_name(settings): self._on_purchase_order,
+            self._po_topic: self._on_purchase_order,
             topics.RECEIPTS.full_name(settings): self._on_receipt,
             topics.CERTIFICATES.full_name(settings): self._on_certificate,
         }
+        self._deadlines = DueIndex()  # (PO key, pending key) by document-wait deadline
+        self._expiry = DueIndex()  # state keys by last touch + retention
+        self._waiting: set[str] = set()  # PO keys with receipts waiting for documents
+        self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
+        self.replayed = 0
         # Counted locally and published once per batch: a prometheus inc takes a lock.
         self._in: collections.Counter[str] = collections.Counter()
         self._out: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._dead: collections.Counter[tuple[str, str]] = collections.Counter()
         self._latency = metrics.processing_latency.labels(NODE)
         self._confidence = {d: metrics.confidence.labels(NODE, d) for d in ("VERIFIED", "EXCEPTION")}
 
     # --- input ------------------------------------------------------------------
     def handle(self, event: InputEvent) -> None:
-        """Decode, validate and route one input record; bad input goes to the dead letters."""
+        """Handle one input record; whatever goes wrong sends it to the dead letters."""
         self._in[event.topic] += 1
+        mark = self.po_state.get(f"O|{event.topic}|{event.partition}")
+        if mark is not None and event.offset <= mark["o"]:
+            # Re-delivered after a crash: this input's outputs and state were committed in one
+            # transaction with this mark, so it was handled; handling it again could only differ.
+            self.replayed += 1
+            return
+        self._read_to[(event.topic, event.partition)] = event.offset
         now_ms = int(self.clock() * 1000)
         try:
+            if event.value is None and event.topic == self._po_topic:
+                self._on_po_tombstone(event, now_ms)
+                return
             record = self._codecs[event.topic].decode(event.value)
-            if event.topic == self._receipts_topic:
-                record = self._normalize_receipt(record)
-                rules.validate_receipt(record, now_ms)
-        except DecodeError as exc:
-            self.dead_letter(event, exc.error_class, str(exc), now_ms)
-            return
-        except rules.InvalidRecord as exc:
-            self.dead_letter(event, "INVALID_VALUE", str(exc), now_ms)
-            return
-        self._handlers[event.topic](event, record, now_ms)
+            self._handlers[event.topic](event, record, now_ms)
+        except Exception as exc:  # every failure of one record is that record's dead letter
+            self.dead_letter(event, error_class(exc), _describe(exc), now_ms)
 
     def dead_letter(self, event: InputEvent, error_class: str, reason: str, now_ms: int) -> None:
-        ref = InputRef(event.topic, event.partition, event.offset)
-        spec, key, record = dead_letter(NODE, ref, event.key, event.value, error_class, reason, now_ms)
-        self.producer.send(spec, key, record)
-        self.metrics.dead_letters.labels(event.topic, error_class).inc()
+        self._emit_dead_letter(InputRef(event.topic, event.partition, event.offset), event.key, event.value,
+                               error_class, reason, now_ms)
 
-    @staticmethod
-    def _normalize_receipt(r: Record) -> Record:
-        return {
-            "receipt_id": r["receipt_id"], "po_number": r["po_number"], "vendor_id": r["vendor_id"],
-            "received_at": _ms(r["received_at"]), "event_time": _ms(r["event_time"]),
-            "lines": [{"po_line": ln["po_line"], "material_id": ln["material_id"], "quantity": ln["quantity"],
-                       "unit": ln["unit"], "vendor_lot": ln["vendor_lot"], "unit_price": ln["unit_price"],
-                       "partial": ln["partial"]} for ln in r["lines"]],
-        }
+    def _emit_dead_letter(self, ref: InputRef, key: bytes | None, value: bytes | None, error_class: str,
+                          reason: str, now_ms: int) -> None:
+        kind, out_key, record = dead_letter(NODE, ref, key, value, error_class, reason, now_ms)
+        self.outbox.append(self.encoder.encode(kind, out_key, record))
+        self._dead[(ref.topic, error_class)] += 1
 
-    def _state(self, key: str) -> Record:
-        state = self.po_state.get(key)
-        if state is None:
-            state = {"po": None, "coas": {}, "receipts": {}, "pending": {}}
-        state["touched"] = int(self.clock() * 1000)
-        return state
+    def _commit(self, unit: StateUnit, outputs: list[Output]) -> None:
+        """Encode outputs and state first; apply both only if everything fits."""
+        messages = [self.encoder.encode(kind, key, record) for kind, key, record in outputs]
+        staged = unit.encode()
+        now_ms = int(self.clock() * 1000)
+        for table, _, key, value, _ in staged:
+            if value is not None and table is self.po_state and table.get(key) is None:
+                self._expiry.push(now_ms + self.retention_ms, key)
+        unit.apply(staged)
+        self.outbox.extend(messages)
+        for kind, _, record in outputs:
+            self._out[(kind.value, record.get("decision", ""))] += 1
 
-    def _on_purchase_order(self, event: InputEvent, po: Record, now_ms: int) -> None:
-        key = po["po_number"]
-        state = self._state(key)
-        current = state["po"]
-        if current is not None and current["revision"] > po["revision"]:
-            return  # an older revision arriving late changes nothing
-        state["po"] = {
-            "po_number": key, "revision": po["revision"], "vendor_id": po["vendor_id"],
-            "lines": [{"line_no": ln["line_no"], "material_id": ln["material_id"], "quantity": ln["quantity"],
-                       "unit": ln["unit"], "unit_price": ln["unit_price"]} for ln in po["lines"]],
-        }
-        state["po_ref"] = [event.topic, event.partition, event.offset]
-        self._decide_ready(key, event.partition, state, now_ms, expired=False)
-        self.po_state.put(event.partition, key, state)
+    def _unit(self) -> StateUnit:
+        return StateUnit(self._max_state_bytes)
 
-    def _on_certificate(self, event: InputEvent, coa: Record, now_ms: int) -> None:
-        key = coa["po_number"]
-        state = self._state(key)
-        state["coas"][coa["vendor_lot"]] = {
-            "values": {v["property"]: v["value"] for v in coa["values"]},
-            "ref": [event.topic, event.partition, event.offset],
-        }
-        self._decide_ready(key, event.partition, state, now_ms, expired=False)
-        self.po_state.put(event.partition, key, state)
-
-    def _on_receipt(self, event: InputEvent, receipt: Record, now_ms: int) -> None:
-        key = receipt["po_number"]
-        state = self._state(key)
-        rid = receipt["receipt_id"]
-        applied = state["receipts"].get(rid)
-        if applied is not None and applied["offset"] == event.offset:
-            # Re-delivered after a crash. State is written only after the outputs were acknowledged,
-            # so its decision is already on the broker: deciding again could only differ.
+    def _on_po_tombstone(self, event: InputEvent, now_ms: int) -> None:
+        """The ERP deleted the PO: forget its document; waiting receipts wait for a new one."""
+        key = _core_key((event.key or b"").decode())
+        unit = self._unit()
+        core = unit.get(self.po_state, key)
+        if core is None or core["po"] is None:
             return
-        # setdefault: a receipt re-delivered while it waits keeps its original deadline
-        state["pending"].setdefault(f"{rid}@{event.offset}", {
-            "receipt": receipt, "ref": [event.topic, event.partition, event.offset],
-            "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
-        })
-        self._decide_ready(key, event.partition, state, now_ms, expired=False)
-        self.po_state.put(event.partition, key, state)
+        core["po"], core["po_ref"], core["t"] = None, None, now_ms
+        unit.put(self.po_state, event.partition, key, core)
+        self._commit(unit, [])
+
+    def _on_purchase_order(self, event: InputEvent, raw: Record, now_ms: int) -> None:
+        po = normalize_po(raw, event.key, now_ms)
+        key = _core_key(po["po_number"])
+        unit = self._unit()
+        core = unit.get(self.po_state, key) or _new_core()
+        current = core["po"]
+        if current is not None and current["revision"] >= po["revision"]:
+            return  # an older revision arriving late, or the same one re-delivered, changes nothing
+        ref = [event.topic, event.partition, event.offset]
+        received, over = rules.revise_po(core["received"], current, po, self.specs, self.rules)
+        outputs: list[Output] = []
+        for line in over:
+            last = core["last"].get(str(line.line_no))
+            if last is not None and last["verified"]:
+                outputs.extend(self._revised_below_received(po, ref, line, last, now_ms))
+                last["verified"] = False
+        core.update(po=po, po_ref=ref, received=received, t=now_ms)
+        unit.put(self.po_state, event.partition, key, core)
+        self._commit(unit, outputs)
+        self._decide_ready(key, event.partition, now_ms, expired=False)
+
+    def _revised_below_received(self, po: Record, ref: list[Any], line: rules.OverReceived, last: Record,
+                                now_ms: int) -> list[Output]:
+        """A revision leaves an already verified receipt over-delivered: an exception for that receipt."""
+        reason = Reason("PO_REVISED_BELOW_RECEIVED",
+                        f"revision {po['revision']} orders {line.ordered:g} {line.unit} on line {line.line_no}; "
+                        f"{line.received:.6g} {line.unit} were already received", Severity.BLOCK,
+                        {"po_line": str(line.line_no), "revision": str(po["revision"]),
+                         "received": f"{line.received:.6g}", "ordered": f"{line.ordered:.6g}",
+                         "tolerance_pct": f"{line.tolerance_pct:g}", "receipt_id": last["rid"]})
+        x = {"n_block": 1.0, "reason_po_revised_below_received": 1.0}
+        confidence = self.node.scorer.predict_proba_one(x).get(True, 0.0)
+        evaluation = Evaluation((reason,), x, decide(self.node.config, confidence, [reason]),
+                                self.node.scorer.version)
+        subject = Subject(
+            node=NODE, key=po["po_number"], subject_id=last["rid"], refs=[InputRef(*ref), InputRef(*last["ref"])],
+            event_time_ms=po["event_time"], vendor_id=last["vendor"], lot_ids=last["lots"],
+            lot_attributes=[{"vendor_id": last["vendor"], "po_number": po["po_number"], "receipt_id": last["rid"],
+                             "po_revision": str(po["revision"])} for _ in last["lots"]],
+            id_suffix=f":line-{line.line_no}",
+        )
+        return outputs_for(subject, evaluation, now_ms)
+
+    def _on_certificate(self, event: InputEvent, raw: Record, now_ms: int) -> None:
+        coa = normalize_coa(raw, event.key, now_ms)
+        po = coa["po_number"]
+        key = f"C|{po}|{coa['vendor_lot']}"
+        unit = self._unit()
+        lot = unit.get(self.po_state, key)
+        merged = rules.merge_coa(lot["v"] if lot else None, coa, [event.topic, event.partition, event.offset])
+        unit.put(self.po_state, event.partition, key, {"v": merged, "t": now_ms})
+        self._commit(unit, [])
+        self._decide_ready(_core_key(po), event.partition, now_ms, expired=False)
+
+    def _on_receipt(self, event: InputEvent, raw: Record, now_ms: int) -> None:
+        receipt = normalize_receipt(raw, event.key, now_ms)
+        po, rid = receipt["po_number"], receipt["receipt_id"]
+        unit = self._unit()
+        seen = self.po_state.get(f"R|{po}|{rid}")
+        if seen is not None and seen["o"] == event.offset:
+            # Re-delivered after a crash: its decision was committed in the same transaction as
+            # this state, so it is on the broker already; deciding again could only differ.
+            return
+        key = _core_key(po)
+        core = unit.get(self.po_state, key) or _new_core()
+        pending_key = f"{rid}@{event.offset}"
+        if pending_key in core["pending"]:
+            return  # re-delivered while it waits: it keeps its original deadline
+        pending = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
+                   "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
+                   "raw": base64.b64encode(event.value or b"").decode()}
+        core["pending"][pending_key] = pending
+        joined = self._join(unit, core, receipt)
+        if joined.missing:
+            core["t"] = now_ms
+            unit.put(self.po_state, event.partition, key, core)
+            self._commit(unit, [])
+            self._deadlines.push(pending["deadline"], (key, pending_key))
+            self._waiting.add(key)
+            return
+        outputs = self._decide(unit, key, core, pending_key, event.partition, joined, now_ms)
+        self._commit(unit, outputs)
 
     # --- deciding ---------------------------------------------------------------
-    def _decide_ready(self, key: str, partition: int, state: Record, now_ms: int, expired: bool) -> bool:
-        """Decide every pending receipt that has all its documents (or whose wait expired)."""
-        changed = False
-        for pending_key, p in list(state["pending"].items()):
-            receipt = p["receipt"]
-            late = expired and p["deadline"] <= now_ms and self.documents_settled(partition, p["ts"] + self.wait_ms)
-            if not late and rules.missing_documents(receipt, state["po"], self.specs, state["coas"]):
-                continue
-            del state["pending"][pending_key]
-            self._decide(key, partition, state, receipt, p["ref"], p["ts"], now_ms)
-            changed = True
-        return changed
+    def _join(self, unit: StateUnit, core: Record, receipt: Record) -> _Joined:
+        po = receipt["po_number"]
+        coas: dict[str, rules.CoaLot] = {}
+        owners: dict[tuple[str, str], str] = {}
+        for line in receipt["lines"]:
+            lot = line["vendor_lot"]
+            if lot not in coas:
+                doc = unit.get(self.po_state, f"C|{po}|{lot}")
+                if doc is not None:
+                    coas[lot] = doc["v"]
+            owner = self.po_state.get(f"L|{po}|{line['po_line']}|{lot}")
+            if owner is not None:
+                owners[(str(line["po_line"]), lot)] = owner["r"]
+        received_lots = {lot for _, lot in owners}
+        missing = rules.missing_documents(receipt, core["po"], self.specs, coas, received_lots)
+        return _Joined(coas, owners, missing)
 
-    def _decide(self, key: str, partition: int, state: Record, receipt: Record, ref: list[Any],
-                input_ts_ms: int, now_ms: int) -> None:
-        vendor_key = f"{receipt['vendor_id']}@{partition}"
-        profile = self.vendor_state.get(vendor_key) or history.empty_profile()
-        # Each partition writes its own slice of a vendor's history; decisions read all the
-        # slices this worker holds, so history is not thinned by the partition count.
-        slices = [profile] + [p for q in range(self.settings.partitions) if q != partition
-                              and (p := self.vendor_state.get(f"{receipt['vendor_id']}@{q}")) is not None]
+    def _decide_ready(self, key: str, partition: int, now_ms: int, expired: bool) -> None:
+        """Decide every waiting receipt of this PO that has its documents (or whose wait expired)."""
+        core = self.po_state.get(key)
+        if not core or not core["pending"]:
+            return
+        for pending_key in list(core["pending"]):
+            self._decide_pending(key, pending_key, partition, now_ms, expired)
+
+    def _decide_pending(self, key: str, pending_key: str, partition: int, now_ms: int, expired: bool) -> bool:
+        """Decide one waiting receipt if it can be; False if it must wait on."""
+        unit = self._unit()
+        core = unit.get(self.po_state, key)
+        pending = core["pending"].get(pending_key) if core else None
+        if core is None or pending is None:
+            return True
+        try:
+            joined = self._join(unit, core, pending["receipt"])
+            if joined.missing:
+                due = pending["deadline"] <= now_ms
+                if not (expired and due and self.documents_settled(partition, pending["ts"] + self.wait_ms)):
+                    return False
+            self._commit(unit, self._decide(unit, key, core, pending_key, partition, joined, now_ms))
+        except Exception as exc:
+            # The receipt goes to the dead letters (with its original bytes) and stops waiting.
+            drop = self._unit()
+            core = drop.get(self.po_state, key)
+            core["pending"].pop(pending_key, None)
+            drop.put(self.po_state, partition, key, core)
+            ref = pending["ref"]
+            kind, out_key, record = dead_letter(NODE, InputRef(*ref), key[2:].encode(),
+                                                base64.b64decode(pending["raw"]), error_class(exc),
+                                                _describe(exc), now_ms)
+            self._commit(drop, [(kind, out_key, record)])
+            self._dead[(ref[0], error_class(exc))] += 1
+        if not self.po_state.get(key)["pending"]:
+            self._waiting.discard(key)
+        return True
+
+    def _decide(self, unit: StateUnit, key: str, core: Record, pending_key: str, partition: int,
+                joined: _Joined, now_ms: int) -> list[Output]:
+        """Evaluate one receipt; stage its state changes in ``unit``; return its outputs."""
+        pending = core["pending"].pop(pending_key)
+        receipt, ref = pending["receipt"], pending["ref"]
+        po, rid, vendor = receipt["po_number"], receipt["receipt_id"], receipt["vendor_id"]
+        profile_key = f"{vendor}@{partition}"
+        profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
         keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
-        view = history.pooled(slices, keys)
-        ctx = rules.derive(receipt, state, self.specs, view, self.rules, ref[2])
+        view = history.pooled([profile, *self._other_slices(vendor, partition)], keys)
+        seen = self.po_state.get(f"R|{po}|{rid}")
+        duplicate = seen is not None and seen["o"] != ref[2]
+        ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
+                           duplicate_receipt=duplicate, lot_owners=joined.owners)
         evaluation = self.node.evaluate(ctx)
         verdict = evaluation.verdict
         refs = [InputRef(*ref)]
-        if state.get("po_ref"):
-            refs.append(InputRef(*state["po_ref"]))
-        for f in ctx.lines:
-            if f.coa is not None:
-                refs.append(InputRef(*f.coa["ref"]))
+        if core.get("po_ref"):
+            refs.append(InputRef(*core["po_ref"]))
+        for coa in {id(f.coa): f.coa for f in ctx.lines if f.coa is not None}.values():
+            # every certificate that went into the decision (split and reissued ones too)
+            certs = {tuple(entry[4]) for entry in coa.values()}
+            refs.extend(InputRef(*c) for c in sorted(certs))
         subject = Subject(
-            node=NODE, key=key, subject_id=receipt["receipt_id"], refs=refs,
-            event_time_ms=receipt["event_time"], vendor_id=receipt["vendor_id"],
+            node=NODE, key=po, subject_id=rid, refs=refs, event_time_ms=receipt["event_time"], vendor_id=vendor,
             lot_ids=[ln["vendor_lot"] for ln in receipt["lines"]],
-            lot_attributes=[{"vendor_id": receipt["vendor_id"], "material_id": ln["material_id"],
-                             "quantity": f"{ln['quantity']:g}", "unit": ln["unit"], "po_number": key,
-                             "receipt_id": receipt["receipt_id"]} for ln in receipt["lines"]],
+            lot_attributes=[{"vendor_id": vendor, "material_id": ln["material_id"],
+                             "quantity": f"{ln['quantity']:g}", "unit": ln["unit"], "po_number": po,
+                             "receipt_id": rid} for ln in receipt["lines"]],
             verified_lines=[{"po_line": f.line["po_line"], "material_id": f.line["material_id"],
                              "quantity": f.qty_in_po_unit or 0.0,
                              "unit": f.po_line["unit"] if f.po_line else f.line["unit"],
                              "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines],
             historical_pattern=_historical_pattern(ctx),
         )
-        for spec, out_key, record in outputs_for(subject, evaluation, now_ms):
-            self.producer.send(spec, out_key, record)
-            self._out[(spec.name, verdict.decision)] += 1
-        self._latency.observe(max(0.0, (now_ms - input_ts_ms) / 1000.0))
+        outputs = outputs_for(subject, evaluation, now_ms)
+        self._latency.observe(max(0.0, (now_ms - pending["ts"]) / 1000.0))
         self._confidence[verdict.decision].observe(verdict.confidence)
-        state["receipts"][receipt["receipt_id"]] = {
-            "offset": ref[2],
-            "qty": {str(f.line["po_line"]): f.qty_in_po_unit or 0.0 for f in ctx.lines},
-            "lots": [[str(f.line["po_line"]), f.line["vendor_lot"]] for f in ctx.lines],
-        }
+        # --- state: this receipt is decided ---
+        unit.put(self.po_state, partition, f"R|{po}|{rid}", {"o": ref[2], "t": now_ms})
+        lots_by_line: dict[str, list[str]] = {}
+        for f in ctx.lines:
+            line_no = str(f.line["po_line"])
+            lot = f.line["vendor_lot"]
+            lots_by_line.setdefault(line_no, []).append(lot)
+            if f.coa is not None:
+                unit.delete(self.po_state, partition, f"C|{po}|{lot}")
+            if f.duplicate_lot_of or duplicate:
+                continue  # a double booking adds nothing to what was received
+            unit.put(self.po_state, partition, f"L|{po}|{line_no}|{lot}", {"r": rid, "t": now_ms})
+            if f.qty_in_po_unit is not None:
+                core["received"][line_no] = core["received"].get(line_no, 0.0) + f.qty_in_po_unit
+        for line_no, lots in lots_by_line.items():
+            core["last"][line_no] = {"rid": rid, "ref": ref, "vendor": vendor, "lots": lots,
+                                     "verified": verdict.decision == "VERIFIED"}
+        core["t"] = now_ms
+        unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would
         # feed the confidence penalty back into itself.
         self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
-        self.vendor_state.put(partition, vendor_key, profile)
+        unit.put(self.vendor_state, partition, profile_key, profile)
+        return outputs
+
+    def _other_slices(self, vendor: str, partition: int) -> list[history.Profile]:
+        """This vendor's history from every other partition: own ones from the table, the rest as read."""
+        out = []
+        for q in range(self.settings.partitions):
+            if q == partition:
+                continue
+            key = f"{vendor}@{q}"
+            profile = self.vendor_state.get(key)
+            if profile is None:
+                profile = self.remote_history.get(key)
+            if profile is not None:
+                out.append(profile)
+        return out
 
     def _history_keys(self, material_id: str) -> list[str]:
         spec = self.specs.get(material_id)
@@ -259,28 +432,72 @@ class ReceivingProcessor:
                     name = f"{f.line['material_id']}|{c.prop}"
                     stats[name] = history.observe_value(stats.get(name), c.value)
 
-    # --- timer ------------------------------------------------------------------
+    # --- timers -----------------------------------------------------------------
+    def rebuild_indexes(self) -> None:
+        """Rebuild the deadline and retention indexes from the table (after recovery or a rebalance)."""
+        self._deadlines.clear()
+        self._expiry.clear()
+        self._waiting.clear()
+        for key, value in self.po_state.items():
+            if not value or key.startswith("O|"):
+                continue
+            self._expiry.push(value.get("t", 0) + self.retention_ms, key)
+            if key.startswith("P|") and value["pending"]:
+                self._waiting.add(key)
+                for pending_key, p in value["pending"].items():
+                    self._deadlines.push(p["deadline"], (key, pending_key))
+
+    def recheck_waiting(self) -> None:
+        """Documents arrived out of band (a new spec): try every waiting receipt once."""
+        now_ms = int(self.clock() * 1000)
+        for key in list(self._waiting):
+            if self.po_state.get(key) is None:
+                self._waiting.discard(key)
+                continue
+            self._decide_ready(key, self.po_state.partition_of(key), now_ms, expired=False)
+
     def sweep(self) -> int:
-        """Decide receipts whose documents arrived out of band (specs) or whose wait expired."""
+        """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due."""
         now_ms = int(self.clock() * 1000)
         decided = 0
-        waiting = 0
-        for key, state in self.po_state.items():
-            if not state:
+        for item in self._deadlines.pop_due(now_ms):
+            key, pending_key = item
+            core = self.po_state.get(key)
+            if not core or pending_key not in core["pending"]:
                 continue
-            if not state["pending"]:
-                if now_ms - state.get("touched", now_ms) > self.retention_ms:
-                    # Idle past retention: forget it (a tombstone), or state grows with every PO.
-                    self.po_state.put(self.po_state.partition_of(key), key, None)
-                continue
-            partition = self.po_state.partition_of(key)
-            before = len(state["pending"])
-            if self._decide_ready(key, partition, state, now_ms, expired=True):
-                self.po_state.put(partition, key, state)
-            decided += before - len(state["pending"])
-            waiting += len(state["pending"])
-        self.metrics.pending.labels(NODE).set(waiting)
+            if self._decide_pending(key, pending_key, self.po_state.partition_of(key), now_ms, expired=True):
+                decided += 1
+            else:  # documents published before the deadline are not all read yet: look again soon
+                self._deadlines.push(now_ms + 1000, item)
+        self._expire(now_ms)
+        self.metrics.pending.labels(NODE).set(sum(len(self.po_state.get(k)["pending"]) for k in self._waiting
+                                                  if self.po_state.get(k)))
         return decided
+
+    def _expire(self, now_ms: int) -> None:
+        forget = self._unit()
+        for item in self._expiry.pop_due(now_ms):
+            key = str(item)
+            value = self.po_state.get(key)
+            if value is None:
+                continue
+            touched = value.get("t", 0)
+            if touched + self.retention_ms > now_ms or (key.startswith("P|") and value["pending"]):
+                self._expiry.push(max(touched + self.retention_ms, now_ms + 1000), key)
+                continue
+            forget.delete(self.po_state, self.po_state.partition_of(key), key)
+        self._commit(forget, [])
+
+    def end_batch(self) -> list[Message]:
+        """The batch's outputs; stages how far each input partition was handled (``O|`` marks),
+        so the marks are committed in the same transaction as the outputs and state they caused."""
+        now_ms = int(self.clock() * 1000)
+        for (topic, partition), offset in self._read_to.items():
+            value = {"o": offset, "t": now_ms}
+            self.po_state.apply(partition, f"O|{topic}|{partition}", value, orjson.dumps(value))
+        self._read_to.clear()
+        out, self.outbox = self.outbox, []
+        return out
 
     def publish_metrics(self) -> None:
         """Move the counts of the last batch into the Prometheus counters."""
@@ -288,8 +505,22 @@ class ReceivingProcessor:
             self.metrics.records_in.labels(topic).inc(n)
         for (topic, decision), n in self._out.items():
             self.metrics.records_out.labels(topic, decision).inc(n)
+        for (topic, error), n in self._dead.items():
+            self.metrics.dead_letters.labels(topic, error).inc(n)
         self._in.clear()
         self._out.clear()
+        self._dead.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    coas: dict[str, rules.CoaLot]
+    owners: dict[tuple[str, str], str]
+    missing: list[str]
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DecodeError | InvalidRecord) else f"{type(exc).__name__}: {exc}"
 
 
 def _historical_pattern(ctx: rules.ReceivingContext) -> str:
@@ -299,7 +530,7 @@ def _historical_pattern(ctx: rules.ReceivingContext) -> str:
     for f in ctx.lines:
         for c in f.coa_facts:
             n, mean, std = c.history
-            if n and c.z is not None and abs(c.z) >= rules.ATYPICAL_Z:
+            if n and c.z is not None and abs(c.z) >= rules.ATYPICAL_Z and c.value is not None:
                 parts.append(f"{c.prop} of {f.line['material_id']}: {mean:.4g} +/- {std:.2g} over {n} lots, "
                              f"this lot {c.value:.4g}")
     return "; ".join(parts)

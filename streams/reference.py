@@ -16,7 +16,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.settings import Settings
+from lotflow.kafka_clients import client_config
 from lotflow.streams.topics import MATERIAL_SPECS
+from lotflow.verification.validation import InvalidRecord, validate_spec
 
 __all__ = ["SpecCache", "normalize_spec"]
 
@@ -24,29 +26,22 @@ Record = dict[str, Any]
 
 
 def normalize_spec(spec: Record) -> Record:
-    return {
-        "material_id": spec["material_id"],
-        "revision": spec["revision"],
-        "base_unit": spec["base_unit"],
-        "quantity_tolerance_pct": spec["quantity_tolerance_pct"],
-        "requires_coa": spec["requires_coa"],
-        "properties": [{"name": p["name"], "min": p["min"], "max": p["max"]} for p in spec["properties"]],
-    }
+    """The spec as the checks use it; impossible limits raise ``InvalidRecord`` (a dead letter)."""
+    return validate_spec(spec)
 
 
 class SpecCache:
     def __init__(self, settings: Settings, source: SchemaSource,
-                 on_bad_record: Callable[[Any, DecodeError | KeyError], None] | None = None) -> None:
+                 on_bad_record: Callable[[Any, Exception], None] | None = None) -> None:
         self.topic = MATERIAL_SPECS.full_name(settings)
         self.specs: dict[str, Record] = {}
         self._codec = AvroCodec(source, f"{self.topic}-value", MATERIAL_SPECS.schema)
         self._on_bad = on_bad_record
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{settings.app_id}-specs-unused",  # required by librdkafka; never committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        })
+        self._consumer = Consumer(client_config(
+            settings,
+            **{"group.id": f"{settings.app_id}-specs-unused",  # required by librdkafka; never committed
+               "enable.auto.commit": False, "enable.partition.eof": False,
+               "isolation.level": "read_committed"}))
         partitions = MATERIAL_SPECS.partitions(settings)
         self._tps = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(partitions)]
         self._consumer.assign(self._tps)
@@ -77,7 +72,7 @@ class SpecCache:
                 continue
             try:
                 spec = normalize_spec(self._codec.decode(msg.value()))
-            except (DecodeError, KeyError) as exc:
+            except (DecodeError, InvalidRecord, KeyError, TypeError) as exc:
                 if self._on_bad is not None:
                     self._on_bad(msg, exc)
                 continue

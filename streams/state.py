@@ -1,9 +1,11 @@
-"""Keyed state on a Faust table, with changelog writes through the fast producer.
+"""Keyed state on Faust tables: changed in units of work, written to the changelog once per batch.
 
-Faust's own table path sends one changelog record per assignment through its slow producer
-and needs the current event to pick the partition. Here state changes are collected per
-batch, each changed key is written once, with an explicit partition, in Faust's changelog
-format (JSON key and value) so Faust's own recovery rebuilds the table after a restart.
+Faust's own table path sends one changelog record per assignment through its slow producer.
+Here a handler changes state inside a ``StateUnit``: reads are private copies, writes are
+staged, and nothing reaches the table until the unit commits, after the unit's outputs were
+encoded. A record whose handling raises leaves the state as it was (its unit is dropped).
+Committed changes are produced once per key per batch, each with an explicit partition, in
+Faust's changelog format (JSON key and value), so Faust's own recovery rebuilds the table.
 Memory store only: the store's key -> partition map is kept as Faust keeps it.
 """
 
@@ -14,88 +16,144 @@ from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["ChangelogTable", "DictState", "KeyedState"]
+__all__ = ["ChangelogTable", "DictState", "StateTooLarge", "StateUnit"]
 
 
-class KeyedState(Protocol):
-    def get(self, key: str) -> Any: ...
-
-    def put(self, partition: int, key: str, value: Any) -> None: ...
-
-    def items(self) -> Iterator[tuple[str, Any]]: ...
-
-    def partition_of(self, key: str) -> int: ...
-
-
-class DictState:
-    """The same contract in memory, for pure tests and benchmarks."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.partitions: dict[str, int] = {}
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def put(self, partition: int, key: str, value: Any) -> None:
-        if value is None:
-            self.data.pop(key, None)
-            self.partitions.pop(key, None)
-            return
-        self.data[key] = value
-        self.partitions[key] = partition
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        return iter(list(self.data.items()))
-
-    def partition_of(self, key: str) -> int:
-        return self.partitions[key]
+class StateTooLarge(ValueError):
+    """A state value would not fit in one changelog record."""
 
 
 class Sender(Protocol):
     def send_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None: ...
 
 
+def _copy(value: Any) -> Any:
+    # State values are JSON documents (that is what the changelog holds): a round trip is a deep copy.
+    return None if value is None else orjson.loads(orjson.dumps(value))
+
+
 class ChangelogTable:
-    """A Faust ``Table`` (memory store) whose writes are batched and produced by ``Sender``."""
+    """A Faust ``Table`` (memory store) whose writes are batched and produced by a ``Sender``."""
 
     def __init__(self, table: Any) -> None:
         self._table = table
-        self._dirty: dict[str, int] = {}
+        self._dirty: dict[str, tuple[int, bytes | None]] = {}
 
-    @property
-    def _store(self) -> Any:
-        return self._table.data
+    # Faust creates the store lazily; these two are the store's own maps.
+    def _data(self) -> dict[str, Any]:
+        return self._table.data.data
+
+    def _partitions(self) -> dict[str, int]:
+        return self._table.data._key_partition
+
+    def changelog_topic(self) -> str:
+        return str(self._table.changelog_topic.get_topic_name())
 
     def get(self, key: str) -> Any:
-        return self._store.data.get(key)
-
-    def put(self, partition: int, key: str, value: Any) -> None:
-        """Set ``key``; ``None`` deletes it (a tombstone in the changelog)."""
-        store = self._store
-        if value is None:
-            store.data.pop(key, None)
-            store._key_partition.pop(key, None)
-        else:
-            store.data[key] = value
-            store._key_partition[key] = partition  # Faust drops keys of revoked partitions by this map
-        self._dirty[key] = partition
+        """The live value: read it, never change it (changes go through a ``StateUnit``)."""
+        return self._data().get(key)
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        return iter(list(self._store.data.items()))
+        return iter(list(self._data().items()))
 
     def partition_of(self, key: str) -> int:
-        return int(self._store._key_partition[key])
+        return int(self._partitions()[key])
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def apply(self, partition: int, key: str, value: Any, encoded: bytes | None) -> None:
+        """Set ``key`` (``None`` deletes it: a tombstone in the changelog)."""
+        data, partitions = self._data(), self._partitions()
+        if value is None:
+            data.pop(key, None)
+            partitions.pop(key, None)
+        else:
+            data[key] = value
+            partitions[key] = partition  # Faust drops keys of revoked partitions by this map
+        self._dirty[key] = (partition, encoded)
 
     def flush_to(self, sender: Sender) -> int:
         """Produce one changelog record per key changed since the last flush."""
         if not self._dirty:
             return 0
-        topic = self._table.changelog_topic.get_topic_name()
-        data = self._store.data
-        for key, partition in self._dirty.items():
-            value = data.get(key)
-            sender.send_raw(topic, orjson.dumps(key), None if value is None else orjson.dumps(value), partition)
+        topic = self.changelog_topic()
+        for key, (partition, encoded) in self._dirty.items():
+            sender.send_raw(topic, orjson.dumps(key), encoded, partition)
         n = len(self._dirty)
         self._dirty.clear()
         return n
+
+    def pending_changes(self) -> int:
+        return len(self._dirty)
+
+
+class _DictStore:
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self._key_partition: dict[str, int] = {}
+
+
+class _DictTable:
+    def __init__(self, name: str) -> None:
+        self.data = _DictStore()
+        self._name = name
+
+    @property
+    def changelog_topic(self) -> Any:
+        name = self._name
+
+        class _Topic:
+            @staticmethod
+            def get_topic_name() -> str:
+                return name
+
+        return _Topic()
+
+
+class DictState(ChangelogTable):
+    """The same contract without Faust, for pure tests and benchmarks."""
+
+    def __init__(self, name: str = "state-changelog") -> None:
+        super().__init__(_DictTable(name))
+
+
+class StateUnit:
+    """The state changes of handling one record: staged, checked, then applied all at once."""
+
+    def __init__(self, max_value_bytes: int) -> None:
+        self._max = max_value_bytes
+        self._writes: dict[tuple[int, str], tuple[ChangelogTable, int, Any]] = {}
+
+    def get(self, table: ChangelogTable, key: str) -> Any:
+        """A private copy of the value (or of what this unit staged for it)."""
+        staged = self._writes.get((id(table), key))
+        if staged is not None:
+            return staged[2]
+        return _copy(table.get(key))
+
+    def exists(self, table: ChangelogTable, key: str) -> bool:
+        staged = self._writes.get((id(table), key))
+        return staged[2] is not None if staged is not None else table.get(key) is not None
+
+    def put(self, table: ChangelogTable, partition: int, key: str, value: Any) -> None:
+        self._writes[(id(table), key)] = (table, partition, value)
+
+    def delete(self, table: ChangelogTable, partition: int, key: str) -> None:
+        self.put(table, partition, key, None)
+
+    def encode(self) -> list[tuple[ChangelogTable, int, str, Any, bytes | None]]:
+        """Serialise every staged value; raises ``StateTooLarge`` before anything is applied."""
+        out = []
+        for (_, key), (table, partition, value) in self._writes.items():
+            encoded = None if value is None else orjson.dumps(value)
+            if encoded is not None and len(encoded) + len(key) > self._max:
+                raise StateTooLarge(f"state of {key[:80]!r} would be {len(encoded)} bytes, "
+                                    f"above the {self._max}-byte record limit")
+            out.append((table, partition, key, value, encoded))
+        return out
+
+    @staticmethod
+    def apply(encoded: list[tuple[ChangelogTable, int, str, Any, bytes | None]]) -> None:
+        for table, partition, key, value, data in encoded:
+            table.apply(partition, key, value, data)

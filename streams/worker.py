@@ -1,36 +1,52 @@
-"""The Faust worker: app, tables, the receiving agent, the document-wait timer, /metrics.
+"""The Faust worker: app, tables, the receiving agent, the document-wait timer, /metrics, /healthz.
 
 The agent is thin: it takes batches of raw events, hands them to ``ReceivingProcessor`` and
-flushes outputs and state changes before asking for the next batch, so Faust commits an
-offset only after what it caused is on the broker.
+commits the batch's outputs, state changes and input marks in one Kafka transaction before
+it asks for the next batch (so before Faust commits the input offsets). The consumer reads
+``read_committed`` (tables recover only committed state). Anything that escapes the
+per-record handling leaves memory ahead of the changelog, so the process exits and restarts
+from committed state instead of going on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import time
 from typing import Any
 
 import faust
 from prometheus_client import CollectorRegistry, generate_latest
 
+from lotflow.kafka_clients import faust_broker_credentials
 from lotflow.metrics import WorkerMetrics
-from lotflow.schemas.serde import DecodeError, schema_source
+from lotflow.schemas.serde import schema_source
 from lotflow.settings import Settings
-from lotflow.streams import topics
-from lotflow.streams.producer import OutputProducer
+from lotflow.streams import topics, transport
+from lotflow.streams.faults import crash_injector
+from lotflow.streams.health import Health
+from lotflow.streams.history import SharedHistory
+from lotflow.streams.producer import TransactionalOutput
 from lotflow.streams.receiving import InputEvent, ReceivingProcessor
 from lotflow.streams.reference import SpecCache
 from lotflow.streams.state import ChangelogTable
 
-__all__ = ["create_worker"]
+__all__ = ["create_worker", "instance_id"]
 
 log = logging.getLogger(__name__)
 _QUIET = ("faust", "mode", "aiokafka", "kafka", "aiohttp", "venusian")
+EXIT_UNRECOVERABLE = 70
 
 
 def _brokers(bootstrap: str) -> list[str]:
-    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+    return [f"{transport.SCHEME}://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def instance_id(settings: Settings) -> str:
+    """Stable per worker: static group membership and the transactional id both use it."""
+    return settings.worker_instance_id or f"{socket.gethostname()}-{settings.worker_web_port}"
 
 
 def create_worker(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
@@ -39,16 +55,25 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     source = schema_source(settings.schema_registry_url)
     datadir = (settings.var_dir / "faust" / settings.app_id).resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)
+    transport.register()
+    member = instance_id(settings)
     app = faust.App(
         settings.app_id,
         broker=_brokers(settings.bootstrap_servers),
+        broker_credentials=faust_broker_credentials(settings),
         store="memory://",
+        TableManager=f"{transport.__name__}:MarkerAwareTableManager",
         # Standbys would replay other workers' partitions into this worker's store, and the
         # document-wait sweep would then decide receipts this worker does not own.
         table_standby_replicas=0,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         broker_max_poll_records=settings.max_poll_records,
+        # Static membership: a restarted worker rejoins with its id and gets its partitions back
+        # without waiting for the group to notice it left.
+        consumer_group_instance_id=member,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 5),
         consumer_auto_offset_reset="earliest",
         web_port=settings.worker_web_port,
         web_host=settings.worker_web_host,
@@ -60,18 +85,30 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
                                                               topics.CERTIFICATES)),
                        partitions=settings.partitions, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
-    po_table = ChangelogTable(app.Table("receiving-po", default=None, partitions=settings.partitions))
+    faust_po_table = app.Table("receiving-po", default=None, partitions=settings.partitions)
+    po_table = ChangelogTable(faust_po_table)
     vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
-    producer = OutputProducer(settings, source)
+    shared_history = SharedHistory(settings, vendor_table.changelog_topic())
+    output: TransactionalOutput | None = None  # created on start: init_transactions fences a previous instance
+    health = Health(settings.stall_timeout_s)
 
-    def spec_dead_letter(msg: Any, exc: DecodeError | KeyError) -> None:
+    def spec_dead_letter(msg: Any, exc: Exception) -> None:
         event = InputEvent(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), 0)
-        processor.dead_letter(event, getattr(exc, "error_class", "SCHEMA"), str(exc), int(time.time() * 1000))
+        processor.dead_letter(event, getattr(exc, "error_class", "INVALID_VALUE"), str(exc),
+                              int(time.time() * 1000))
 
     specs = SpecCache(settings, source, on_bad_record=spec_dead_letter)
     last_offsets: dict[tuple[str, int], int] = {}
     stream_time: dict[tuple[str, int], int] = {}
-    document_topics = [spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.CERTIFICATES)]
+    input_topics = [spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
+                                                         topics.CERTIFICATES)]
+    document_topics = [input_topics[0], input_topics[2]]
+
+    def next_offset(tp: faust.types.TP) -> int:
+        if (tp.topic, tp.partition) in last_offsets:
+            return last_offsets[(tp.topic, tp.partition)] + 1
+        committed: Any = app.consumer._committed_offset  # type: ignore[attr-defined]
+        return int(committed.get(tp) or 0)  # nothing read since start: Faust resumed from here
 
     def documents_settled(partition: int, until_ms: int) -> bool:
         """Have the PO and CoA partitions been read past ``until_ms``, or up to their end?"""
@@ -80,70 +117,112 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
                 continue
             tp = faust.types.TP(topic, partition)
             highwater = app.consumer.highwater(tp)
-            if highwater is None:
-                return False
-            if (topic, partition) in last_offsets:
-                next_offset = last_offsets[(topic, partition)] + 1
-            else:  # nothing read since start: Faust resumed from the committed offset
-                committed: Any = app.consumer._committed_offset  # type: ignore[attr-defined]
-                next_offset = committed.get(tp) or 0
-            if next_offset < highwater:
+            if highwater is None or next_offset(tp) < highwater:
                 return False
         return True
 
-    processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, producer, metrics,
-                                   documents_settled=documents_settled)
+    processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, metrics,
+                                   documents_settled=documents_settled, remote_history=shared_history)
     batch_timer = metrics.batch_duration.labels("receiving")
+    lock = asyncio.Lock()  # the agent's batch and the timer's sweep never interleave in one transaction
 
-    def flush() -> None:
-        # Outputs first, state second: a state that says "decided" implies the decision is on
-        # the broker, so a receipt re-delivered after a crash is skipped, never decided twice.
-        producer.flush()
-        if po_table.flush_to(producer) + vendor_table.flush_to(producer):
-            producer.flush()
+    async def commit() -> None:
+        assert output is not None
+        messages = processor.end_batch()
+        if messages or po_table.pending_changes() or vendor_table.pending_changes():
+            for m in messages:
+                output.send(m)
+            po_table.flush_to(output)
+            vendor_table.flush_to(output)
+            await output.commit()
         processor.publish_metrics()
 
+    def unrecoverable(exc: BaseException) -> None:
+        # Memory is now ahead of what was committed: restart from the changelog, never go on.
+        log.critical("receiving worker stops: %r; restarting from committed state", exc, exc_info=exc)
+        os._exit(EXIT_UNRECOVERABLE)
+
     @app.task
-    async def quiet_loggers() -> None:
+    async def start() -> None:
+        nonlocal output
         # The Faust worker resets log levels on start; per-event debug records cost more than the work.
         for name in _QUIET:
             logging.getLogger(name).setLevel(logging.WARNING)
         specs.load()
+        output = TransactionalOutput(settings, f"{settings.app_id}-{member}",
+                                     crash_at=crash_injector(settings.fault_inject))
 
     @app.agent(inputs)
     async def receiving(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            started = time.perf_counter()
-            specs.poll()
-            handle = processor.handle
-            for event in events:
-                m = event.message
-                timestamp_ms = int(m.timestamp * 1000)
-                handle(InputEvent(m.topic, m.partition, m.offset, m.key, m.value, timestamp_ms))
-                tp = (m.topic, m.partition)
-                last_offsets[tp] = m.offset
-                if timestamp_ms > stream_time.get(tp, 0):
-                    stream_time[tp] = timestamp_ms
-            flush()
-            batch_timer.observe(time.perf_counter() - started)
+            try:
+                async with lock:
+                    while output is None:  # the start task has not finished yet
+                        await asyncio.sleep(0.05)
+                    started = time.perf_counter()
+                    if specs.poll():
+                        processor.recheck_waiting()
+                    shared_history.poll()
+                    handle = processor.handle
+                    for event in events:
+                        m = event.message
+                        timestamp_ms = int(m.timestamp * 1000)
+                        handle(InputEvent(m.topic, m.partition, m.offset, m.key, m.value, timestamp_ms))
+                        tp = (m.topic, m.partition)
+                        last_offsets[tp] = m.offset
+                        if timestamp_ms > stream_time.get(tp, 0):
+                            stream_time[tp] = timestamp_ms
+                    await commit()
+                    health.batch_done()
+                    batch_timer.observe(time.perf_counter() - started)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                unrecoverable(exc)
+
+    @faust_po_table.on_recover
+    async def rebuild_indexes() -> None:
+        # Called after every recovery (each rebalance), once the store holds exactly the
+        # partitions this worker owns and before streams resume.
+        processor.rebuild_indexes()
 
     @app.timer(settings.sweep_interval_s)
     async def document_wait() -> None:
         recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
-        if app.rebalancing or not recovery.completed.is_set():
+        if app.rebalancing or not recovery.completed.is_set() or output is None:
             return  # decide only on fully recovered state
-        specs.poll()
-        if processor.sweep():
-            flush()
-        for (topic, partition), offset in list(last_offsets.items()):
-            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+        try:
+            async with lock:
+                if specs.poll():
+                    processor.recheck_waiting()
+                shared_history.poll()
+                processor.sweep()
+                await commit()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            unrecoverable(exc)
+        lag = 0
+        for tp in app.consumer.assignment():
+            if tp.topic not in input_topics:
+                continue
+            highwater = app.consumer.highwater(tp)
             if highwater is not None:
-                metrics.consumer_lag.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
+                behind = max(0, highwater - next_offset(tp))
+                lag += behind
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
+        health.observe_lag(lag)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         # aiohttp rejects a charset inside content_type; Prometheus text format 0.0.4 is UTF-8 anyway.
         return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        ok, detail = health.check(output.failing_since if output is not None else None)
+        return web.json(detail, status=200 if ok else 503)
+
     app.lotflow_processor = processor  # type: ignore[attr-defined]
     return app
+

@@ -1,13 +1,21 @@
 """The fault catalogue and the fault mix a simulation run injects.
 
-A fault mix gives, per catalogue entry, a rate in 0..1:
+A fault mix gives, per catalogue entry, a rate in 0..1. Its meaning depends on the kind:
 
-* faults (rule-visible, malformed, silent) and the benign ``partial_delivery`` /
-  ``converted_unit``: the fraction of receipt-topic records that carry it;
-* ``near_limit``: the fraction of vendor-material pairs (with a certificate of analysis)
-  whose characteristic values sit close to a spec limit; their receipts are benign.
+* ``rule`` / ``malformed`` / ``silent``: the fraction of receipt-topic records that get this
+  perturbation (at most one per record, only after the history stretch). Several are drawn
+  *across* their threshold, so only part of them end up faults: the ground truth is what
+  ``judge`` decides by the documented thresholds, not the name of the perturbation;
+* ``benign`` (exclusive per record): partial deliveries, blanket-PO releases, converted
+  units, cancelled lines, PO revisions, split / reissued / unit-converted CoAs; none of them
+  is a fault by the documented thresholds. Two benign entries are not per record:
+  ``near_limit`` is the fraction of vendor-material pairs (with a CoA) whose values sit close
+  to a spec limit, ``late_documents`` the fraction of POs and CoAs published after their
+  receipt (not a ground-truth label);
+* ``vendor``: a vendor behaviour (``world.BEHAVIOURS``); the rate is the fraction of that
+  vendor's receipts showing it.
 
-A receipt carries at most one fault. ``parse_fault_spec`` reads the ``--faults`` option.
+``parse_fault_spec`` reads the ``--faults`` option.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from enum import StrEnum
 __all__ = [
     "BENIGN",
     "CATALOGUE",
+    "EXCLUSIVE_BENIGN",
     "FAULTS",
+    "FAULT_CODES",
+    "SILENT_CODES",
+    "VENDOR_BEHAVIOURS",
     "FaultInfo",
     "FaultKind",
     "FaultMix",
@@ -30,10 +42,11 @@ __all__ = [
 
 
 class FaultKind(StrEnum):
-    RULE = "rule"  # a single rule can see it
+    RULE = "rule"  # a single rule can see it (when beyond its threshold)
     MALFORMED = "malformed"  # bad bytes or impossible values: dead-letter material
-    SILENT = "silent"  # no single rule sees it; the vendor's history does
+    SILENT = "silent"  # no single rule sees it; the vendor's history may
     BENIGN = "benign"  # looks unusual, is fine: must not become an exception
+    VENDOR = "vendor"  # a vendor behaviour: benign or silent faults, by the thresholds
 
 
 @dataclass(frozen=True)
@@ -45,50 +58,105 @@ class FaultInfo:
 
     @property
     def code(self) -> str:
-        """The ground-truth code (``fault`` or ``benign`` field)."""
+        """The ground-truth code this entry is reported under when it makes a fault (or is benign)."""
         return self.name.upper()
 
     @property
     def is_fault(self) -> bool:
-        return self.kind is not FaultKind.BENIGN
+        """Counts toward the per-record fault budget (at most one perturbation per record)."""
+        return self.kind in (FaultKind.RULE, FaultKind.MALFORMED, FaultKind.SILENT)
 
 
 CATALOGUE: tuple[FaultInfo, ...] = (
-    FaultInfo("unit_mismatch", FaultKind.RULE, 0.006,
-              "receipt unit differs from the PO unit (KG<->LB, L<->GAL), quantity not converted"),
-    FaultInfo("quantity_short", FaultKind.RULE, 0.006, "received 10-40% less than the PO line"),
-    FaultInfo("quantity_over", FaultKind.RULE, 0.006, "received 10-40% more than the PO line"),
-    FaultInfo("coa_out_of_spec", FaultKind.RULE, 0.006,
-              "a CoA value outside the spec range by 2-20% of the range"),
-    FaultInfo("unknown_po", FaultKind.RULE, 0.006, "receipt against a PO that is never published"),
-    FaultInfo("unknown_material", FaultKind.RULE, 0.006,
+    FaultInfo("unit_mismatch", FaultKind.RULE, 0.005,
+              "receipt line in the other unit (KG<->LB, L<->GAL) with the PO quantity's number unconverted"),
+    FaultInfo("quantity_short", FaultKind.RULE, 0.009,
+              "cumulative quantity on a non-partial line short by U(0, 3) x the tolerance "
+              "(0-6 % at 2 %): a fault beyond the tolerance, about 2/3 of them"),
+    FaultInfo("quantity_over", FaultKind.RULE, 0.009,
+              "cumulative quantity over by U(0, 3) x the tolerance: a fault beyond it, about 2/3"),
+    FaultInfo("coa_out_of_spec", FaultKind.RULE, 0.012,
+              "one CoA value placed from 6 % of the range inside a limit to 6 % outside it: "
+              "COA_OUT_OF_SPEC when outside, SILENT_COA_DRIFT when inside but > K std from the "
+              "vendor's baseline"),
+    FaultInfo("unknown_po", FaultKind.RULE, 0.005, "receipt against a PO that is never published"),
+    FaultInfo("unknown_material", FaultKind.RULE, 0.004,
               "a receipt line's material has no spec and is not on the PO line"),
-    FaultInfo("missing_coa", FaultKind.RULE, 0.006, "a line that requires a CoA never gets one"),
-    FaultInfo("duplicate_receipt", FaultKind.RULE, 0.006,
+    FaultInfo("missing_coa", FaultKind.RULE, 0.005, "a line that requires a CoA never gets one"),
+    FaultInfo("duplicate_receipt", FaultKind.RULE, 0.005,
               "an earlier delivery booked again under a new receipt id"),
-    FaultInfo("price_anomaly", FaultKind.RULE, 0.006,
-              "packing-list price 40-150% above or 40-70% below the PO price"),
+    FaultInfo("price_anomaly", FaultKind.RULE, 0.009,
+              "printed price off the PO price by U(0, 30) % either way (converted to the PO unit): "
+              "a fault beyond 15 %, about half"),
+    FaultInfo("po_line_cancelled", FaultKind.RULE, 0.003,
+              "a receipt line against a PO line a revision cancelled (quantity 0)"),
+    FaultInfo("coa_unit_mismatch", FaultKind.RULE, 0.003,
+              "a CoA value printed in a unit that does not convert to the spec's (e.g. % as cP)"),
+    FaultInfo("po_revised_below_received", FaultKind.RULE, 0.0,
+              "after a receipt was verified, a PO revision lowers its line below what was received "
+              "(a second outcome for that receipt; off by default)"),
     FaultInfo("malformed_bytes", FaultKind.MALFORMED, 0.003,
               "random bytes, empty value or JSON text on the receipts topic"),
     FaultInfo("malformed_missing_fields", FaultKind.MALFORMED, 0.003,
               "valid Confluent header, truncated Avro body"),
     FaultInfo("malformed_impossible_value", FaultKind.MALFORMED, 0.003,
               "schema-valid receipt with an impossible value"),
-    FaultInfo("silent_unit_label", FaultKind.SILENT, 0.008,
-              "PO quantity shipped in LB but labelled KG (quantity x 2.20462)"),
+    FaultInfo("silent_unit_label", FaultKind.SILENT, 0.006,
+              "a line labelled in the PO unit holding 2.2046 x (KG PO) or 0.4536 x (LB PO) the "
+              "quantity, factor with 0.4 % noise; also on partial releases, where no rule sees it"),
     FaultInfo("silent_coa_drift", FaultKind.SILENT, 0.008,
-              "a CoA value inside spec but >= 6 std away from the vendor's usual value"),
-    FaultInfo("partial_delivery", FaultKind.BENIGN, 0.04,
-              "a PO line delivered in two receipts marked partial"),
+              "one CoA value inside spec, U(2, 9) baseline std from the vendor's mean: a fault "
+              "beyond K = 4 std"),
+    FaultInfo("partial_delivery", FaultKind.BENIGN, 0.03,
+              "a PO line delivered in 2-3 receipts, all but the last declared partial"),
+    FaultInfo("blanket_po", FaultKind.BENIGN, 0.08,
+              "releases of a blanket PO: one line ordered in bulk, 10-200 receipts declared partial"),
     FaultInfo("near_limit", FaultKind.BENIGN, 0.15,
               "fraction of vendor-material pairs whose values sit near a spec limit"),
-    FaultInfo("converted_unit", FaultKind.BENIGN, 0.03,
-              "receipt in the other unit, quantity correctly converted"),
+    FaultInfo("converted_unit", FaultKind.BENIGN, 0.02,
+              "receipt line in the other unit, quantity and price correctly converted"),
+    FaultInfo("cancelled_line", FaultKind.BENIGN, 0.01,
+              "a PO revision cancels one line (quantity 0); the receipt delivers the others"),
+    FaultInfo("po_revision", FaultKind.BENIGN, 0.03,
+              "the receipt is governed by a PO revision (quantity up/down, unit KG<->LB converted) "
+              "published before it"),
+    FaultInfo("coa_split", FaultKind.BENIGN, 0.02,
+              "a lot's properties certified on two CoAs, each with a subset"),
+    FaultInfo("coa_reissued", FaultKind.BENIGN, 0.01,
+              "a wrong CoA value corrected by a later-issued certificate (published first in 30 %)"),
+    FaultInfo("coa_converted_unit", FaultKind.BENIGN, 0.02,
+              "CoA values printed in a convertible unit (ppm, mPa.s, kg/m3, mm)"),
+    FaultInfo("late_documents", FaultKind.BENIGN, 0.30,
+              "fraction of POs and of CoAs published after their receipt (within the document wait)"),
+    FaultInfo("vendor_over_ship", FaultKind.VENDOR, 0.8,
+              "one vendor ships 0.3-0.9 x the quantity tolerance over on this share of its lines (benign)"),
+    FaultInfo("vendor_other_unit", FaultKind.VENDOR, 0.9,
+              "one vendor prints this share of its receipts in the other unit, quantities and CoA "
+              "values exactly converted (benign)"),
+    FaultInfo("vendor_coa_drift", FaultKind.VENDOR, 1.0,
+              "one property of one material of one vendor drifts slowly inside the limits (SILENT_VENDOR_DRIFT once the "
+              "drift passes K = 4 baseline std)"),
+    FaultInfo("vendor_variance_jump", FaultKind.VENDOR, 1.0,
+              "one vendor's lot-to-lot spread jumps 3 x mid-run (SILENT_VARIANCE_JUMP for a lot with "
+              "a value beyond K = 4 baseline std)"),
 )
+
+# Ground-truth fault codes, in the precedence order a receipt's single ``fault`` field takes.
+FAULT_CODES: tuple[str, ...] = (
+    "MALFORMED_BYTES", "MALFORMED_MISSING_FIELDS", "MALFORMED_IMPOSSIBLE_VALUE",
+    "UNKNOWN_PO", "DUPLICATE_RECEIPT", "UNKNOWN_MATERIAL", "MISSING_COA", "PO_LINE_CANCELLED",
+    "UNIT_MISMATCH", "SILENT_UNIT_LABEL", "QUANTITY_OVER", "QUANTITY_SHORT",
+    "PO_REVISED_BELOW_RECEIVED", "PRICE_ANOMALY", "COA_UNIT_MISMATCH", "COA_OUT_OF_SPEC",
+    "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP",
+)
+SILENT_CODES = frozenset({"SILENT_UNIT_LABEL", "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP"})
 
 _BY_NAME: dict[str, FaultInfo] = {info.name: info for info in CATALOGUE}
 FAULTS: tuple[str, ...] = tuple(info.name for info in CATALOGUE if info.is_fault)
-BENIGN: tuple[str, ...] = tuple(info.name for info in CATALOGUE if not info.is_fault)
+BENIGN: tuple[str, ...] = tuple(info.name for info in CATALOGUE if info.kind is FaultKind.BENIGN)
+VENDOR_BEHAVIOURS: tuple[str, ...] = tuple(info.name for info in CATALOGUE if info.kind is FaultKind.VENDOR)
+# Benign entries drawn per record, one at most (near_limit and late_documents are not).
+EXCLUSIVE_BENIGN: tuple[str, ...] = tuple(n for n in BENIGN if n not in ("near_limit", "late_documents"))
 
 
 def fault_info(name: str) -> FaultInfo:
@@ -114,8 +182,9 @@ class FaultMix:
             raise ValueError(
                 f"fault rates sum to {total:g} > 1 (a receipt carries at most one fault)"
             )
-        if self.rate("partial_delivery") + self.rate("converted_unit") > 1.0 + 1e-9:
-            raise ValueError("partial_delivery + converted_unit rates must not exceed 1")
+        benign = sum(self.rate(name) for name in EXCLUSIVE_BENIGN)
+        if benign > 1.0 + 1e-9:
+            raise ValueError(f"the rates of {', '.join(EXCLUSIVE_BENIGN)} sum to {benign:g} > 1")
 
     def rate(self, name: str) -> float:
         fault_info(name)

@@ -1,205 +1,330 @@
-"""Fault and benign-anomaly injection into a clean delivery draft.
+"""Perturbations of one delivery, before it is placed in the stream.
 
-Each injector mutates one ``Draft`` in place and returns whether it could apply (the
-scheduler shapes the PO so that it can: see ``NEEDS``). The semantics here are the
-contract the pipeline's checks are written to.
+A ``Delivery`` is a receipt (its lines already rendered against the PO revision in force),
+the lots' CoA values and the facts the generator knows. Each perturbation changes it in
+place and returns whether it could apply. Magnitudes are drawn *across* the documented
+thresholds (see ``judge``); whether a perturbation made a fault is decided afterwards, by
+``judge.judge_receipt`` on the finished documents.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from lotflow.simulator.documents import Draft, round_quantity
-from lotflow.simulator.units import ALTERNATE_UNIT, LB_PER_KG, convertible, factor
-from lotflow.simulator.world import Material, PropertyProfile, PropertySpec, Supply, World
+from lotflow.simulator.judge import (
+    GUARD,
+    PRICE_TOLERANCE_PCT,
+    SILENT_K,
+    cumulative,
+    price_deviation,
+    quantity_deviation,
+    tolerance,
+)
+from lotflow.simulator.units import (
+    ALTERNATE_UNIT,
+    COA_ALTERNATE_UNIT,
+    COA_FOREIGN_UNIT,
+    KG_PER_LB,
+    LB_PER_KG,
+    coa_factor,
+    convertible,
+    factor,
+)
+from lotflow.simulator.world import Material, Vendor, World
 
-__all__ = ["DRIFT_MIN_Z", "INJECTORS", "NEEDS", "Need", "drift_candidates", "inject_drift"]
+__all__ = [
+    "INJECTORS",
+    "OOS_RANGE",
+    "QUANTITY_RANGE",
+    "SHIFT_Z",
+    "SLIP_NOISE",
+    "Delivery",
+    "Lot",
+    "convert_lot_units",
+    "over_ship",
+]
 
 Record = dict[str, Any]
-Injector = Callable[[random.Random, World, Draft], bool]
 
-DRIFT_MIN_Z = 6.0
-_DRIFT_Z = (6.2, 9.0)  # drawn z of a drifted value (margin over DRIFT_MIN_Z for rounding)
-
-# What the PO must contain for a fault to apply: a line whose material/unit is of this kind.
-Need = str  # "convertible" (KG/LB/L line), "kg" (a line ordered in KG), "coa" (requires_coa)
-
-
-def _first_line(draft: Draft, pred: Callable[[Record, Record], bool]) -> Record | None:
-    for line in draft.receipt["lines"]:
-        if pred(line, draft.po_line(line["po_line"])):
-            return line
-    return None
+QUANTITY_RANGE = (0.0, 3.0)  # quantity deviation, in multiples of the line's tolerance
+PRICE_RANGE = (0.0, 0.30)  # price deviation either way
+OVER_SHIP_RANGE = (0.3, 0.9)  # the over-shipping vendor, in multiples of the tolerance
+OOS_RANGE = (-0.06, 0.06)  # out-of-spec placement: distance beyond a limit, fraction of the range
+SHIFT_Z = (2.0, 9.0)  # silent_coa_drift: distance from the baseline mean, baseline std
+SLIP_NOISE = 0.004  # relative std of a unit slip's factor
+_TRIES = 50
 
 
-def _random_line(rng: random.Random, draft: Draft) -> Record:
-    lines: list[Record] = draft.receipt["lines"]
-    return lines[rng.randrange(len(lines))]
+@dataclass
+class Lot:
+    """One vendor lot's certificate content, in the spec's units."""
+
+    vendor_lot: str
+    material: Material
+    values: dict[str, float]  # the lot's true values (what the merged certificates must say)
+    units: dict[str, str] = field(default_factory=dict)  # printed unit per property, if not the spec's
+    shifted_z: dict[str, float] = field(default_factory=dict)  # values a perturbation placed
+    drift_z: float = 0.0  # process drift of this lot (drifting vendor)
+    post_jump: bool = False  # scattered with the jumped std (variance-jump vendor)
+    plan: str = "plain"  # plain | split | reissued
+    wrong: dict[str, float] = field(default_factory=dict)  # reissued: the first certificate's (spec unit)
+    published: bool = True  # False: the CoA never comes (missing_coa)
+
+    def printed(self, prop: str, value: float | None = None) -> tuple[float, str]:
+        """(number, unit) as the certificate prints the property's value (or ``value``,
+        given in the spec's unit)."""
+        spec_unit = next(p.unit for p in self.material.properties if p.name == prop)
+        unit = self.units.get(prop, spec_unit)
+        value = self.values[prop] if value is None else value
+        return (value if unit == spec_unit or unit == COA_FOREIGN_UNIT[spec_unit]
+                else round(value * coa_factor(spec_unit, unit), 10)), unit
 
 
-def unit_mismatch(rng: random.Random, world: World, draft: Draft) -> bool:
-    """Other unit, the PO quantity's number unconverted (physically the wrong amount)."""
-    line = _first_line(draft, lambda _line, po: convertible(po["unit"]))
-    if line is None:
+@dataclass
+class Delivery:
+    vendor: Vendor
+    po: Record  # the revision in force
+    receipt: Record
+    lots: dict[str, Lot]  # by vendor lot (lines whose material requires a CoA)
+    earlier: dict[int, list[tuple[float, str]]]  # per PO line, receipts decided before
+    facts: set[str] = field(default_factory=set)  # generator-known fault codes
+    publish_po: bool = True
+
+    def po_line(self, line: Record) -> Record:
+        return next(pl for pl in self.po["lines"] if pl["line_no"] == line["po_line"])
+
+    def lines(self) -> list[Record]:
+        return list(self.receipt["lines"])
+
+
+Injector = Callable[[random.Random, World, Delivery], bool]
+
+
+def _spec_tolerance(world: World, material_id: str) -> float:
+    material = world.materials.get(material_id)
+    return tolerance({"quantity_tolerance_pct": material.quantity_tolerance_pct} if material else None)
+
+
+def _set_deviation(rng: random.Random, d: Delivery, line: Record, tol: float,
+                   draw: Callable[[], float]) -> bool:
+    """Set ``line``'s quantity so the PO line's cumulative deviates by ``draw()`` (not within GUARD of ±tol)."""
+    pl = d.po_line(line)
+    earlier = d.earlier.get(line["po_line"], [])
+    before = cumulative(earlier, 0.0, pl["unit"], pl["unit"])
+    for _ in range(_TRIES):
+        target = pl["quantity"] * (1.0 + draw()) - before
+        if target <= 0:
+            continue
+        q = _round(target * factor(pl["unit"], line["unit"]), line["unit"])
+        if q <= 0:
+            continue
+        dev = quantity_deviation(cumulative(earlier, q, line["unit"], pl["unit"]), pl["quantity"])
+        if abs(abs(dev) - tol) > GUARD:
+            line["quantity"] = q
+            return True
+    return False
+
+
+def _round(q: float, unit: str) -> float:
+    return float(round(q)) if unit == "EA" else round(q, 2)
+
+
+def _quantity_lines(d: Delivery) -> list[Record]:
+    return [ln for ln in d.lines() if not ln["partial"] and d.po_line(ln)["quantity"] > 0
+            and ln["material_id"] == d.po_line(ln)["material_id"]]
+
+
+def _quantity(rng: random.Random, world: World, d: Delivery, sign: int) -> bool:
+    lines = _quantity_lines(d)
+    if not lines:
         return False
-    po = draft.po_line(line["po_line"])
-    line["unit"] = ALTERNATE_UNIT[po["unit"]]
-    line["quantity"] = po["quantity"]
+    line = rng.choice(lines)
+    tol = _spec_tolerance(world, line["material_id"])
+    return _set_deviation(rng, d, line, tol, lambda: sign * rng.uniform(*QUANTITY_RANGE) * tol)
+
+
+def quantity_short(rng: random.Random, world: World, d: Delivery) -> bool:
+    """Cumulative short by U(0, 3) x tolerance on a line not declared partial."""
+    return _quantity(rng, world, d, -1)
+
+
+def quantity_over(rng: random.Random, world: World, d: Delivery) -> bool:
+    """Cumulative over by U(0, 3) x tolerance."""
+    return _quantity(rng, world, d, +1)
+
+
+def over_ship(rng: random.Random, world: World, d: Delivery) -> bool:
+    """The over-shipping vendor: every non-partial line 0.3-0.9 x tolerance over (benign)."""
+    lines = _quantity_lines(d)
+    for line in lines:
+        tol = _spec_tolerance(world, line["material_id"])
+        _set_deviation(rng, d, line, tol, lambda t=tol: rng.uniform(*OVER_SHIP_RANGE) * t)
+    return bool(lines)
+
+
+def unit_mismatch(rng: random.Random, world: World, d: Delivery) -> bool:
+    """Another unit printed with the number the PO unit would have (physically wrong)."""
+    lines = [ln for ln in _quantity_lines(d) if convertible(d.po_line(ln)["unit"])]
+    if not lines:
+        return False
+    line = rng.choice(lines)
+    pl = d.po_line(line)
+    in_po_unit = _round(line["quantity"] * factor(line["unit"], pl["unit"]), pl["unit"])
+    line["unit"] = ALTERNATE_UNIT[pl["unit"]]
+    line["quantity"] = in_po_unit
     line["unit_price"] = None  # a price per the wrong unit would add a second symptom
+    d.facts.add("UNIT_MISMATCH")
     return True
 
 
-def converted_unit(rng: random.Random, world: World, draft: Draft) -> bool:
-    """Benign: other unit, quantity (and printed price) correctly converted."""
-    line = _first_line(draft, lambda _line, po: convertible(po["unit"]))
-    if line is None:
+def silent_unit_label(rng: random.Random, world: World, d: Delivery) -> bool:
+    """A lb/kg slip under the PO's label: KG line x 2.2046, LB line x 0.4536 (with noise)."""
+    lines = [ln for ln in d.lines() if d.po_line(ln)["unit"] in ("KG", "LB") and d.po_line(ln)["quantity"] > 0
+             and ln["material_id"] == d.po_line(ln)["material_id"]]
+    if not lines:
         return False
-    po = draft.po_line(line["po_line"])
-    unit = ALTERNATE_UNIT[po["unit"]]
-    k = factor(po["unit"], unit)
-    line["unit"] = unit
-    line["quantity"] = round(po["quantity"] * k, 2)
+    line = rng.choice(lines)
+    pl = d.po_line(line)
+    meant = line["quantity"] * factor(line["unit"], pl["unit"])
+    slip = (LB_PER_KG if pl["unit"] == "KG" else KG_PER_LB) * (1.0 + rng.gauss(0.0, SLIP_NOISE))
+    line["unit"] = pl["unit"]
+    line["quantity"] = round(meant * slip, 2)
     if line["unit_price"] is not None:
-        line["unit_price"] = round(po["unit_price"] / k, 4)
+        line["unit_price"] = pl["unit_price"]
+    d.facts.add("SILENT_UNIT_LABEL")
     return True
 
 
-def _quantity_off(rng: random.Random, draft: Draft, sign: int) -> bool:
-    line = _random_line(rng, draft)
-    po = draft.po_line(line["po_line"])
-    off = po["quantity"] * (1.0 + sign * rng.uniform(0.105, 0.395))
-    if po["unit"] == "EA":
-        line["quantity"] = float(math.ceil(off) if sign > 0 else math.floor(off))
-    else:
-        line["quantity"] = round_quantity(off, po["unit"])
-    return True
-
-
-def quantity_short(rng: random.Random, world: World, draft: Draft) -> bool:
-    return _quantity_off(rng, draft, -1)
-
-
-def quantity_over(rng: random.Random, world: World, draft: Draft) -> bool:
-    return _quantity_off(rng, draft, +1)
-
-
-def _out_of_spec_value(rng: random.Random, prop: PropertySpec) -> float:
-    delta = prop.span * rng.uniform(0.025, 0.195)
-    below_ok = prop.min - delta >= 0.0 or prop.min < 0.0
-    above_ok = not (prop.unit == "%" and prop.max + delta > 100.0)
-    below = below_ok and (not above_ok or rng.random() < 0.5)
-    return round(prop.min - delta if below else prop.max + delta, 4)
-
-
-def coa_out_of_spec(rng: random.Random, world: World, draft: Draft) -> bool:
-    """One CoA value outside [min, max] by 2-20% of the range."""
-    if not draft.coas:
+def price_anomaly(rng: random.Random, world: World, d: Delivery) -> bool:
+    """Printed price off the PO price by U(0, 30) % either way (in the PO's unit)."""
+    lines = [ln for ln in d.lines() if d.po_line(ln)["quantity"] > 0 and d.po_line(ln)["unit_price"] > 0]
+    if not lines:
         return False
-    coa = draft.coas[rng.randrange(len(draft.coas))]
-    material = world.materials[coa["material_id"]]
-    k = rng.randrange(len(material.properties))
-    coa["values"][k]["value"] = _out_of_spec_value(rng, material.properties[k])
-    return True
+    line = rng.choice(lines)
+    pl = d.po_line(line)
+    limit = PRICE_TOLERANCE_PCT / 100.0
+    k = factor(line["unit"], pl["unit"])
+    for _ in range(_TRIES):
+        dev = rng.choice((-1.0, 1.0)) * rng.uniform(*PRICE_RANGE)
+        price = round(pl["unit_price"] * (1.0 + dev) * k, 4)
+        if price > 0 and abs(abs(price_deviation(price, line["unit"], pl["unit"], pl["unit_price"])) - limit) > GUARD:
+            line["unit_price"] = price
+            return True
+    return False
 
 
-def _drift_sides(prop: PropertySpec, profile: PropertyProfile) -> list[tuple[int, float]]:
-    """(direction, largest z that stays inside spec) for each side with room for a drift."""
+def _lot(rng: random.Random, d: Delivery) -> Lot | None:
+    lots = [lot for lot in d.lots.values() if lot.published]
+    return rng.choice(lots) if lots else None
+
+
+def coa_out_of_spec(rng: random.Random, world: World, d: Delivery) -> bool:
+    """One value placed from 6 % of the range inside a limit to 6 % outside it."""
+    lot = _lot(rng, d)
+    if lot is None:
+        return False
+    prop = rng.choice(lot.material.properties)
     sides = []
-    for sign, room in ((+1, prop.max - profile.mean), (-1, profile.mean - prop.min)):
-        z_max = min((room - 1e-4) / profile.std, _DRIFT_Z[1])
-        if z_max >= _DRIFT_Z[0]:
-            sides.append((sign, z_max))
-    return sides
+    if prop.min - OOS_RANGE[1] * prop.span >= 0.0:
+        sides.append(-1)
+    if not (prop.unit == "%" and prop.max + OOS_RANGE[1] * prop.span > 100.0):
+        sides.append(+1)
+    sign = rng.choice(sides)
+    limit = prop.max if sign > 0 else prop.min
+    profile = world.supply(d.vendor.vendor_id, lot.material.material_id).profile(prop.name)
+    for _ in range(_TRIES):
+        value = round(limit + sign * rng.uniform(*OOS_RANGE) * prop.span, 4)
+        if value < 0 or abs(value - limit) <= GUARD * prop.span:
+            continue
+        z = (value - profile.mean) / profile.std
+        if abs(abs(z) - SILENT_K) > 1e-3:
+            lot.values[prop.name] = value
+            lot.shifted_z[prop.name] = z
+            return True
+    return False
 
 
-def drift_candidates(material: Material, supply: Supply) -> list[int]:
-    """Indexes of the properties that can drift >= 6 std and stay inside spec."""
-    return [
-        k for k, prop in enumerate(material.properties)
-        if _drift_sides(prop, supply.profile(prop.name))
-    ]
-
-
-def inject_drift(rng: random.Random, world: World, draft: Draft, material_id: str) -> bool:
-    """One value of ``material_id``'s CoA inside spec but >= 6 std from the vendor's mean."""
-    coa = next((c for c in draft.coas if c["material_id"] == material_id), None)
-    if coa is None:
+def silent_coa_drift(rng: random.Random, world: World, d: Delivery) -> bool:
+    """One value inside spec, U(2, 9) baseline std from the vendor's mean."""
+    lot = _lot(rng, d)
+    if lot is None:
         return False
-    material = world.materials[material_id]
-    supply = world.supply(draft.vendor.vendor_id, material_id)
-    candidates = drift_candidates(material, supply)
-    if not candidates:
+    supply = world.supply(d.vendor.vendor_id, lot.material.material_id)
+    for _ in range(_TRIES):
+        prop = rng.choice(lot.material.properties)
+        profile = supply.profile(prop.name)
+        z = rng.uniform(*SHIFT_Z) * rng.choice((-1.0, 1.0))
+        value = round(profile.mean + z * profile.std, 4)
+        if not prop.min <= value <= prop.max:
+            value = round(profile.mean - z * profile.std, 4)
+        realized = (value - profile.mean) / profile.std
+        if prop.min <= value <= prop.max and abs(abs(realized) - SILENT_K) > 1e-3:
+            lot.values[prop.name] = value
+            lot.shifted_z[prop.name] = realized
+            return True
+    return False
+
+
+def coa_unit_mismatch(rng: random.Random, world: World, d: Delivery) -> bool:
+    """One value printed under a unit that does not convert to the spec's (number unchanged)."""
+    lot = _lot(rng, d)
+    if lot is None:
         return False
-    k = rng.choice(candidates)
-    prop = material.properties[k]
-    profile = supply.profile(prop.name)
-    sign, z_max = rng.choice(_drift_sides(prop, profile))
-    value = round(profile.mean + sign * rng.uniform(_DRIFT_Z[0], z_max) * profile.std, 4)
-    coa["values"][k]["value"] = min(max(value, prop.min), prop.max)
+    prop = rng.choice(lot.material.properties)
+    lot.units[prop.name] = COA_FOREIGN_UNIT[prop.unit]
     return True
 
 
-def silent_unit_label(rng: random.Random, world: World, draft: Draft) -> bool:
-    """PO line in KG, the PO quantity shipped in LB but labelled KG."""
-    line = _first_line(draft, lambda _line, po: po["unit"] == "KG")
-    if line is None:
-        return False
-    po = draft.po_line(line["po_line"])
-    line["unit"] = "KG"
-    line["quantity"] = round(po["quantity"] * LB_PER_KG, 2)
-    return True
+def convert_lot_units(lot: Lot) -> bool:
+    """Print the lot's values in the convertible alternative unit (benign). Values within
+    1e-6 of the range from a limit stay in the spec unit (a conversion must not cross it)."""
+    changed = False
+    for prop in lot.material.properties:
+        value = lot.values[prop.name]
+        if prop.name in lot.units or min(abs(value - prop.min), abs(value - prop.max)) <= 1e-6 * prop.span:
+            continue
+        lot.units[prop.name] = COA_ALTERNATE_UNIT[prop.unit]
+        changed = True
+    return changed
 
 
-def unknown_po(rng: random.Random, world: World, draft: Draft) -> bool:
-    draft.publish_po = False
-    return True
-
-
-def unknown_material(rng: random.Random, world: World, draft: Draft) -> bool:
+def unknown_material(rng: random.Random, world: World, d: Delivery) -> bool:
     """A line's material has no spec and is not on the PO (its CoA is not sent either)."""
-    line = _random_line(rng, draft)
-    draft.coas = [c for c in draft.coas if c["vendor_lot"] != line["vendor_lot"]]
+    line = rng.choice(d.lines())
+    d.lots.pop(line["vendor_lot"], None)
     line["material_id"] = rng.choice(world.unknown_material_ids)
+    d.facts.add("UNKNOWN_MATERIAL")
     return True
 
 
-def missing_coa(rng: random.Random, world: World, draft: Draft) -> bool:
-    if not draft.coas:
+def missing_coa(rng: random.Random, world: World, d: Delivery) -> bool:
+    lot = _lot(rng, d)
+    if lot is None:
         return False
-    draft.coas.pop(rng.randrange(len(draft.coas)))
+    lot.published = False
+    d.facts.add("MISSING_COA")
     return True
 
 
-def price_anomaly(rng: random.Random, world: World, draft: Draft) -> bool:
-    line = _random_line(rng, draft)
-    price = draft.po_line(line["po_line"])["unit_price"]
-    if rng.random() < 0.5:
-        line["unit_price"] = round(price * (1.0 + rng.uniform(0.405, 1.495)), 4)
-    else:
-        line["unit_price"] = round(price * (1.0 - rng.uniform(0.405, 0.695)), 4)
+def unknown_po(rng: random.Random, world: World, d: Delivery) -> bool:
+    d.publish_po = False
+    d.facts.add("UNKNOWN_PO")
     return True
 
 
 INJECTORS: dict[str, Injector] = {
     "unit_mismatch": unit_mismatch,
-    "converted_unit": converted_unit,
     "quantity_short": quantity_short,
     "quantity_over": quantity_over,
     "coa_out_of_spec": coa_out_of_spec,
     "silent_unit_label": silent_unit_label,
+    "silent_coa_drift": silent_coa_drift,
+    "coa_unit_mismatch": coa_unit_mismatch,
     "unknown_po": unknown_po,
     "unknown_material": unknown_material,
     "missing_coa": missing_coa,
     "price_anomaly": price_anomaly,
-}
-
-NEEDS: dict[str, Need] = {
-    "unit_mismatch": "convertible",
-    "converted_unit": "convertible",
-    "silent_unit_label": "kg",
-    "coa_out_of_spec": "coa",
-    "missing_coa": "coa",
 }

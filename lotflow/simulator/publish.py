@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from lotflow.kafka_clients import RedeliveringProducer
+from lotflow.kafka_clients import producer_config as base_producer_config
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.simulator.faults import FaultMix
 from lotflow.simulator.generate import SimEvent, generate
 from lotflow.simulator.malformed import HEADER_SIZE
-from lotflow.streams.producer import producer_config as base_producer_config
 from lotflow.streams.topics import GROUND_TRUTH, RECEIPTS, TopicSpec
 
 __all__ = ["ProducerLike", "PublishReport", "producer_config", "publish"]
@@ -54,7 +55,8 @@ class PublishReport:
     per_benign: dict[str, int] = field(default_factory=dict)  # truth benign code -> receipt-topic records
     receipts: int = 0  # receipt-topic records produced
     ground_truth: int = 0  # ground-truth records delivered
-    failed: int = 0  # records the broker did not accept
+    failed: int = 0  # records the broker did not accept (after redelivery attempts)
+    redelivered: int = 0  # records produced again after a transient delivery failure
     errors: list[str] = field(default_factory=list)  # the first few delivery errors
     elapsed_s: float = 0.0
 
@@ -69,7 +71,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 
 class _Publisher:
-    def __init__(self, settings: Settings, producer: ProducerLike, truth_file: IO[str] | None) -> None:
+    def __init__(self, settings: Settings, producer: RedeliveringProducer, truth_file: IO[str] | None) -> None:
         self.settings = settings
         self.producer = producer
         self.truth_file = truth_file
@@ -123,13 +125,8 @@ class _Publisher:
 
     # --- producing ----------------------------------------------------------------------
     def produce(self, topic: str, key: str, value: bytes, callback: DeliveryCallback) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key.encode() if key else None,
-                                      on_delivery=callback)
-                return
-            except BufferError:  # local queue full: let deliveries drain
-                self.producer.poll(0.05)
+        # back-pressure and redelivery of transient failures: kafka_clients.RedeliveringProducer
+        self.producer.send(topic, key.encode() if key else None, value, on_delivery=callback)
 
     def send(self, event: SimEvent) -> None:
         callback = self.on_delivery if event.truth is None else self.receipt_callback(event.truth)
@@ -144,10 +141,15 @@ class _Publisher:
                 if self.truth_file is not None:
                     self.truth_file.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def finish(self) -> None:
+    def finish(self, timeout: float = 600.0) -> None:
+        from confluent_kafka import KafkaException
+
         while True:
-            self.producer.flush(30.0)
-            if not self.ready and len(self.producer) == 0:
+            try:
+                self.producer.flush(timeout, raise_on_failure=False)  # failures are in the report
+            except KafkaException as exc:
+                raise TimeoutError(f"publishing did not finish: {exc.args[0]}") from exc
+            if not self.ready and self.producer.in_flight == 0:
                 return
             self.send_ready_truths()
 
@@ -178,11 +180,8 @@ def publish(settings: Settings, seed: int, count: int, mix: FaultMix, rate: floa
     """
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
-    if producer is None:
-        from confluent_kafka import Producer
-
-        producer = Producer(producer_config(settings))
-    prod: ProducerLike = producer
+    # Transient delivery failures (a broker restarting, a leader moving) are produced again.
+    prod = RedeliveringProducer(producer_config(settings), producer=producer)
     started = time.monotonic()
     # Event times follow the wall clock: the pipeline rejects receipts received more than a
     # day after *its* now, so even a long unpaced run must not run ahead of real time.
@@ -210,12 +209,14 @@ def publish(settings: Settings, seed: int, count: int, mix: FaultMix, rate: floa
                 faults = report.receipts - fault_counts["NONE"]
                 progress(
                     f"receipts {report.receipts}/{count} ({report.receipts / (now - started):.0f}/s), "
-                    f"faults {faults}, delivered {sum(pub.delivered.values())}, failed {report.failed}"
+                    f"faults {faults}, delivered {sum(pub.delivered.values())}, failed {report.failed}, "
+                    f"redelivered {prod.redelivered}"
                 )
         pub.finish()
     report.per_topic = dict(pub.delivered)
     report.per_fault = dict(fault_counts)
     report.per_benign = dict(benign_counts)
     report.ground_truth = pub.delivered[pub.truth_topic]
+    report.redelivered = prod.redelivered
     report.elapsed_s = time.monotonic() - started
     return report

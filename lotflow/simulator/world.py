@@ -4,20 +4,32 @@
   properties and ``requires_coa``), discrete parts in EA (no properties, no CoA);
 * 12 vendors, each supplying ~5 materials and with a reliability that scales its fault
   probability; one vendor degrades over the run (0.5x -> 5x);
-* per vendor-material pair a characteristic mean and small std per property: well inside
-  the range for most pairs, close to a limit (with a tight std) for a ``near_limit``
-  fraction of them.
+* per vendor-material pair a characteristic mean and small std per property (the pair's
+  *baseline*): well inside the range for most pairs, close to a limit (with a tight std) for
+  a ``near_limit`` fraction of them. Lot values scatter around the baseline with a Student-t
+  (``T_DOF`` degrees of freedom) scaled to the baseline std: heavier tails than a normal;
+* four other vendors have a behaviour (``Vendor.behaviour``), switched on by the fault mix:
+  ``over_ship`` (routinely ships up to 0.9 x the quantity tolerance over), ``other_unit``
+  (prints quantities and CoA values in the other, exactly converted unit), ``coa_drift``
+  (one property of one of its materials drifts linearly from progress ``DRIFT_START`` to the end of the
+  run, up to ``Supply.drift_max_z`` baseline std, staying inside the spec) and
+  ``variance_jump`` (from progress ``Vendor.jump_at`` its lots scatter ``JUMP_FACTOR`` x the
+  baseline std).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [
+    "BEHAVIOURS",
     "DEGRADE_END",
     "DEGRADE_START",
+    "DRIFT_START",
+    "JUMP_FACTOR",
+    "T_DOF",
     "Material",
     "PropertyProfile",
     "PropertySpec",
@@ -30,7 +42,14 @@ __all__ = [
 DEGRADE_START = 0.5
 DEGRADE_END = 5.0
 NEAR_LIMIT_BAND = (0.03, 0.08)  # distance of a near-limit mean from the limit, fraction of range
-CLEAN_MAX_Z = 4.0  # clean CoA values never stray further than this from the vendor's mean
+T_DOF = 4  # Student-t degrees of freedom of lot-to-lot CoA noise (scaled to the baseline std)
+NEAR_LIMIT_Z = 4.5  # a near-limit pair's mean sits at least this many of its std from the limit
+BEHAVIOURS = ("over_ship", "other_unit", "coa_drift", "variance_jump")
+DRIFT_START = 0.15  # progress at which the drifting vendor's values start to move
+DRIFT_MAX_Z = 9.0  # largest drift, in baseline std, at the end of the run
+DRIFT_MARGIN_Z = 3.0  # the drifted mean stays this many std inside the spec
+JUMP_AT = (0.4, 0.6)  # progress range of the variance jump
+JUMP_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,15 @@ class Supply:
     unit_price: float  # per base unit
     profiles: dict[str, PropertyProfile]  # by property name
     near_limit: bool
+    drift_prop: str = ""  # the property that drifts (coa_drift vendor only)
+    drift_sign: int = 0
+    drift_max_z: float = 0.0  # drift at the end of the run, in baseline std
+
+    def drift_z(self, progress: float) -> float:
+        """Signed drift of ``drift_prop``'s mean at ``progress``, in baseline std."""
+        if not self.drift_prop or progress <= DRIFT_START:
+            return 0.0
+        return self.drift_sign * self.drift_max_z * min((progress - DRIFT_START) / (1.0 - DRIFT_START), 1.0)
 
     def profile(self, prop: str) -> PropertyProfile:
         try:
@@ -106,6 +134,8 @@ class Vendor:
     volume: float  # relative share of deliveries
     degrading: bool
     materials: tuple[str, ...]
+    behaviour: str = ""  # one of BEHAVIOURS, or empty
+    jump_at: float = 1.0  # progress of the variance jump (variance_jump vendor only)
 
     def multiplier(self, progress: float) -> float:
         """Fault-probability multiplier at ``progress`` (0..1) through the run."""
@@ -206,7 +236,7 @@ def _normal_profile(rng: random.Random, prop: PropertySpec) -> PropertyProfile:
 def _near_limit_profile(rng: random.Random, prop: PropertySpec) -> PropertyProfile:
     distance = prop.span * rng.uniform(*NEAR_LIMIT_BAND)
     mean = prop.min + distance if rng.random() < 0.5 else prop.max - distance
-    std = min(prop.span * rng.uniform(0.005, 0.012), distance / (CLEAN_MAX_Z + 0.5))
+    std = min(prop.span * rng.uniform(0.005, 0.012), distance / NEAR_LIMIT_Z)
     return PropertyProfile(mean, std)
 
 
@@ -263,5 +293,28 @@ def build_world(seed: int, near_limit_fraction: float = 0.15) -> World:
             profiles=profiles,
             near_limit=is_near,
         )
+    # Behaviours go to four distinct vendors other than the degrading one (drawn last, so the
+    # rest of the world does not depend on them).
+    picked = rng.sample([i for i in range(len(vendors)) if i != degrading], len(BEHAVIOURS))
+    for i, behaviour in zip(picked, BEHAVIOURS, strict=True):
+        jump_at = rng.uniform(*JUMP_AT) if behaviour == "variance_jump" else 1.0
+        vendors[i] = replace(vendors[i], behaviour=behaviour, jump_at=jump_at)
+        if behaviour == "coa_drift":  # one of its materials drifts
+            plans = [((vendors[i].vendor_id, m), plan) for m in vendors[i].materials
+                     if (plan := _drift_plan(materials[m], supplies[(vendors[i].vendor_id, m)])) is not None]
+            key, (prop, sign, z) = rng.choice(plans)
+            supplies[key] = replace(supplies[key], drift_prop=prop, drift_sign=sign, drift_max_z=z)
     unknown = tuple(f"MAT-{9000 + n:04d}" for n in range(1, 21))
     return World(tuple(vendors), materials, supplies, unknown)
+
+
+def _drift_plan(material: Material, supply: Supply) -> tuple[str, int, float] | None:
+    """(property, direction, largest drift in std) with the most room inside the spec."""
+    best: tuple[str, int, float] | None = None
+    for prop in material.properties:
+        profile = supply.profile(prop.name)
+        for sign, room in ((+1, prop.max - profile.mean), (-1, profile.mean - prop.min)):
+            z = min(room / profile.std - DRIFT_MARGIN_Z, DRIFT_MAX_Z)
+            if best is None or z > best[2]:
+                best = (prop.name, sign, z)
+    return best if best is not None and best[2] >= 6.0 else None

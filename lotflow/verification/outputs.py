@@ -8,15 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from lotflow.streams import topics
 from lotflow.verification.node import Evaluation
 
-__all__ = ["InputRef", "Subject", "dead_letter", "outputs_for", "record_id"]
+__all__ = ["InputRef", "Output", "OutputKind", "Subject", "dead_letter", "outputs_for", "record_id"]
 
 Record = dict[str, Any]
-Output = tuple[topics.TopicSpec, str, Record]
+DEAD_LETTER_KEEP_BYTES = 64 * 1024  # of the original value; the size is recorded
+DEAD_LETTER_KEEP_TEXT = 4096  # of the key and the error message
+
+
+class OutputKind(StrEnum):
+    """What a node emits; the transport maps each kind to its topic (same declared name)."""
+
+    VERIFIED = "lotflow.verified"
+    EXCEPTIONS = "lotflow.exceptions"
+    AUDIT = "lotflow.audit"
+    LOT_EVENTS = "lotflow.lot-events"
+    DEAD_LETTERS = "lotflow.dead-letters"
+
+
+Output = tuple[OutputKind, str, Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +61,13 @@ class Subject:
     lot_attributes: Sequence[dict[str, str]] = ()
     verified_lines: Sequence[Record] = ()
     historical_pattern: str = ""
+    id_suffix: str = ""  # when one input decides several subjects (a PO revision, per line)
     extra: Record = field(default_factory=dict)
 
 
 def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int) -> list[Output]:
     verdict = evaluation.verdict
-    rid = record_id(subject.node, subject.refs[0])
+    rid = record_id(subject.node, subject.refs[0]) + subject.id_suffix
     common: Record = {
         "id": rid,
         "node": subject.node,
@@ -69,11 +84,11 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
         "lot_ids": list(subject.lot_ids),
     }
     if verdict.decision == "VERIFIED":
-        main_topic = topics.VERIFIED
+        main_topic = OutputKind.VERIFIED
         main = {**common, "lines": list(subject.verified_lines)}
     else:
         assert verdict.route is not None
-        main_topic = topics.EXCEPTIONS
+        main_topic = OutputKind.EXCEPTIONS
         main = {
             **common,
             "priority": verdict.priority,
@@ -82,10 +97,10 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
             "historical_pattern": subject.historical_pattern,
             "features": evaluation.features,
         }
-    audit = {**common, "actor": f"node:{subject.node}", "output_topic": main_topic.name, "output_id": rid}
-    out: list[Output] = [(main_topic, subject.key, main), (topics.AUDIT, subject.key, audit)]
+    audit = {**common, "actor": f"node:{subject.node}", "output_topic": main_topic.value, "output_id": rid}
+    out: list[Output] = [(main_topic, subject.key, main), (OutputKind.AUDIT, subject.key, audit)]
     for lot, attributes in zip(subject.lot_ids, subject.lot_attributes, strict=True):
-        out.append((topics.LOT_EVENTS, lot, {
+        out.append((OutputKind.LOT_EVENTS, lot, {
             "id": f"{rid}:{lot}",
             "lot_id": lot,
             "node": subject.node,
@@ -103,14 +118,21 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
 
 def dead_letter(node: str, ref: InputRef, key: bytes | None, value: bytes | None,
                 error_class: str, reason: str, now_ms: int) -> Output:
-    return (topics.DEAD_LETTERS, (key or b"").decode("utf-8", "replace"), {
+    """A dead letter: error class, message, and the original bytes (a long value is cut, its size kept)."""
+    size = -1 if value is None else len(value)
+    kept = value if value is None or size <= DEAD_LETTER_KEEP_BYTES else value[:DEAD_LETTER_KEEP_BYTES]
+    shown_key = (key or b"")[:DEAD_LETTER_KEEP_TEXT]
+    if len(reason) > DEAD_LETTER_KEEP_TEXT:
+        reason = reason[:DEAD_LETTER_KEEP_TEXT] + f"... ({len(reason)} characters)"
+    return (OutputKind.DEAD_LETTERS, shown_key.decode("utf-8", "replace"), {
         "id": record_id(node, ref),
         "node": node,
         "source_topic": ref.topic,
         "source_partition": ref.partition,
         "source_offset": ref.offset,
-        "original_key": key,
-        "original_value": value,
+        "original_key": shown_key if key is not None else None,
+        "original_value": kept,
+        "original_size": size,
         "error_class": error_class,
         "reason": reason,
         "failed_at": now_ms,

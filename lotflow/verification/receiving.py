@@ -7,38 +7,36 @@ checks and features need once, and the checks are pure functions of those facts.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lotflow.scorers import history
 from lotflow.verification.node import NodeConfig, Reason, Route, Severity
-from lotflow.verification.units import IncompatibleUnits, conversion_factor
+from lotflow.verification.units import IncompatibleUnits, conversion_factor, property_factor
 
 __all__ = [
     "CHECKS",
-    "InvalidRecord",
+    "CoaLot",
     "ReceivingContext",
     "ReceivingRules",
     "derive",
     "features",
+    "merge_coa",
     "missing_documents",
     "node_config",
-    "validate_receipt",
+    "revise_po",
 ]
 
 Record = dict[str, Any]
-EARLIEST_MS = 946_684_800_000  # 2000-01-01
-FUTURE_SLACK_MS = 24 * 3600 * 1000
 ATYPICAL_Z = 3.5
 VENDOR_TREND_RATE = 0.15
 UNIT_SLIP_FACTORS = (conversion_factor("LB", "KG"), conversion_factor("KG", "LB"),
                      conversion_factor("GAL", "L"), conversion_factor("L", "GAL"))
-
-
-class InvalidRecord(ValueError):
-    """A decodable record with impossible values: it goes to the dead-letter topic."""
+# A merged certificate of one lot: property -> [value, unit, coa_id, issued_at, [topic, partition, offset]]
+CoaLot = dict[str, list[Any]]
 
 
 @dataclass(frozen=True)
@@ -47,36 +45,79 @@ class ReceivingRules:
     price_tolerance_pct: float = 15.0
     unit_slip_tolerance: float = 0.01  # relative distance to 2.2046 etc. that reads as a unit slip
 
+    def tolerance_pct(self, spec: Record | None) -> float:
+        return spec["quantity_tolerance_pct"] if spec else self.quantity_tolerance_pct
 
-def validate_receipt(receipt: Record, now_ms: int) -> None:
-    """Reject what no real dock could have produced."""
-    if not receipt["po_number"]:
-        raise InvalidRecord("po_number is empty")
-    if not receipt["lines"]:
-        raise InvalidRecord("receipt has no lines")
-    received = receipt["received_at"]
-    if received < EARLIEST_MS or received > now_ms + FUTURE_SLACK_MS:
-        raise InvalidRecord(f"received_at {received} is outside 2000-01-01 .. now + 1 day")
-    for line in receipt["lines"]:
-        qty = line["quantity"]
-        if not math.isfinite(qty) or qty <= 0:
-            raise InvalidRecord(f"line {line['po_line']}: quantity {qty} is not a positive number")
-        price = line.get("unit_price")
-        if price is not None and (not math.isfinite(price) or price < 0):
-            raise InvalidRecord(f"line {line['po_line']}: unit_price {price} is impossible")
+
+def merge_coa(lot: CoaLot | None, coa: Record, ref: list[Any]) -> CoaLot:
+    """Merge one certificate into what is known of its lot, property by property.
+
+    A later certificate (by issue time, then by offset) of a property replaces an earlier one,
+    so split, reissued and corrected certificates all count; re-reading the same certificate
+    changes nothing.
+    """
+    merged: CoaLot = dict(lot or {})
+    for prop, (value, unit) in coa["values"].items():
+        current = merged.get(prop)
+        if current is None or (coa["issued_at"], ref[2]) >= (current[3], current[4][2]):
+            merged[prop] = [value, unit, coa["coa_id"], coa["issued_at"], ref]
+    return merged
 
 
 def missing_documents(receipt: Record, po: Record | None, specs: Mapping[str, Record],
-                      coas: Mapping[str, Any]) -> list[str]:
-    """What the receipt still waits for: PO, SPEC:<material>, COA:<vendor lot>."""
+                      coas: Mapping[str, CoaLot], received_lots: Collection[str] = ()) -> list[str]:
+    """What the receipt still waits for: PO, SPEC:<material>, COA:<vendor lot>.
+
+    A lot waits until every property of its spec has a certificate value (split certificates);
+    a lot already received on this PO waits for nothing: it is a duplicate, decided at once.
+    """
     missing = [] if po is not None else ["PO"]
     for line in receipt["lines"]:
         spec = specs.get(line["material_id"])
         if spec is None:
             missing.append(f"SPEC:{line['material_id']}")
-        elif spec["requires_coa"] and line["vendor_lot"] not in coas:
-            missing.append(f"COA:{line['vendor_lot']}")
+        elif spec["requires_coa"] and line["vendor_lot"] not in received_lots:
+            lot = coas.get(line["vendor_lot"])
+            # split certificates: the lot is complete when every property of the spec has a value
+            if lot is None or any(p["name"] not in lot for p in spec["properties"]):
+                missing.append(f"COA:{line['vendor_lot']}")
     return missing
+
+
+@dataclass(frozen=True, slots=True)
+class OverReceived:
+    """A PO line that a new revision leaves over-delivered."""
+
+    line_no: int
+    received: float
+    ordered: float
+    unit: str
+    tolerance_pct: float
+
+
+def revise_po(received: Mapping[str, float], old: Record | None, new: Record, specs: Mapping[str, Record],
+              rules: ReceivingRules) -> tuple[dict[str, float], list[OverReceived]]:
+    """Re-base the running received totals on a new PO revision.
+
+    Totals are kept per line in the PO's unit; when the revision changes a line's unit the
+    total is converted (kept as is if the units do not convert). Returns the new totals and the
+    lines the revision leaves over-delivered beyond their tolerance.
+    """
+    old_units = {str(ln["line_no"]): ln["unit"] for ln in old["lines"]} if old else {}
+    totals: dict[str, float] = {}
+    over: list[OverReceived] = []
+    for ln in new["lines"]:
+        key = str(ln["line_no"])
+        total = received.get(key, 0.0)
+        if total and old_units.get(key, ln["unit"]) != ln["unit"]:
+            with contextlib.suppress(IncompatibleUnits):  # units that do not convert: kept as they were
+                total *= conversion_factor(old_units[key], ln["unit"])
+        if total:
+            totals[key] = total
+        tol = rules.tolerance_pct(specs.get(ln["material_id"]))
+        if total > ln["quantity"] * (1 + tol / 100.0) and total > 0:
+            over.append(OverReceived(ln["line_no"], total, ln["quantity"], ln["unit"], tol))
+    return totals, over
 
 
 @dataclass(slots=True)
@@ -87,6 +128,8 @@ class CoaFact:
     high: float
     z: float | None
     history: tuple[int, float, float]
+    unit_error: str = ""
+    reported: str = ""  # the value as the certificate gave it, when it was converted
 
 
 @dataclass(slots=True)
@@ -97,12 +140,22 @@ class LineFact:
     factor: float | None = None
     unit_error: str = ""
     qty_in_po_unit: float | None = None
-    previously_received: float = 0.0
     tolerance_pct: float = 0.0
     price_dev: float | None = None
-    coa: Record | None = None
+    coa: CoaLot | None = None
     coa_facts: list[CoaFact] = field(default_factory=list)
     duplicate_lot_of: str = ""
+
+
+@dataclass(slots=True)
+class PoLineTotal:
+    """Every packing-list line of this receipt on one PO line, added up in the PO's unit."""
+
+    po_line: Record
+    quantity: float  # this receipt
+    previously_received: float
+    partial: bool
+    declared_units: set[str]
 
 
 @dataclass(slots=True)
@@ -110,57 +163,82 @@ class ReceivingContext:
     receipt: Record
     po: Record | None
     lines: list[LineFact]
+    totals: list[PoLineTotal]
     missing: list[str]
     duplicate_receipt_of: str
     vendor_profile: history.Profile
     rules: ReceivingRules
 
 
-def derive(receipt: Record, po_state: Mapping[str, Any], specs: Mapping[str, Record],
-           vendor_profile: history.Profile, rules: ReceivingRules, source_offset: int) -> ReceivingContext:
-    """Join the receipt with everything known about its PO and compute the facts once."""
-    po: Record | None = po_state.get("po")
-    coas: Mapping[str, Any] = po_state.get("coas", {})
-    applied: Mapping[str, Any] = po_state.get("receipts", {})
-    receipt_id = receipt["receipt_id"]
-    # Re-processing the same input (after a crash) must not see its own earlier effects.
-    others = {rid: r for rid, r in applied.items() if not (rid == receipt_id and r["offset"] == source_offset)}
-    duplicate_of = receipt_id if receipt_id in others else ""
-    lot_owner = {(str(ln), lot): rid for rid, r in others.items() for ln, lot in r["lots"]}
+def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]) -> list[CoaFact]:
+    facts = []
+    for prop in spec["properties"]:
+        entry = coa.get(prop["name"])
+        stat = stats.get(f"{line['material_id']}|{prop['name']}")
+        value: float | None = None
+        unit_error = reported = ""
+        if entry is not None:
+            raw, unit = entry[0], entry[1]
+            try:
+                value = raw * property_factor(unit, prop["unit"]) if prop.get("unit") else raw
+                if prop.get("unit") and unit != prop["unit"]:
+                    reported = f"{raw:g} {unit}"
+            except IncompatibleUnits as exc:
+                unit_error = f"{exc}: reported {raw:g} {unit}, the spec is in {prop['unit']}"
+        z = history.zscore(stat, value) if value is not None else None
+        facts.append(CoaFact(prop["name"], value, prop["min"], prop["max"], z, history.stat_summary(stat),
+                             unit_error, reported))
+    return facts
+
+
+def derive(receipt: Record, po: Record | None, received: Mapping[str, float], coas: Mapping[str, CoaLot],
+           specs: Mapping[str, Record], vendor_profile: history.Profile, rules: ReceivingRules, *,
+           duplicate_receipt: bool = False, lot_owners: Mapping[tuple[str, str], str] | None = None
+           ) -> ReceivingContext:
+    """Join the receipt with the PO revision in force, its lots' certificates and history; facts once.
+
+    ``received`` holds what earlier receipts delivered per PO line (in the PO's unit);
+    ``lot_owners`` maps (PO line, vendor lot) of this receipt's lines to a receipt that
+    already delivered them.
+    """
+    owners = lot_owners or {}
     po_lines = {pl["line_no"]: pl for pl in po["lines"]} if po else {}
     stats = vendor_profile["stats"]
     facts = []
+    totals: dict[int, PoLineTotal] = {}
     for line in receipt["lines"]:
         po_line = po_lines.get(line["po_line"])
         spec = specs.get(line["material_id"])
         fact = LineFact(line, po_line, spec)
-        fact.duplicate_lot_of = lot_owner.get((str(line["po_line"]), line["vendor_lot"]), "")
+        fact.duplicate_lot_of = owners.get((str(line["po_line"]), line["vendor_lot"]), "")
         if po_line is not None:
+            fact.tolerance_pct = rules.tolerance_pct(spec)
             try:
                 fact.factor = conversion_factor(line["unit"], po_line["unit"])
                 fact.qty_in_po_unit = line["quantity"] * fact.factor
             except IncompatibleUnits as exc:
                 fact.unit_error = str(exc)
-            fact.previously_received = sum(
-                r["qty"].get(str(line["po_line"]), 0.0) for r in others.values())
-            fact.tolerance_pct = spec["quantity_tolerance_pct"] if spec else rules.quantity_tolerance_pct
             price = line.get("unit_price")
             if price is not None and fact.factor and po_line["unit_price"] > 0:
                 fact.price_dev = (price / fact.factor - po_line["unit_price"]) / po_line["unit_price"]
+            if fact.qty_in_po_unit is not None:
+                total = totals.get(line["po_line"])
+                if total is None:
+                    total = totals[line["po_line"]] = PoLineTotal(
+                        po_line, 0.0, received.get(str(line["po_line"]), 0.0), False, set())
+                total.quantity += fact.qty_in_po_unit
+                total.partial = total.partial or line["partial"]
+                total.declared_units.add(line["unit"])
         if spec is not None and spec["requires_coa"]:
             coa = coas.get(line["vendor_lot"])
             fact.coa = coa
             if coa is not None:
-                values = coa["values"]
-                for prop in spec["properties"]:
-                    value = values.get(prop["name"])
-                    stat = stats.get(f"{line['material_id']}|{prop['name']}")
-                    z = history.zscore(stat, value) if value is not None else None
-                    fact.coa_facts.append(CoaFact(prop["name"], value, prop["min"], prop["max"], z,
-                                                  history.stat_summary(stat)))
+                fact.coa_facts = _coa_facts(line, spec, coa, stats)
         facts.append(fact)
-    return ReceivingContext(receipt, po, facts, missing_documents(receipt, po, specs, coas),
-                            duplicate_of, vendor_profile, rules)
+    received_lots = {lot for _, lot in owners}
+    return ReceivingContext(receipt, po, facts, list(totals.values()),
+                            missing_documents(receipt, po, specs, coas, received_lots),
+                            receipt["receipt_id"] if duplicate_receipt else "", vendor_profile, rules)
 
 
 def _r(code: str, severity: Severity, message: str, **evidence: object) -> Reason:
@@ -178,7 +256,8 @@ def check_documents(ctx: ReceivingContext) -> list[Reason]:
                           po_number=ctx.receipt["po_number"]))
         elif kind == "SPEC":
             out.append(_r("UNKNOWN_MATERIAL", Severity.BLOCK, f"no material spec for {ref}", material_id=ref))
-        else:
+        elif not any(f.coa is not None for f in ctx.lines if f.line["vendor_lot"] == ref):
+            # (a lot with some certificates is COA_INCOMPLETE, from check_certificates)
             out.append(_r("MISSING_COA", Severity.BLOCK, f"no certificate of analysis for lot {ref}", vendor_lot=ref))
     return out
 
@@ -201,7 +280,7 @@ def check_identity(ctx: ReceivingContext) -> list[Reason]:
 
 
 def check_lines(ctx: ReceivingContext) -> list[Reason]:
-    """PO line, material, unit, quantity and price of every packing-list line."""
+    """PO line, material, unit and price of every packing-list line; quantity per PO line."""
     out: list[Reason] = []
     if ctx.po is None:
         return out
@@ -220,41 +299,63 @@ def check_lines(ctx: ReceivingContext) -> list[Reason]:
             out.append(_r("UNIT_INCOMPATIBLE", Severity.BLOCK, f.unit_error, unit=line["unit"], po_unit=pl["unit"]))
             continue
         assert f.qty_in_po_unit is not None
-        ordered, qty, tol = pl["quantity"], f.qty_in_po_unit, f.tolerance_pct / 100.0
-        if line["unit"] != pl["unit"]:
+        ordered, tol = pl["quantity"], f.tolerance_pct / 100.0
+        if line["unit"] != pl["unit"] and ordered > 0:
             if abs(line["quantity"] - ordered) <= tol * ordered:
                 out.append(_r("UNIT_MISMATCH", Severity.BLOCK,
                               f"{line['quantity']:g} {line['unit']} looks like the PO's {ordered:g} {pl['unit']} "
-                              f"unconverted: it is {qty:.6g} {pl['unit']}", quantity=line["quantity"],
-                              unit=line["unit"], po_quantity=ordered, po_unit=pl["unit"], converted=qty))
+                              f"unconverted: it is {f.qty_in_po_unit:.6g} {pl['unit']}", quantity=line["quantity"],
+                              unit=line["unit"], po_quantity=ordered, po_unit=pl["unit"],
+                              converted=f.qty_in_po_unit))
             else:
                 out.append(_r("UNIT_CONVERTED", Severity.INFO, f"converted {line['unit']} to {pl['unit']}",
-                              factor=f.factor or 0.0, converted=qty))
-        cumulative = f.previously_received + qty
-        deviation = (cumulative - ordered) / ordered
-        if deviation > tol:
-            out.append(_r("QUANTITY_OVER", Severity.BLOCK, f"line {line['po_line']}: received {cumulative:.6g} "
-                          f"{pl['unit']} of {ordered:g} ordered", received=cumulative, ordered=ordered,
-                          deviation_pct=100 * deviation, tolerance_pct=f.tolerance_pct))
-        elif line["partial"]:
-            out.append(_r("PARTIAL_DELIVERY", Severity.INFO, "declared partial shipment",
-                          received=cumulative, ordered=ordered))
-        elif deviation < -tol:
-            out.append(_r("QUANTITY_SHORT", Severity.BLOCK, f"line {line['po_line']}: received {cumulative:.6g} "
-                          f"{pl['unit']} of {ordered:g} ordered", received=cumulative, ordered=ordered,
-                          deviation_pct=100 * deviation, tolerance_pct=f.tolerance_pct))
-        ratio = qty / ordered
-        slip = next((k for k in UNIT_SLIP_FACTORS if abs(ratio / k - 1) <= ctx.rules.unit_slip_tolerance), None)
-        # A declared partial shipment may be any fraction of the line, 45 % (= 1 lb/kg) included.
-        if slip is not None and line["unit"] == pl["unit"] and not line["partial"]:
-            out.append(_r("PROBABLE_UNIT_MISLABEL", Severity.WARN,
-                          f"quantity is {ratio:.4f} x the PO: the unit on the label is probably wrong",
-                          ratio=ratio, unit_factor=slip))
+                              factor=f.factor or 0.0, converted=f.qty_in_po_unit))
         if f.price_dev is not None and abs(f.price_dev) > ctx.rules.price_tolerance_pct / 100.0:
             out.append(_r("PRICE_ANOMALY", Severity.BLOCK, f"line {line['po_line']}: price differs "
                           f"{100 * f.price_dev:+.1f}% from the PO", price=line["unit_price"],
                           po_price=pl["unit_price"], deviation_pct=100 * f.price_dev))
+    for total in ctx.totals:
+        out.extend(_check_quantity(ctx, total))
     return out
+
+
+def _check_quantity(ctx: ReceivingContext, t: PoLineTotal) -> list[Reason]:
+    """Cumulative quantity on one PO line (all its packing-list lines, all earlier receipts)."""
+    pl = t.po_line
+    no, ordered, unit = pl["line_no"], pl["quantity"], pl["unit"]
+    if ordered <= 0:
+        return [_r("PO_LINE_CANCELLED", Severity.BLOCK, f"line {no} of the PO is cancelled (ordered 0 {unit})",
+                   po_line=no, received=t.quantity)]
+    tol = ctx.rules.tolerance_pct(_spec_of(ctx, no)) / 100.0
+    out = []
+    cumulative = t.previously_received + t.quantity
+    deviation = (cumulative - ordered) / ordered
+    if deviation > tol:
+        out.append(_r("QUANTITY_OVER", Severity.BLOCK, f"line {no}: received {cumulative:.6g} {unit} of "
+                      f"{ordered:g} ordered", received=cumulative, ordered=ordered,
+                      deviation_pct=100 * deviation, tolerance_pct=100 * tol))
+    elif t.partial:
+        out.append(_r("PARTIAL_DELIVERY", Severity.INFO, "declared partial shipment",
+                      received=cumulative, ordered=ordered))
+    elif deviation < -tol:
+        out.append(_r("QUANTITY_SHORT", Severity.BLOCK, f"line {no}: received {cumulative:.6g} {unit} of "
+                      f"{ordered:g} ordered", received=cumulative, ordered=ordered,
+                      deviation_pct=100 * deviation, tolerance_pct=100 * tol))
+    # A unit slip: the quantity is what was expected times a lb/kg or gal/L factor. Expected is the
+    # ordered quantity, or for a declared partial the open remainder (a final partial shipment).
+    expected = ordered - t.previously_received if t.partial else ordered
+    if expected > 0 and unit in t.declared_units:
+        ratio = t.quantity / expected
+        slip = next((k for k in UNIT_SLIP_FACTORS if abs(ratio / k - 1) <= ctx.rules.unit_slip_tolerance), None)
+        if slip is not None:
+            out.append(_r("PROBABLE_UNIT_MISLABEL", Severity.WARN,
+                          f"quantity is {ratio:.4f} x the {'open remainder' if t.partial else 'PO'}: "
+                          "the unit on the label is probably wrong", ratio=ratio, unit_factor=slip))
+    return out
+
+
+def _spec_of(ctx: ReceivingContext, po_line: int) -> Record | None:
+    return next((f.spec for f in ctx.lines if f.line["po_line"] == po_line), None)
 
 
 def check_certificates(ctx: ReceivingContext) -> list[Reason]:
@@ -262,13 +363,16 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
     for f in ctx.lines:
         for c in f.coa_facts:
             lot = f.line["vendor_lot"]
-            if c.value is None:
+            if c.unit_error:
+                out.append(_r("COA_UNIT_MISMATCH", Severity.BLOCK, f"CoA of lot {lot}, {c.prop}: {c.unit_error}",
+                              vendor_lot=lot, property=c.prop))
+            elif c.value is None:
                 out.append(_r("COA_INCOMPLETE", Severity.BLOCK, f"CoA of lot {lot} has no {c.prop}",
                               vendor_lot=lot, property=c.prop))
             elif not c.low <= c.value <= c.high:
                 out.append(_r("COA_OUT_OF_SPEC", Severity.BLOCK, f"{c.prop} {c.value:g} outside "
                               f"[{c.low:g}, {c.high:g}]", vendor_lot=lot, property=c.prop, value=c.value,
-                              min=c.low, max=c.high))
+                              min=c.low, max=c.high, **({"reported": c.reported} if c.reported else {})))
             elif c.z is not None and abs(c.z) >= ATYPICAL_Z:
                 n, mean, std = c.history
                 # INFO: the confidence model weighs the distance; this only explains it.
@@ -306,6 +410,12 @@ ROUTES: dict[str, Route] = {
     "COA_INCOMPLETE": Route("supplier_quality", "Request a complete CoA from the supplier."),
     "COA_ATYPICAL": Route("supplier_quality", "In spec but unusual for this supplier: retest a sample."),
     "PRICE_ANOMALY": Route("operations_analyst", "Check the price with purchasing before invoice matching."),
+    "PO_LINE_CANCELLED": Route("receiving", "The PO line is cancelled: return the goods or ask the buyer to "
+                                            "reinstate the line."),
+    "PO_REVISED_BELOW_RECEIVED": Route("receiving", "A PO revision left this delivery over the ordered "
+                                                    "quantity: return the excess or amend the PO."),
+    "COA_UNIT_MISMATCH": Route("supplier_quality", "The CoA reports a unit that does not convert to the "
+                                                   "spec's: request a corrected certificate."),
 }
 LOW_CONFIDENCE = Route("supplier_quality", "No rule failed but the history makes this unusual: review the lot.")
 
@@ -331,8 +441,8 @@ def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, floa
         x["coa_max_abs_z"] = max(zs)
     if needs_history:
         x["coa_history_missing"] = float(any(c.z is None for f in ctx.lines for c in f.coa_facts))
-    devs = [abs((f.previously_received + f.qty_in_po_unit) / f.po_line["quantity"] - 1.0)
-            for f in ctx.lines if f.qty_in_po_unit is not None and f.po_line and not f.line["partial"]]
+    devs = [abs((t.previously_received + t.quantity) / t.po_line["quantity"] - 1.0)
+            for t in ctx.totals if not t.partial and t.po_line["quantity"] > 0]
     if devs:
         x["quantity_max_abs_dev"] = max(devs)
     prices = [abs(f.price_dev) for f in ctx.lines if f.price_dev is not None]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pint
 
-__all__ = ["UNIT_NAMES", "IncompatibleUnits", "conversion_factor", "convert"]
+__all__ = ["PROPERTY_UNITS", "UNIT_NAMES", "IncompatibleUnits", "conversion_factor", "convert", "property_factor"]
 
 # Avro UnitOfMeasure symbols -> pint unit names ("EA" is a count, not a physical unit).
 UNIT_NAMES: dict[str, str] = {
@@ -26,6 +26,20 @@ UNIT_NAMES: dict[str, str] = {
     "M": "meter",
     "FT": "foot",
     "EA": "count",
+}
+
+# Units of certificate-of-analysis properties as laboratories write them -> pint expressions.
+PROPERTY_UNITS: dict[str, str] = {
+    "%": "percent",
+    "ppm": "ppm",
+    "cP": "centipoise",
+    "mPa.s": "millipascal * second",
+    "mPa*s": "millipascal * second",
+    "g/cm3": "gram / centimeter ** 3",
+    "g/mL": "gram / milliliter",
+    "kg/m3": "kilogram / meter ** 3",
+    "um": "micrometer",
+    "mm": "millimeter",
 }
 
 _REGISTRY: Any = pint.UnitRegistry()
@@ -58,3 +72,24 @@ def conversion_factor(from_unit: str, to_unit: str) -> float:
 
 def convert(quantity: float, from_unit: str, to_unit: str) -> float:
     return quantity * conversion_factor(from_unit, to_unit)
+
+
+@cache
+def property_factor(from_unit: str, to_unit: str) -> float:
+    """How many ``to_unit`` one ``from_unit`` of a CoA property is (same spelling: 1).
+
+    >>> property_factor("%", "ppm")
+    10000.0
+    >>> property_factor("cP", "mPa.s")
+    1.0
+    """
+    if from_unit == to_unit:
+        return 1.0
+    try:
+        src, dst = PROPERTY_UNITS[from_unit], PROPERTY_UNITS[to_unit]
+    except KeyError as exc:
+        raise IncompatibleUnits(f"unknown property unit {exc.args[0]!r}") from None
+    try:
+        return round(float(_REGISTRY.Quantity(1.0, src).to(dst).magnitude), 12)
+    except pint.DimensionalityError:
+        raise IncompatibleUnits(f"cannot convert {from_unit} to {to_unit}") from None

@@ -7,6 +7,7 @@ the demo's) and stopped when the session ends. Nothing here is mocked.
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,8 @@ TEST_ZOOKEEPER_PORT = 2281
 TopicSetFactory = Callable[..., Settings]
 # The embedded engine allows one path per process: every test in the session shares this one,
 # each with a database of its own.
-CLICKHOUSE_DIR = PROJECT_ROOT / "var" / "test-clickhouse"
+# LOTFLOW_TEST_CLICKHOUSE_DIR lets concurrent test sessions use engines of their own.
+CLICKHOUSE_DIR = Path(os.environ.get("LOTFLOW_TEST_CLICKHOUSE_DIR", PROJECT_ROOT / "var" / "test-clickhouse"))
 
 
 @pytest.fixture(scope="session")

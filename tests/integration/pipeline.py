@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from prometheus_client.parser import text_string_to_metric_families
 
+from lotflow.childproc import Sample, child_env, metric_value, scrape_metrics
 from lotflow.demo import OutputReader
+from lotflow.kafka_clients import producer_config
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
-from lotflow.streams.producer import producer_config
 from lotflow.streams.topics import TopicSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +38,7 @@ class WorkerProcess:
 
     def env(self) -> dict[str, str]:
         worker_settings = self.settings.model_copy(update={"var_dir": PROJECT_ROOT / "var" / "test-workers"})
-        return {**os.environ, **worker_settings.to_env()}
+        return child_env(worker_settings)
 
     def start(self, timeout: float = 90.0) -> WorkerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -56,18 +54,15 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
-    def metrics(self) -> str | None:
+    def metrics(self) -> list[Sample] | None:
+        """The worker's /metrics samples; None while it does not answer."""
         try:
-            url = f"http://127.0.0.1:{self.settings.worker_web_port}/metrics"
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return resp.read().decode()
+            return scrape_metrics(self.settings.worker_web_port, timeout=1)
         except OSError:
             return None
 
     def records_in(self) -> float:
-        text = self.metrics() or ""
-        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-                   if s.name == "lotflow_records_in_total")
+        return metric_value(self.metrics() or [], "lotflow_records_in_total")
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, no final commit."""

@@ -19,23 +19,20 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
 from lotflow.admin import committed_offsets, end_offsets
+from lotflow.childproc import metric_value, parse_metrics
+from lotflow.kafka_clients import client_config, producer_config
 from lotflow.metrics import SinkMetrics
 from lotflow.schemas.serde import AvroCodec, bundled_schema_json, schema_source
 from lotflow.settings import Settings
-from lotflow.sinks.clickhouse import (
-    ClickHouseSink,
-    SinkProgress,
-    avro_container,
-    connect,
-    container_header,
-    table_counts,
-)
+from lotflow.sinks.client import connect, table_counts
+from lotflow.sinks.framing import avro_container, container_header
 from lotflow.sinks.migrations import MIGRATIONS, applied_versions, migrate
 from lotflow.sinks.rows import REJECTS, TABLES
+from lotflow.sinks.sink import ClickHouseSink, SinkProgress
 from lotflow.streams.topics import (
     AUDIT,
     DEAD_LETTERS,
@@ -176,9 +173,7 @@ def sample(spec: TopicSpec, i: int) -> dict[str, Any]:
 def produce(settings: Settings, specs: list[TopicSpec], n: int, *, garbage: int = 0) -> dict[str, int]:
     """``n`` valid records to each topic of ``specs`` (+ ``garbage`` undecodable ones to the
     first); returns records produced per topic."""
-    producer = Producer(
-        {"bootstrap.servers": settings.bootstrap_servers, "partitioner": "murmur2_random", "linger.ms": 20}
-    )
+    producer = Producer(producer_config(settings, **{"linger.ms": 20}))
     source = schema_source(settings.schema_registry_url)
     produced: dict[str, int] = {}
     for spec in specs:
@@ -218,8 +213,8 @@ class SinkRun:
             raise
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        """As a scrape of the sink's /metrics would read it."""
+        return metric_value(parse_metrics(generate_latest(self.registry).decode()), name, **labels)
 
     def wait_caught_up(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -467,7 +462,7 @@ def test_revoked_partitions_drop_their_buffers_and_are_reread(
     client: Client, sink_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A second member joins while the first holds unflushed batches: nothing is lost."""
-    caplog.set_level(logging.INFO, logger="lotflow.sinks.clickhouse")
+    caplog.set_level(logging.INFO, logger="lotflow.sinks")
     n = 200
     produce(sink_settings, [AUDIT], n)
     slow = sink_settings.model_copy(update={"sink_batch_s": 3600.0, "sink_batch_rows": 10**6})
@@ -491,27 +486,68 @@ def test_revoked_partitions_drop_their_buffers_and_are_reread(
     assert_committed_to_end(sink_settings, [AUDIT])
 
 
-def test_transactional_topics_are_committed_past_their_markers(client: Client, sink_settings: Settings) -> None:
-    """Records written in transactions: the end offset counts the commit markers, and the
-    sink still reports caught up with the group's offsets at the very end."""
+def test_aborted_transactions_never_reach_clickhouse_and_offsets_pass_the_markers(
+    client: Client, sink_settings: Settings
+) -> None:
+    """Output topics written in transactions (as the worker writes them): records of aborted
+    transactions are never inserted, committed ones are, and the group's committed offsets
+    end at each partition's end offset, commit/abort markers included."""
     topic = sink_settings.topic(AUDIT.name)
     codec = AvroCodec(schema_source(None), f"{topic}-value", AUDIT.schema)
-    producer = Producer(
-        {"bootstrap.servers": sink_settings.bootstrap_servers, "transactional.id": f"sink-test-{uuid.uuid4().hex[:8]}"}
-    )
+    producer = Producer(producer_config(sink_settings, **{"transactional.id": f"sink-test-{uuid.uuid4().hex[:8]}"}))
     producer.init_transactions(30)
-    for txn in range(3):
+    committed_ids: set[str] = set()
+    aborted_ids: set[str] = set()
+    # committed, aborted, committed, aborted ...: aborted records lie between committed ones
+    # and at the end of partitions; every partition gets markers after its last record.
+    for txn in range(6):
         producer.begin_transaction()
-        for i in range(txn * 40, txn * 40 + 40):
-            producer.produce(topic, codec.encode(sample(AUDIT, i)), key=f"k{i}".encode())
-        producer.commit_transaction(30)
-    producer.begin_transaction()
-    producer.produce(topic, codec.encode(sample(AUDIT, 999)), key=b"aborted")
-    producer.abort_transaction(30)
+        for i in range(txn * 50, txn * 50 + 50):
+            record = sample(AUDIT, i)
+            producer.produce(topic, codec.encode(record), key=f"k{i}".encode())
+            (committed_ids if txn % 2 == 0 else aborted_ids).add(record["id"])
+        if txn % 2 == 0:
+            producer.commit_transaction(30)
+        else:
+            producer.flush(30)  # on the broker, then aborted
+            producer.abort_transaction(30)
 
-    drain(sink_settings, client)
-    assert table_counts(client, sink_settings.clickhouse_database, ["audit"]) == {"audit": 120}
-    assert_committed_to_end(sink_settings, [AUDIT])
+    run = drain(sink_settings, client)
+    ids = {
+        row[0] for row in client.query(f"SELECT id FROM {sink_settings.clickhouse_database}.audit FINAL").result_rows
+    }
+    assert ids == committed_ids
+    assert not ids & aborted_ids
+    assert table_counts(client, sink_settings.clickhouse_database, ["audit", REJECTS]) == {
+        "audit": 150,
+        REJECTS: 0,
+    }
+    assert run.metric("lotflow_sink_rows_total", table="audit") == 150
+    ends = end_offsets(sink_settings, topic)
+    assert sum(ends.values()) > 300  # 300 records + the markers
+    assert committed_offsets(sink_settings, sink_settings.sink_group, topic) == ends
+    # The flushes themselves commit the consumer's position, which is past the markers (and
+    # the aborted records) behind their last record, not last offset + 1.
+    last_flush = {p.partition: p.committed_offset for p in run.progress}
+    assert last_flush == {p: end for p, end in ends.items() if end > 0}
+
+
+def test_sink_consumer_reads_committed_with_the_connection_settings(sink_settings: Settings) -> None:
+    secured = sink_settings.model_copy(
+        update={
+            "kafka_security_protocol": "SASL_PLAINTEXT",
+            "kafka_sasl_mechanism": "SCRAM-SHA-256",
+            "kafka_sasl_username": "sink",
+            "kafka_sasl_password": SecretStr("s3cret"),
+        }
+    )
+    sink = ClickHouseSink(secured, connect(sink_settings), SinkMetrics.create(CollectorRegistry()))
+    config = sink.consumer_settings()
+    assert config["isolation.level"] == "read_committed"
+    assert config["enable.auto.commit"] is False
+    assert config["group.id"] == secured.sink_group
+    for key, value in client_config(secured).items():
+        assert config[key] == value, key
 
 
 def test_client_is_shared_safely_across_threads(client: Client, sink_settings: Settings) -> None:

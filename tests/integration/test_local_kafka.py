@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
+from pydantic import SecretStr
 
+from lotflow import localkafka
 from lotflow.admin import (
     TopicMismatchError,
     committed_offsets,
@@ -16,6 +19,7 @@ from lotflow.admin import (
     create_topics,
     end_offsets,
 )
+from lotflow.kafka_clients import client_config, produce, producer_config
 from lotflow.settings import Settings
 from lotflow.streams.topics import RECEIPTS, TOPICS, Cleanup
 
@@ -90,25 +94,20 @@ def test_produce_consume_round_trip(topic_set: TopicSetFactory) -> None:
     partitions = RECEIPTS.partitions(settings)
     sent = {f"PO-{i:05d}".encode(): f"receipt {i}".encode() for i in range(300)}
 
-    producer = Producer({
-        "bootstrap.servers": settings.bootstrap_servers,
-        "partitioner": "murmur2_random",  # the Java clients' partitioner: co-partitioning
-        "enable.idempotence": True,
-        "linger.ms": 5,
-    })
+    # the project's producer settings: murmur2_random, the Java clients' partitioner
+    producer = Producer(producer_config(settings, **{"linger.ms": 5}))
     for key, value in sent.items():
-        producer.produce(topic, key=key, value=value)
+        produce(producer, topic, key, value)
     assert producer.flush(30) == 0
 
     assert sum(end_offsets(settings, topic).values()) == len(sent)
 
     group = f"{settings.app_id}-round-trip"
-    consumer = Consumer({
-        "bootstrap.servers": settings.bootstrap_servers,
+    consumer = Consumer(client_config(settings, **{
         "group.id": group,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
-    })
+    }))
     received: dict[bytes, tuple[bytes, int]] = {}
     try:
         consumer.subscribe([topic])
@@ -133,3 +132,40 @@ def test_produce_consume_round_trip(topic_set: TopicSetFactory) -> None:
     assert len({p for _, p in received.values()}) == partitions
     assert committed_offsets(settings, group, topic) == end_offsets(settings, topic)
     assert set(consumer_lag(settings, group, topic).values()) == {0}
+
+
+# --- SASL listener options (refused before anything starts) ------------------------------------
+
+
+def test_sasl_port_needs_a_user(tmp_path: Path) -> None:
+    settings = Settings(var_dir=tmp_path, kafka_port=9593, zookeeper_port=2681).model_copy(
+        update={"kafka_sasl_port": 9594})  # model_copy skips validation, like `kafka start --sasl-port`
+    with pytest.raises(localkafka.LocalKafkaError, match="LOTFLOW_KAFKA_SASL_USERNAME"):
+        localkafka.start(settings)
+    assert not (tmp_path / "kafka").exists()
+
+
+@pytest.mark.parametrize("password", ['with"quote', "with,comma", "with space", "with]bracket"])
+def test_sasl_password_the_jaas_file_cannot_carry_is_refused(tmp_path: Path, password: str) -> None:
+    settings = Settings(var_dir=tmp_path, kafka_port=9593, zookeeper_port=2681, kafka_sasl_port=9594,
+                        kafka_sasl_username="lotflow", kafka_sasl_password=SecretStr(password))
+    with pytest.raises(localkafka.LocalKafkaError, match="must not contain") as exc:
+        localkafka.start(settings)
+    assert password not in str(exc.value)
+
+
+def test_sasl_port_must_differ(tmp_path: Path) -> None:
+    settings = Settings(var_dir=tmp_path, kafka_port=9593, zookeeper_port=2681, kafka_sasl_port=9593,
+                        kafka_sasl_username="lotflow", kafka_sasl_password=SecretStr("pw"))
+    with pytest.raises(localkafka.LocalKafkaError, match="must differ"):
+        localkafka.start(settings)
+
+
+def test_running_broker_without_sasl_listener_is_reported(kafka_settings: Settings) -> None:
+    """The session's broker has no SASL listener: asking for one must say so, not pretend."""
+    if localkafka.port_open(9595):
+        pytest.skip("port 9595 is taken")
+    settings = kafka_settings.model_copy(update={
+        "kafka_sasl_port": 9595, "kafka_sasl_username": "u", "kafka_sasl_password": SecretStr("p")})
+    with pytest.raises(localkafka.LocalKafkaError, match="no SASL listener"):
+        localkafka.start(settings)

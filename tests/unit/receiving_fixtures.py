@@ -9,7 +9,7 @@ NOW_MS = int(time.time() * 1000)
 
 SPECS: dict[str, dict[str, Any]] = {
     "MAT-1": {"material_id": "MAT-1", "revision": 0, "base_unit": "KG", "quantity_tolerance_pct": 2.0,
-              "requires_coa": True, "properties": [{"name": "purity", "min": 98.0, "max": 100.0}]},
+              "requires_coa": True, "properties": [{"name": "purity", "unit": "%", "min": 98.0, "max": 100.0}]},
     "MAT-2": {"material_id": "MAT-2", "revision": 0, "base_unit": "EA", "quantity_tolerance_pct": 0.0,
               "requires_coa": False, "properties": []},
 }

@@ -67,7 +67,17 @@ EVERY_OPTION: dict[str, Any] = {
     "sink": {"replicas": 2, "affinity": {}},
     "dashboard": {"annotations": {"grafana_folder": "Manufacturing"}},
 }
-VALUE_SETS = {"defaults": {}, "monitoring": MONITORING, "every-option": EVERY_OPTION}
+SASL_SSL: dict[str, Any] = {
+    "kafka": {"security": {"protocol": "SASL_SSL", "mechanism": "SCRAM-SHA-512",
+                           "existingSecret": "lotflow-kafka", "caKey": "ca.pem"}},
+    "worker": {"clickhouseDsn": True},
+}
+SASL_PLAINTEXT: dict[str, Any] = {
+    "kafka": {"security": {"protocol": "SASL_PLAINTEXT", "existingSecret": "kafka-creds",
+                           "usernameKey": "user", "passwordKey": "pass"}},
+}
+VALUE_SETS = {"defaults": {}, "monitoring": MONITORING, "every-option": EVERY_OPTION,
+              "sasl-ssl": SASL_SSL, "sasl-plaintext": SASL_PLAINTEXT}
 
 REQUIRED_CONFIG = {
     "LOTFLOW_BOOTSTRAP_SERVERS",
@@ -296,8 +306,11 @@ def test_deployment(component: str, args: list[str], port: int) -> None:
     assert container["command"] == ["lotflow"] and container["args"] == args
     assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
     assert container["envFrom"] == [{"configMapRef": {"name": f"{RELEASE}-config"}}]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    assert container["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    # The worker's /healthz answers 503 when it is unhealthy; the sink serves /metrics only.
+    health = "/healthz" if component == "worker" else "/metrics"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": health, "port": "metrics"}, probe
     for kind in ("requests", "limits"):
         assert set(container["resources"][kind]) == {"cpu", "memory"}
 
@@ -365,6 +378,108 @@ def test_setup_job_is_a_pre_install_hook_creating_topics_then_migrating() -> Non
         assert {k: env[k] for k in config} == config
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert "secretKeyRef" in env_map(migrate)["LOTFLOW_CLICKHOUSE_DSN"]
+
+
+# ---------------------------------------------------------------------- Kafka security
+
+
+def kafka_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every container that talks to Kafka or reads the settings, by name, with its pod spec."""
+    pods: dict[str, dict[str, Any]] = {}
+    for kind, name in (("Deployment", "worker"), ("Deployment", "sink"), ("Job", "setup")):
+        spec = pod_spec(one(docs, kind, f"{RELEASE}-{name}"))
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            pods[container["name"]] = {"container": container, "spec": spec}
+    return pods
+
+
+def test_plaintext_by_default_without_credentials() -> None:
+    docs = render()
+    data = config_data(docs)
+    assert data["LOTFLOW_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
+    assert "LOTFLOW_KAFKA_SASL_MECHANISM" not in data and "LOTFLOW_KAFKA_SSL_CAFILE" not in data
+    for name, pod in kafka_pods(docs).items():
+        env = env_map(pod["container"])
+        assert "LOTFLOW_KAFKA_SASL_USERNAME" not in env and "LOTFLOW_KAFKA_SASL_PASSWORD" not in env, name
+        assert "kafka-ca" not in {v["name"] for v in pod["spec"]["volumes"]}, name
+
+
+def test_sasl_credentials_and_ca_come_from_the_secret() -> None:
+    docs = render(SASL_SSL)
+    data = config_data(docs)
+    assert data["LOTFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["LOTFLOW_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert data["LOTFLOW_KAFKA_SSL_CAFILE"] == "/etc/lotflow/kafka/ca.crt"
+    assert not any("PASSWORD" in key or "USERNAME" in key for key in data)  # never in the ConfigMap
+    pods = kafka_pods(docs)
+    assert set(pods) == {"worker", "sink", "topics-create", "db-migrate"}
+    for name, pod in pods.items():
+        container, spec = pod["container"], pod["spec"]
+        env = env_map(container)
+        assert env["LOTFLOW_KAFKA_SASL_USERNAME"] == {"secretKeyRef": {"name": "lotflow-kafka", "key": "username"}}
+        assert env["LOTFLOW_KAFKA_SASL_PASSWORD"] == {"secretKeyRef": {"name": "lotflow-kafka", "key": "password"}}
+        if name in ("topics-create", "db-migrate"):  # the hook gets the settings inline
+            assert env["LOTFLOW_KAFKA_SSL_CAFILE"] == "/etc/lotflow/kafka/ca.crt"
+            assert env["LOTFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["kafka-ca"] == {"name": "kafka-ca", "mountPath": "/etc/lotflow/kafka", "readOnly": True}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["kafka-ca"]["secret"]["secretName"] == "lotflow-kafka"
+        assert volumes["kafka-ca"]["secret"]["items"] == [{"key": "ca.pem", "path": "ca.crt"}]
+    # the worker keeps its ClickHouse DSN next to the Kafka credentials
+    assert "secretKeyRef" in env_map(pods["worker"]["container"])["LOTFLOW_CLICKHOUSE_DSN"]
+
+
+def test_sasl_plaintext_with_custom_keys_and_no_ca() -> None:
+    docs = render(SASL_PLAINTEXT)
+    data = config_data(docs)
+    assert data["LOTFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+    assert data["LOTFLOW_KAFKA_SASL_MECHANISM"] == "PLAIN"
+    assert "LOTFLOW_KAFKA_SSL_CAFILE" not in data
+    for pod in kafka_pods(docs).values():
+        env = env_map(pod["container"])
+        assert env["LOTFLOW_KAFKA_SASL_USERNAME"] == {"secretKeyRef": {"name": "kafka-creds", "key": "user"}}
+        assert env["LOTFLOW_KAFKA_SASL_PASSWORD"] == {"secretKeyRef": {"name": "kafka-creds", "key": "pass"}}
+        assert "kafka-ca" not in {v["name"] for v in pod["spec"]["volumes"]}
+
+
+def test_security_settings_are_valid_lotflow_settings() -> None:
+    """What the chart sets (plus the Secret's values) is accepted by lotflow's Settings."""
+    from pydantic import SecretStr
+
+    from lotflow.kafka_clients import client_config
+    from lotflow.settings import Settings
+
+    for values in (SASL_SSL, SASL_PLAINTEXT):
+        data = config_data(render(values))
+        env = {k: v for k, v in data.items() if k.startswith("LOTFLOW_KAFKA_")}
+        settings = Settings.model_validate({
+            k.removeprefix("LOTFLOW_").lower(): v for k, v in env.items()
+        } | {"kafka_sasl_username": "u", "kafka_sasl_password": SecretStr("p")})
+        config = client_config(settings)
+        assert config["security.protocol"] == values["kafka"]["security"]["protocol"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"kafka": {"security": {"protocol": "SASL_SSL"}}}, "needs kafka.security.existingSecret"),
+        ({"kafka": {"security": {"protocol": "SSL", "caKey": "ca.crt"}}}, "caKey needs kafka.security.existingSecret"),
+        ({"kafka": {"security": {"protocol": "SASL_PLAINTEXT", "existingSecret": "s", "caKey": "ca.crt"}}},
+         "only used with protocol SSL or SASL_SSL"),
+    ],
+    ids=["sasl-without-secret", "ca-without-secret", "ca-without-tls"],
+)
+def test_inconsistent_security_is_refused(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+@pytest.mark.parametrize("security", [{"protocol": "SASL"}, {"mechanism": "GSSAPI"}, {"caMountPath": "etc"},
+                                      {"password": "inline"}], ids=["protocol", "mechanism", "mount", "no-inline"])
+def test_values_schema_rejects_bad_security(security: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render({"kafka": {"security": security}})
 
 
 def test_setup_job_can_be_disabled() -> None:

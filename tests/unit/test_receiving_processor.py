@@ -1,9 +1,12 @@
-"""The receiving processor without Kafka: join order, document wait, replay, dead letters."""
+"""The receiving processor without Kafka: join order, document wait, replay, dead letters,
+revisions, certificates, bounded state."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -18,20 +21,7 @@ from .receiving_fixtures import NOW_MS, SPECS, coa, po, receipt
 
 SETTINGS = Settings(document_wait_s=10)
 SOURCE = schema_source(None)
-
-
-class Recorder:
-    """Collects what the processor would produce (the unit under test is the processor)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str, dict[str, Any]]] = []
-
-    def send(self, spec: topics.TopicSpec, key: str, record: dict[str, Any]) -> None:
-        AvroCodec(SOURCE, "check", spec.schema).encode(record)  # every output fits its schema
-        self.sent.append((spec.name, key, record))
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return [r for name, _, r in self.sent if name in ("lotflow.verified", "lotflow.exceptions")]
+CODECS = {spec.name: AvroCodec(SOURCE, "x", spec.schema) for spec in topics.TOPICS}
 
 
 class Clock:
@@ -42,119 +32,363 @@ class Clock:
         return self.now
 
 
-def make(clock: Clock | None = None) -> tuple[ReceivingProcessor, Recorder, DictState]:
-    rec, po_state = Recorder(), DictState()
-    proc = ReceivingProcessor(SETTINGS, SOURCE, po_state, DictState(), SPECS, rec,  # type: ignore[arg-type]
-                              WorkerMetrics.create(CollectorRegistry()), clock=clock or Clock())
-    return proc, rec, po_state
+class Run:
+    """A processor with in-memory state; ``sent`` is every output decoded, batch by batch."""
+
+    def __init__(self, clock: Clock | None = None, po_state: DictState | None = None,
+                 settings: Settings = SETTINGS) -> None:
+        self.po_state = po_state or DictState()
+        self.proc = ReceivingProcessor(settings, SOURCE, self.po_state, DictState(), SPECS,
+                                       WorkerMetrics.create(CollectorRegistry()), clock=clock or Clock())
+        self.proc.rebuild_indexes()
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+
+    def handle(self, *events: InputEvent) -> None:
+        for e in events:
+            self.proc.handle(e)
+        self.end_batch()
+
+    def sweep(self) -> int:
+        n = self.proc.sweep()
+        self.end_batch()
+        return n
+
+    def end_batch(self) -> None:
+        for m in self.proc.end_batch():
+            assert m.value is not None
+            self.sent.append((m.topic, m.key.decode(), CODECS[m.topic].decode(m.value)))
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [r for name, _, r in self.sent if name in ("lotflow.verified", "lotflow.exceptions")]
+
+    def dead(self) -> list[dict[str, Any]]:
+        return [r for name, _, r in self.sent if name == "lotflow.dead-letters"]
+
+    def codes(self, i: int = -1) -> set[str]:
+        return {r["code"] for r in self.decisions()[i]["reasons"]}
 
 
-def event(spec: topics.TopicSpec, record: dict[str, Any], offset: int, partition: int = 0) -> InputEvent:
-    value = AvroCodec(SOURCE, "x", spec.schema).encode(record)
-    return InputEvent(spec.name, partition, offset, b"PO-1", value, NOW_MS)
+def event(spec: topics.TopicSpec, record: dict[str, Any], offset: int, partition: int = 0,
+          key: bytes | None = None) -> InputEvent:
+    value = CODECS[spec.name].encode(record)
+    return InputEvent(spec.name, partition, offset, key if key is not None else record["po_number"].encode(),
+                      value, NOW_MS)
 
 
-def feed(proc: ReceivingProcessor, order: list[str]) -> None:
-    events = {"po": event(topics.PURCHASE_ORDERS, po(), 0), "receipt": event(topics.RECEIPTS, receipt(), 0),
-              "coa": event(topics.CERTIFICATES, coa(), 0)}
-    for name in order:
-        proc.handle(events[name])
+def PO(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+    return event(topics.PURCHASE_ORDERS, po(**kw), offset)
+
+
+def RECEIPT(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+    return event(topics.RECEIPTS, receipt(**kw), offset)
+
+
+def COA(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+    return event(topics.CERTIFICATES, coa(**kw), offset)
 
 
 @pytest.mark.parametrize("order", [["po", "coa", "receipt"], ["receipt", "po", "coa"], ["coa", "receipt", "po"]])
 def test_arrival_order_does_not_change_the_decision(order: list[str]) -> None:
-    proc, rec, _ = make()
-    feed(proc, order)
-    [decision] = rec.decisions()
+    run = Run()
+    events = {"po": PO(), "receipt": RECEIPT(), "coa": COA()}
+    for name in order:
+        run.handle(events[name])
+    [decision] = run.decisions()
     assert decision["decision"] == "VERIFIED"
     assert decision["id"] == "receiving:plant.receipts:0:0"
-    kinds = [name for name, _, _ in rec.sent]
-    assert kinds == ["lotflow.verified", "lotflow.audit", "lotflow.lot-events"]
+    assert [name for name, _, _ in run.sent] == ["lotflow.verified", "lotflow.audit", "lotflow.lot-events"]
 
 
 def test_missing_po_becomes_an_exception_when_the_wait_expires() -> None:
     clock = Clock()
-    proc, rec, _ = make(clock)
-    proc.handle(event(topics.RECEIPTS, receipt(), 0))
-    assert proc.sweep() == 0 and rec.decisions() == []
+    run = Run(clock)
+    run.handle(RECEIPT())
+    assert run.sweep() == 0 and run.decisions() == []
     clock.now += 11
-    assert proc.sweep() == 1
-    [decision] = rec.decisions()
+    assert run.sweep() == 1
+    [decision] = run.decisions()
     assert decision["decision"] == "EXCEPTION" and decision["priority"] == "HIGH"
-    assert {r["code"] for r in decision["reasons"]} == {"UNKNOWN_PO", "MISSING_COA"}
+    assert run.codes() == {"UNKNOWN_PO", "MISSING_COA"}
     assert decision["route_to"] == "receiving"
 
 
 def test_the_wait_survives_a_restart_because_it_is_in_the_state() -> None:
     clock = Clock()
-    proc, _, po_state = make(clock)
-    proc.handle(event(topics.RECEIPTS, receipt(), 0))
-    restarted, rec, _ = make(clock)
-    restarted.po_state = po_state  # what Faust recovers from the changelog
+    first = Run(clock)
+    first.handle(RECEIPT())
+    restarted = Run(clock, po_state=first.po_state)  # what Faust recovers from the changelog
     clock.now += 11
-    assert restarted.sweep() == 1 and rec.decisions()[0]["decision"] == "EXCEPTION"
+    assert restarted.sweep() == 1 and restarted.decisions()[0]["decision"] == "EXCEPTION"
 
 
-def test_replayed_receipt_is_not_decided_again_nor_a_duplicate() -> None:
-    proc, rec, _ = make()
-    feed(proc, ["po", "coa", "receipt"])
-    proc.handle(event(topics.RECEIPTS, receipt(), 0))  # re-delivered after a crash
-    [decision] = rec.decisions()
-    assert decision["decision"] == "VERIFIED"
+def test_a_redelivered_input_is_skipped_by_its_committed_mark() -> None:
+    run = Run()
+    run.handle(PO(), COA(), RECEIPT())
+    run.handle(PO(), COA(), RECEIPT())  # re-delivered after a crash after the commit
+    assert [d["decision"] for d in run.decisions()] == ["VERIFIED"]
+    assert run.proc.replayed == 3 and run.dead() == []
 
 
-def test_a_second_booking_of_the_same_lot_is_a_duplicate() -> None:
-    proc, rec, _ = make()
-    feed(proc, ["po", "coa", "receipt"])
-    proc.handle(event(topics.RECEIPTS, receipt(rid="R-2"), 1))
-    assert "DUPLICATE_RECEIPT" in {r["code"] for r in rec.decisions()[1]["reasons"]}
+def test_a_second_booking_of_the_same_lot_is_a_duplicate_decided_at_once() -> None:
+    run = Run()
+    run.handle(PO(), COA(), RECEIPT())
+    run.handle(RECEIPT(1, rid="R-2"))
+    assert "DUPLICATE_RECEIPT" in run.codes()
+
+
+def test_the_same_receipt_id_again_is_a_duplicate() -> None:
+    run = Run()
+    run.handle(PO(), COA(), RECEIPT())
+    run.handle(RECEIPT(1, lot="L-9"), COA(1, lot="L-9"))
+    assert "DUPLICATE_RECEIPT" in run.codes()
 
 
 def test_bad_input_goes_to_dead_letters_and_processing_goes_on() -> None:
-    proc, rec, _ = make()
-    proc.handle(InputEvent(topics.RECEIPTS.name, 0, 5, b"k", b"\x00\x01garbage", NOW_MS))
-    proc.handle(event(topics.RECEIPTS, receipt(quantity=-3.0), 6))
-    feed(proc, ["po", "coa", "receipt"])
-    dead = [r for name, _, r in rec.sent if name == "lotflow.dead-letters"]
+    run = Run()
+    run.handle(InputEvent(topics.RECEIPTS.name, 0, 5, b"k", b"\x00\x01garbage", NOW_MS),
+               RECEIPT(6, quantity=-3.0))
+    run.handle(PO(), COA(), RECEIPT(7))
+    dead = run.dead()
     assert [(d["source_offset"], d["error_class"]) for d in dead] == [(5, "SCHEMA"), (6, "INVALID_VALUE")]
-    assert dead[0]["original_value"] == b"\x00\x01garbage"
-    assert rec.decisions()[0]["decision"] == "VERIFIED"
+    assert dead[0]["original_value"] == b"\x00\x01garbage" and dead[0]["original_size"] == 9
+    assert run.decisions()[0]["decision"] == "VERIFIED"
 
 
-def test_exception_is_explainable() -> None:
-    proc, rec, _ = make()
-    proc.handle(event(topics.PURCHASE_ORDERS, po(), 0))
-    proc.handle(event(topics.CERTIFICATES, coa(purity=97.0), 0))
-    proc.handle(event(topics.RECEIPTS, receipt(), 0))
-    [exc] = rec.decisions()
-    assert exc["route_to"] == "supplier_quality" and exc["recommended_action"]
-    assert exc["features"]["n_block"] == 1.0 and exc["historical_pattern"].startswith("vendor V-1")
-    reason = exc["reasons"][0]
-    assert reason["code"] == "COA_OUT_OF_SPEC" and reason["evidence"]["value"] == "97"
-    assert {r["topic"] for r in exc["input_refs"]} == {"plant.receipts", "erp.purchase-orders",
-                                                       "plant.certificates-of-analysis"}
+def _po_with(**line: Any) -> dict[str, Any]:
+    record = po()
+    record["lines"][0].update(line)
+    return record
 
 
-def test_absence_is_not_judged_while_documents_are_still_unread() -> None:
+@pytest.mark.parametrize("record, key, message", [
+    (_po_with(unit_price=math.nan), b"PO-1", "unit_price"),
+    (_po_with(quantity=math.inf), b"PO-1", "quantity"),
+    (_po_with(quantity=-1.0), b"PO-1", "quantity"),
+    ({**po(), "lines": po()["lines"] * 2}, b"PO-1", "appears twice"),
+    ({**po(), "lines": []}, b"PO-1", "no lines"),
+    (po(), b"PO-2", "differs"),
+    ({**po(), "po_number": ""}, b"", "po_number is empty"),
+    ({**po(), "order_date": 1000}, b"PO-1", "order_date"),
+])
+def test_invalid_purchase_orders_are_dead_letters(record: dict[str, Any], key: bytes, message: str) -> None:
+    run = Run()
+    run.handle(event(topics.PURCHASE_ORDERS, record, 3, key=key))
+    [dead] = run.dead()
+    assert dead["error_class"] == "INVALID_VALUE" and message in dead["reason"]
+    assert run.po_state.get("P|PO-1") is None  # nothing of it was applied
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**coa(), "values": [{"property": "purity", "value": math.nan, "unit": "%"}]}, "not finite"),
+    ({**coa(), "values": []}, "no values"),
+    ({**coa(), "vendor_lot": " "}, "vendor_lot"),
+    ({**coa(), "values": coa()["values"] * 2}, "appears twice"),
+])
+def test_invalid_certificates_are_dead_letters(record: dict[str, Any], message: str) -> None:
+    run = Run()
+    run.handle(event(topics.CERTIFICATES, record, 3))
+    [dead] = run.dead()
+    assert dead["error_class"] == "INVALID_VALUE" and message in dead["reason"]
+
+
+def test_negative_enum_index_is_a_decode_error() -> None:
+    value = bytearray(CODECS[topics.RECEIPTS.name].encode(receipt(quantity=1000.0)))
+    # The unit KG is enum index 0 (zigzag 0x00); -1 is zigzag 0x01 and would read as the last symbol.
+    good = CODECS[topics.RECEIPTS.name].encode(receipt(unit="FT"))
+    assert good != bytes(value)
+    index = bytes(value).rindex(b"\x00", 0, bytes(value).index(b"L-1"))
+    value[index] = 0x01
+    run = Run()
+    run.handle(InputEvent(topics.RECEIPTS.name, 0, 0, b"PO-1", bytes(value), NOW_MS))
+    [dead] = run.dead()
+    assert dead["error_class"] == "DECODE" and "not canonical" in dead["reason"]
+
+
+def test_a_po_tombstone_deletes_the_po() -> None:
     clock = Clock()
-    proc, rec, _ = make(clock)
-    settled = {"now": False}
-    proc.documents_settled = lambda partition, until_ms: settled["now"]
-    proc.handle(event(topics.RECEIPTS, receipt(), 0))
-    clock.now += 60
-    assert proc.sweep() == 0 and rec.decisions() == []  # a backlog of POs may still hold it
-    settled["now"] = True
-    assert proc.sweep() == 1
+    run = Run(clock)
+    run.handle(PO(), InputEvent(topics.PURCHASE_ORDERS.name, 0, 1, b"PO-1", None, NOW_MS))
+    assert run.dead() == [] and run.po_state.get("P|PO-1")["po"] is None
+    run.handle(COA(), RECEIPT())
+    clock.now += 11
+    run.sweep()
+    assert "UNKNOWN_PO" in run.codes()
 
 
-def test_idle_po_state_is_forgotten_after_retention() -> None:
+def test_a_cancelled_line_is_a_valid_po_and_a_receipt_against_it_an_exception() -> None:
+    run = Run()
+    run.handle(PO(quantity=0.0), COA(), RECEIPT())
+    assert run.dead() == []
+    assert run.decisions()[0]["decision"] == "EXCEPTION" and "PO_LINE_CANCELLED" in run.codes()
+
+
+def test_an_exception_inside_the_checks_sends_the_receipt_to_the_dead_letters_state_untouched() -> None:
+    run = Run()
+    run.handle(PO(), COA())
+    before = orjson.dumps(run.po_state.get("P|PO-1"))
+
+    def broken(ctx: Any) -> list[Any]:
+        raise ZeroDivisionError("division by zero")
+
+    checks = run.proc.node.checks
+    run.proc.node.checks = (*checks, broken)
+    run.handle(RECEIPT())
+    [dead] = run.dead()
+    assert dead["error_class"] == "ZeroDivisionError" and dead["source_offset"] == 0
+    assert orjson.dumps(run.po_state.get("P|PO-1")) == before
+    run.proc.node.checks = checks
+    run.handle(RECEIPT(1, rid="R-2", lot="L-2"), COA(1, lot="L-2"))
+    assert run.decisions()[0]["decision"] == "VERIFIED"
+
+
+def test_a_waiting_receipt_whose_decision_fails_is_a_dead_letter_with_its_bytes() -> None:
+    run = Run()
+    receipt_event = RECEIPT()
+    run.handle(receipt_event)
+
+    def broken(ctx: Any) -> list[Any]:
+        raise RuntimeError("boom")
+
+    run.proc.node.checks = (*run.proc.node.checks, broken)
+    run.handle(PO(), COA())
+    [dead] = run.dead()
+    assert dead["original_value"] == receipt_event.value and dead["source_topic"] == topics.RECEIPTS.name
+    assert run.po_state.get("P|PO-1")["pending"] == {}
+
+
+def test_a_huge_field_becomes_a_dead_letter_never_a_failed_flush() -> None:
+    run = Run()
+    run.handle(PO(), COA())
+    huge = receipt(rid="R-" + "x" * (1 << 20))
+    run.handle(event(topics.RECEIPTS, huge, 7))
+    [dead] = run.dead()
+    assert dead["error_class"] in ("OUTPUT_TOO_LARGE", "STATE_TOO_LARGE")
+    assert dead["original_size"] > 1 << 20 and len(dead["original_value"]) == 64 * 1024
+    run.handle(RECEIPT(8))
+    assert run.decisions()[0]["decision"] == "VERIFIED"
+
+
+def test_lines_on_the_same_po_line_are_added_up() -> None:
+    run = Run()
+    r = receipt()
+    r["lines"] = [dict(r["lines"][0]), {**r["lines"][0], "vendor_lot": "L-2"}]
+    run.handle(PO(), COA(), COA(1, lot="L-2"), event(topics.RECEIPTS, r, 0))
+    assert "QUANTITY_OVER" in run.codes()
+    [reason] = [x for x in run.decisions()[0]["reasons"] if x["code"] == "QUANTITY_OVER"]
+    assert reason["evidence"]["received"] == "2000"
+
+
+def test_split_certificates_are_merged_and_the_receipt_waits_for_every_property() -> None:
+    spec = {**SPECS["MAT-1"], "properties": [{"name": "purity", "unit": "%", "min": 98.0, "max": 100.0},
+                                             {"name": "moisture", "unit": "%", "min": 0.0, "max": 0.5}]}
+    run = Run()
+    run.proc.specs = {**SPECS, "MAT-1": spec}
+    first = {**coa(), "coa_id": "C-a", "values": [{"property": "purity", "value": 99.0, "unit": "%"}]}
+    second = {**coa(), "coa_id": "C-b", "values": [{"property": "moisture", "value": 0.2, "unit": "%"}]}
+    run.handle(PO(), event(topics.CERTIFICATES, first, 0), RECEIPT())
+    assert run.decisions() == []  # moisture is still to come
+    run.handle(event(topics.CERTIFICATES, second, 1))
+    [decision] = run.decisions()
+    assert decision["decision"] == "VERIFIED"
+    certificate_offsets = {r["offset"] for r in decision["input_refs"] if r["topic"] == topics.CERTIFICATES.name}
+    assert certificate_offsets == {0, 1}  # the audit names every certificate used
+
+
+def test_a_reissued_certificate_before_the_receipt_replaces_the_value() -> None:
+    run = Run()
+    corrected = {**coa(purity=99.2), "coa_id": "C-2", "issued_at": NOW_MS + 1000}
+    run.handle(PO(), COA(purity=97.0), event(topics.CERTIFICATES, corrected, 1), RECEIPT())
+    decision = run.decisions()[0]
+    assert decision["decision"] == "VERIFIED"
+    certificate_offsets = {r["offset"] for r in decision["input_refs"] if r["topic"] == topics.CERTIFICATES.name}
+    assert certificate_offsets == {1}
+
+
+def test_certificate_values_in_another_unit_are_converted_or_flagged() -> None:
+    run = Run()
+    run.handle(PO(), event(topics.CERTIFICATES, {**coa(), "values": [
+        {"property": "purity", "value": 990_000.0, "unit": "ppm"}]}, 0), RECEIPT())
+    assert run.decisions()[0]["decision"] == "VERIFIED"
+    run.handle(PO(1, number="PO-2"), event(topics.CERTIFICATES, {**coa(number="PO-2"), "values": [
+        {"property": "purity", "value": 99.0, "unit": "cP"}]}, 1), RECEIPT(1, number="PO-2", rid="R-2"))
+    assert "COA_UNIT_MISMATCH" in run.codes()
+
+
+def test_a_revision_before_the_decision_is_the_one_in_force() -> None:
+    run = Run()
+    run.handle(PO(), event(topics.PURCHASE_ORDERS, {**po(quantity=500.0), "revision": 1}, 1), COA(), RECEIPT())
+    assert "QUANTITY_OVER" in run.codes()
+
+
+def test_an_older_revision_arriving_late_changes_nothing() -> None:
+    run = Run()
+    run.handle(event(topics.PURCHASE_ORDERS, {**po(), "revision": 2}, 0),
+               event(topics.PURCHASE_ORDERS, {**po(quantity=500.0), "revision": 1}, 1), COA(), RECEIPT())
+    assert run.decisions()[0]["decision"] == "VERIFIED"
+
+
+def test_a_revision_below_what_was_received_raises_an_exception_for_the_verified_receipt() -> None:
+    run = Run()
+    run.handle(PO(), COA(), RECEIPT())
+    assert run.decisions()[0]["decision"] == "VERIFIED"
+    run.handle(event(topics.PURCHASE_ORDERS, {**po(quantity=800.0), "revision": 1}, 1))
+    late = run.decisions()[-1]
+    assert late["decision"] == "EXCEPTION" and late["subject_id"] == "R-1"
+    assert run.codes() == {"PO_REVISED_BELOW_RECEIVED"}
+    audits = [r for name, _, r in run.sent if name == "lotflow.audit"]
+    assert audits[-1]["output_id"] == late["id"]
+    # the same revision again (a replay) and a raise of the quantity change nothing more
+    run.handle(event(topics.PURCHASE_ORDERS, {**po(quantity=800.0), "revision": 1}, 2),
+               event(topics.PURCHASE_ORDERS, {**po(quantity=2000.0), "revision": 2}, 3))
+    assert len(run.decisions()) == 2
+
+
+def test_a_revision_that_changes_the_unit_rebases_the_received_total() -> None:
+    run = Run()
+    first = receipt(quantity=500.0, partial=True)
+    run.handle(PO(), COA(), event(topics.RECEIPTS, first, 0))
+    pounds = {**po(quantity=1000.0 / 0.45359237, unit="LB"), "revision": 1}
+    run.handle(event(topics.PURCHASE_ORDERS, pounds, 1))
+    assert run.po_state.get("P|PO-1")["received"]["1"] == pytest.approx(500.0 / 0.45359237)
+    second = receipt(rid="R-2", lot="L-2", quantity=500.0 / 0.45359237, unit="LB")
+    run.handle(COA(1, lot="L-2"), event(topics.RECEIPTS, second, 1))
+    assert run.decisions()[-1]["decision"] == "VERIFIED"
+
+
+def test_a_blanket_po_keeps_its_state_records_small() -> None:
+    run = Run()
+    run.handle(PO(quantity=1_000_000.0))
+    sizes = []
+    for i in range(500):
+        lot = f"L-{i}"
+        run.handle(COA(i, lot=lot), RECEIPT(i, rid=f"R-{i}", lot=lot, quantity=1000.0, partial=True))
+        sizes.append(len(orjson.dumps(run.po_state.get("P|PO-1"))))
+    assert [d["decision"] for d in run.decisions()] == ["VERIFIED"] * 500
+    assert max(sizes) <= sizes[0] + 32  # the PO's record does not grow with its receipts (longer numbers aside)
+    assert run.po_state.get("P|PO-1")["received"]["1"] == pytest.approx(500_000.0)
+
+
+def test_the_sweep_touches_only_what_is_due() -> None:
     clock = Clock()
-    proc, _, po_state = make(clock)
-    feed(proc, ["po", "coa", "receipt"])
-    assert po_state.get("PO-1") is not None
+    run = Run(clock)
+    for i in range(100):
+        run.handle(event(topics.PURCHASE_ORDERS, po(number=f"PO-{i}"), i))
+    run.handle(RECEIPT(0, number="PO-X"))
+    deadlines = run.proc._deadlines
+    assert len(deadlines) == 1
+    clock.now += 11
+    assert run.sweep() == 1 and len(deadlines) == 0
+
+
+def test_idle_state_is_forgotten_after_retention() -> None:
+    clock = Clock()
+    run = Run(clock)
+    run.handle(PO(), COA(), RECEIPT())
+    assert run.po_state.get("P|PO-1") is not None and run.po_state.get("R|PO-1|R-1") is not None
     clock.now += SETTINGS.po_state_retention_s - 1
-    proc.sweep()
-    assert po_state.get("PO-1") is not None
+    run.sweep()
+    assert run.po_state.get("P|PO-1") is not None
     clock.now += 2
-    proc.sweep()
-    assert po_state.get("PO-1") is None
+    run.sweep()
+    assert run.po_state.get("P|PO-1") is None and run.po_state.get("R|PO-1|R-1") is None
+    assert run.po_state.get("O|plant.receipts|0") is not None  # input marks are never forgotten

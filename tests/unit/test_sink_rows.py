@@ -12,7 +12,7 @@ import fastavro
 import pytest
 
 from lotflow.schemas.serde import AvroCodec, BundledSchemas, bundled_schema_json
-from lotflow.sinks.clickhouse import _avro_string, _varint, avro_container, container_header
+from lotflow.sinks.framing import avro_container, avro_long, avro_string, container_header
 from lotflow.sinks.migrations import MIGRATIONS
 from lotflow.sinks.rows import (
     KAFKA_COLUMNS,
@@ -259,7 +259,8 @@ def test_to_row_functions_are_the_registered_ones() -> None:
 
 
 def ddl_columns(table: str) -> list[str]:
-    """Column names, in order, of ``CREATE TABLE ... {db}.<table> (...)`` in the migrations."""
+    """Column names, in order, of ``CREATE TABLE ... {db}.<table> (...)`` in the migrations,
+    with the columns later versions add."""
     sql = "\n".join(s for m in MIGRATIONS for s in m.statements)
     match = re.search(rf"CREATE TABLE IF NOT EXISTS \{{db\}}\.{table} \(", sql)
     assert match, f"no CREATE TABLE for {table}"
@@ -275,7 +276,14 @@ def ddl_columns(table: str) -> list[str]:
             items.append(sql[start:pos].strip())
             start = pos + 1
         pos += 1
-    return [item.split()[0] for item in items if item]
+    columns = [item.split()[0] for item in items if item]
+    # later versions: ALTER TABLE {db}.<table> ADD COLUMN IF NOT EXISTS <name> ... AFTER <column>
+    for added, after in re.findall(
+        rf"ALTER TABLE \{{db\}}\.{table} ADD COLUMN IF NOT EXISTS (\w+) .*? AFTER (\w+)", sql
+    ):
+        if added not in columns:
+            columns.insert(columns.index(after) + 1, added)
+    return columns
 
 
 @pytest.mark.parametrize("spec", list(TABLES), ids=lambda s: s.name)
@@ -300,7 +308,8 @@ def test_migrations_are_versioned_and_idempotent_sql() -> None:
     assert versions == sorted(set(versions)) and versions[0] == 1
     for migration in MIGRATIONS:
         for statement in migration.statements:
-            assert "IF NOT EXISTS" in statement, statement[:80]
+            # IF NOT EXISTS, or replacing a view's query (the same result when repeated)
+            assert "IF NOT EXISTS" in statement or " MODIFY QUERY " in statement, statement[:80]
 
 
 # --- Avro container framing (fast path) ---------------------------------------------------
@@ -315,7 +324,7 @@ def test_avro_container_reads_back_with_kafka_fields() -> None:
     data = avro_container(
         header,
         sync,
-        _avro_string("t.lotflow.audit") + _varint(7),
+        avro_string("t.lotflow.audit") + avro_long(7),
         [(v, o, 1_773_480_000_000 + i) for i, (v, o) in enumerate(zip(values, offsets, strict=True))],
     )
     records = list(fastavro.reader(io.BytesIO(data)))
@@ -331,4 +340,4 @@ def test_avro_container_reads_back_with_kafka_fields() -> None:
 def test_varint_is_avro_long(n: int) -> None:
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, fastavro.parse_schema("long"), n)
-    assert _varint(n) == buf.getvalue()
+    assert avro_long(n) == buf.getvalue()

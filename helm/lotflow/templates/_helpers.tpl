@@ -70,6 +70,15 @@ LOTFLOW_DOCUMENT_WAIT_S: {{ .Values.receiving.documentWaitSeconds | toString | q
 LOTFLOW_RECEIVING_VERIFY_THRESHOLD: {{ .Values.receiving.verifyThreshold | toString | quote }}
 LOTFLOW_RECEIVING_HIGH_PRIORITY_THRESHOLD: {{ .Values.receiving.highPriorityThreshold | toString | quote }}
 LOTFLOW_CLICKHOUSE_DATABASE: {{ .Values.clickhouse.database | quote }}
+{{- with .Values.kafka.security }}
+LOTFLOW_KAFKA_SECURITY_PROTOCOL: {{ .protocol | quote }}
+{{- if hasPrefix "SASL_" .protocol }}
+LOTFLOW_KAFKA_SASL_MECHANISM: {{ .mechanism | quote }}
+{{- end }}
+{{- if .caKey }}
+LOTFLOW_KAFKA_SSL_CAFILE: {{ printf "%s/ca.crt" (trimSuffix "/" .caMountPath) | quote }}
+{{- end }}
+{{- end }}
 LOTFLOW_WORKER_WEB_HOST: "0.0.0.0"
 LOTFLOW_WORKER_WEB_PORT: {{ .Values.worker.metricsPort | toString | quote }}
 LOTFLOW_SINK_METRICS_HOST: "0.0.0.0"
@@ -107,4 +116,62 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+Kafka security: checks, the SASL credentials from the existing Secret (env entries; empty
+for PLAINTEXT / SSL), and the CA bundle from the same Secret (volume + mount; empty without
+caKey). Every pod that talks to Kafka, or reads the settings, includes all three.
+*/}}
+{{- define "lotflow.kafkaSecurityChecks" -}}
+{{- $sec := .Values.kafka.security }}
+{{- if and (hasPrefix "SASL_" $sec.protocol) (not $sec.existingSecret) }}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.existingSecret (the Secret with the SASL username and password)" $sec.protocol) }}
+{{- end }}
+{{- if and $sec.caKey (not $sec.existingSecret) }}
+{{- fail "kafka.security.caKey needs kafka.security.existingSecret (the Secret holding the CA bundle)" }}
+{{- end }}
+{{- if and $sec.caKey (not (hasSuffix "SSL" $sec.protocol)) }}
+{{- fail (printf "kafka.security.caKey is only used with protocol SSL or SASL_SSL, not %s" $sec.protocol) }}
+{{- end }}
+{{- end }}
+
+{{- define "lotflow.kafkaSecretEnv" -}}
+{{- $sec := .Values.kafka.security }}
+{{- if hasPrefix "SASL_" $sec.protocol -}}
+- name: LOTFLOW_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.existingSecret }}
+      key: {{ $sec.usernameKey }}
+- name: LOTFLOW_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.existingSecret }}
+      key: {{ $sec.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{- define "lotflow.kafkaCaVolumeMount" -}}
+{{- with .Values.kafka.security }}
+{{- if .caKey -}}
+- name: kafka-ca
+  mountPath: {{ .caMountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lotflow.kafkaCaVolume" -}}
+{{- with .Values.kafka.security }}
+{{- if .caKey -}}
+- name: kafka-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .caKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
 {{- end }}

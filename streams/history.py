@@ -1,0 +1,64 @@
+"""Every partition's vendor history, read by every worker: one history whichever worker decides.
+
+Each partition writes its own slice of a vendor's history (``<vendor>@<partition>``) to the
+vendor table; its changelog is read here, whole and ``read_committed``, by every worker, so a
+decision pools the slices of all partitions, not only those its worker owns. Slices of other
+workers' partitions lag by at most their last transaction plus one poll (the worker polls
+before every batch): that is the documented propagation lag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from lotflow.kafka_clients import client_config
+from lotflow.settings import Settings
+
+__all__ = ["SharedHistory"]
+
+
+class SharedHistory(Mapping[str, Any]):
+    def __init__(self, settings: Settings, changelog_topic: str) -> None:
+        self.topic = changelog_topic
+        self._values: dict[str, Any] = {}
+        self._consumer = Consumer(client_config(
+            settings,
+            **{"group.id": f"{settings.app_id}-history-unused",  # required by librdkafka; never committed
+               "enable.auto.commit": False, "enable.partition.eof": False,
+               "isolation.level": "read_committed"}))
+        self._consumer.assign([TopicPartition(changelog_topic, p, OFFSET_BEGINNING)
+                               for p in range(settings.partitions)])
+
+    def poll(self, max_messages: int = 10000) -> int:
+        """Apply what was committed since the last poll; never blocks."""
+        messages = self._consumer.consume(max_messages, timeout=0)
+        for msg in messages:
+            raw_key = msg.key()
+            if msg.error() or raw_key is None:
+                continue
+            key = orjson.loads(raw_key)
+            value = msg.value()
+            if value is None:
+                self._values.pop(key, None)
+            else:
+                self._values[key] = orjson.loads(value)
+        return len(messages)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def close(self) -> None:
+        self._consumer.close()
