@@ -96,12 +96,16 @@ def bench_raw(settings: Settings, count: int) -> float:
     return count / elapsed
 
 
-def wait_progress(read: Callable[[], int], target: int, timeout: float, label: str) -> float:
-    """Seconds from the first processed record to ``target`` (polling ``read``)."""
+def wait_progress(read: Callable[[], int], target: int, timeout: float, label: str,
+                  proc: subprocess.Popen[bytes] | None = None) -> float:
+    """Seconds from the first processed record to ``target`` (polling ``read``; fails when
+    ``proc`` exits first)."""
     deadline = time.monotonic() + timeout
     started = 0.0
     last_print = 0.0
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchFailed(f"{label}: the process exited with {proc.returncode}")
         value = read()
         now = time.perf_counter()
         if value > 0 and not started:
@@ -131,11 +135,27 @@ def bench_faust(settings: Settings, count: int, log_dir: Path) -> float:
     return count / elapsed
 
 
-def worker_metric(settings: Settings, name: str, **labels: str) -> float:
+def worker_metric(settings: Settings, name: str, **labels: str) -> float | None:
+    """A metric of the worker's /metrics; None when it does not answer (busy or gone)."""
     try:
-        return metric_value(scrape_metrics(settings.worker_web_port, settings.worker_web_host), name, **labels)
+        return metric_value(scrape_metrics(settings.worker_web_port, settings.worker_web_host, timeout=5),
+                            name, **labels)
     except OSError:
-        return 0.0
+        return None
+
+
+def records_in(settings: Settings) -> Callable[[], int]:
+    """Reads the worker's ``lotflow_records_in_total``; the last value read while it does not answer."""
+    last = 0
+
+    def read() -> int:
+        nonlocal last
+        value = worker_metric(settings, "lotflow_records_in_total")
+        if value is not None:
+            last = int(value)
+        return last
+
+    return read
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -186,15 +206,15 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
     proc = start_worker(settings, log_dir / "worker.log")
     try:
         result["worker_rss_start_mb"] = round(process_rss_mb(proc.pid), 1)
-        elapsed = wait_progress(lambda: int(worker_metric(settings, "lotflow_records_in_total")), inputs, 900,
-                                "pipeline inputs")
+        elapsed = wait_progress(records_in(settings), inputs, 900, "pipeline inputs", proc)
         result["pipeline_msgs_per_s"] = inputs / elapsed
         result["pipeline_receipts_per_s"] = receipts / elapsed
         result["pipeline_input_messages"] = inputs
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s")
         measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
-        result["worker_rss_end_mb"] = round(process_rss_mb(proc.pid), 1)
     finally:
+        if proc.poll() is None:
+            result["worker_rss_end_mb"] = round(process_rss_mb(proc.pid), 1)
         stop(proc)
 
 
@@ -288,8 +308,7 @@ def bench_open_pos(base: Settings, pos: int, blanket: int, timeout: float, log_d
         say(f"open POs: publishing {pos} open POs + 1 blanket PO with {blanket} partial receipts")
         sent = publish_events(settings, open_po_events(13, pos, blanket, int(time.time() * 1000)))
         inputs = sum(n for t, n in sent.items() if t != topics.MATERIAL_SPECS.full_name(settings))
-        wait_progress(lambda: int(worker_metric(settings, "lotflow_records_in_total")), inputs, timeout,
-                      "open-PO inputs")
+        wait_progress(records_in(settings), inputs, timeout, "open-PO inputs", proc)
         deadline = time.monotonic() + 120
         while (lag := input_lag(settings)) > 0:  # consumed *and* committed
             if time.monotonic() > deadline or proc.poll() is not None:

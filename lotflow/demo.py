@@ -282,13 +282,15 @@ def _summary(settings: Settings, reader: OutputReader, report: Any, seconds: flo
     ch_dead = client.query(
         f"SELECT count() FROM {settings.clickhouse_database}.dead_letters FINAL WHERE source_topic = %(t)s",
         parameters={"t": receipts_topic}).result_rows[0][0]
-    ch_out = rows.get("verified", 0) + rows.get("exceptions", 0) + ch_dead
+    # a PO revision can reopen a verified receipt: one more exception row, same receipt
+    ch_out = rows.get("verified", 0) + rows.get("exceptions", 0) + ch_dead - board.reopened
     return {
         "records_in": in_total,
         "verified": board.verified,
         "exceptions": board.exceptions,
         "dead_letters": board.dead_letters,
         "undecided": board.undecided,
+        "reopened_by_revision": board.reopened,
         "reprocessed_duplicates_on_kafka": board.duplicates,
         "reconciled_kafka": in_total == kafka_out and board.undecided == 0,
         "reconciled_clickhouse": in_total == ch_out,
@@ -300,6 +302,9 @@ def _summary(settings: Settings, reader: OutputReader, report: Any, seconds: flo
         "false_alarm_rate": round(board.false_alarm_rate, 5),
         "faults_injected": board.faults,
         "faults_caught_by_confidence_only": board.caught_by_model_only,
+        "silent_faults": board.silent_faults,
+        "recall_silent_faults": round(board.recall_silent, 5),
+        "false_alarms_by_benign": dict(board.false_alarms_by_benign),
         "recall_by_fault": {k: round(v, 4) for k, v in board.recall_by_fault.items()},
         "missed_faults": board.missed,
         "throughput_per_s": round(in_total / seconds, 1) if seconds else 0.0,
@@ -319,6 +324,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"  verified         {s['verified']:>8}")
     print(f"  exceptions       {s['exceptions']:>8}")
     print(f"  dead letters     {s['dead_letters']:>8}")
+    if s["reopened_by_revision"]:
+        print(f"  reopened by a PO revision {s['reopened_by_revision']}")
     print(f"reconciled         Kafka {'yes' if s['reconciled_kafka'] else 'NO'}, "
           f"ClickHouse {'yes' if s['reconciled_clickhouse'] else 'NO'}")
     print("ClickHouse rows    " + ", ".join(f"{k} {v}" for k, v in s["clickhouse_rows"].items()))
@@ -329,6 +336,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"recall of faults       {100 * s['recall_faults']:.2f} %   (target >= 99 %)")
     print(f"false alarms           {100 * s['false_alarm_rate']:.2f} % of clean receipts")
     print(f"caught by confidence only (no rule failed): {s['faults_caught_by_confidence_only']}")
+    print(f"silent faults          {s['silent_faults']}, recall {100 * s['recall_silent_faults']:.1f} % "
+          "(invisible to every rule; the learning issue is measured on them)")
+    if s["false_alarms_by_benign"]:
+        print(f"false alarms by kind   {s['false_alarms_by_benign']}")
     if s["missed_faults"]:
         print(f"missed faults          {s['missed_faults']}")
     print(f"throughput             {s['throughput_per_s']} receipts/s end to end ({s['elapsed_s']} s)")

@@ -261,6 +261,10 @@ def _pid_running(pid: int, markers: tuple[str, ...] = ()) -> bool:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return False
+        if not cmdline.strip():
+            # Empty while the process is between two execs (bash script -> bash -> java):
+            # it exists. Taking it for dead here once left a broker running without a pid file.
+            return True
         if markers and not any(m in cmdline for m in markers):
             return False  # the pid was reused by an unrelated process
     return True

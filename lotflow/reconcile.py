@@ -5,7 +5,9 @@ and its ground truth meet on the input record they are about (topic, partition, 
 
 A receipt may be decided more than once: re-processing after a crash repeats a decision
 (``duplicates``), and a later document can reopen a verified receipt (a PO revision cutting
-its line below what was received: the ground truth ``PO_REVISED_BELOW_RECEIVED``). The
+its line below what was received: the ground truth ``PO_REVISED_BELOW_RECEIVED``); such a
+decision's first input is the revision, so a decision counts for the first of its input
+references that is a ground-truth record. The
 decision that counts is the latest by ``decision_time_ms`` (the last seen on a tie); a
 receipt first verified and later raised as an exception counts as ``reopened``.
 """
@@ -70,17 +72,23 @@ class Scoreboard:
 
 def score(truths: Iterable[Mapping[str, Any]], decisions: Iterable[Decision]) -> Scoreboard:
     """Precision of verified, recall of faults (exception or dead letter), per fault kind."""
+    truths = list(truths)
+    truth_refs = {(t["source_topic"], t["source_partition"], t["source_offset"]) for t in truths}
     seen: dict[Ref, list[Decision]] = {}
     for d in decisions:
-        seen.setdefault(d.ref, []).append(d)
+        # A decision is about its first input; a reopening names the document that caused it
+        # first and the receipt after it: it counts for the receipt-topic record it names.
+        ref = d.ref if d.ref in truth_refs else next((r for r in d.input_refs if r in truth_refs), d.ref)
+        seen.setdefault(ref, []).append(d)
     by_ref: dict[Ref, Decision] = {}
     duplicates = reopened = 0
-    for ref, found in seen.items():
-        # the latest decision counts; max() keeps the first of equal keys, so index breaks ties
-        _, _, last = max((d.decision_time_ms, n, d) for n, d in enumerate(found))
+    for ref, all_of_ref in seen.items():
+        # the latest decision counts; on equal times the index makes the last one seen win
+        _, _, last = max((d.decision_time_ms, n, d) for n, d in enumerate(all_of_ref))
         by_ref[ref] = last
-        duplicates += len(found) - 1  # re-processing, or reopened by a later document
-        reopened += last.outcome == "EXCEPTION" and any(d.outcome == "VERIFIED" for d in found)
+        reopen = last.outcome == "EXCEPTION" and any(d.outcome == "VERIFIED" for d in all_of_ref)
+        reopened += reopen
+        duplicates += len(all_of_ref) - 1 - reopen  # the same input decided again: re-processing
     board = Scoreboard(duplicates=duplicates, reopened=reopened)
     fault_total: Counter[str] = Counter()
     fault_caught: Counter[str] = Counter()

@@ -14,9 +14,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from lotflow.kafka_clients import client_config
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.settings import Settings
-from lotflow.kafka_clients import client_config
 from lotflow.streams.topics import MATERIAL_SPECS
 from lotflow.verification.validation import InvalidRecord, validate_spec
 

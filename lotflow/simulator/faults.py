@@ -134,8 +134,8 @@ CATALOGUE: tuple[FaultInfo, ...] = (
               "one vendor prints this share of its receipts in the other unit, quantities and CoA "
               "values exactly converted (benign)"),
     FaultInfo("vendor_coa_drift", FaultKind.VENDOR, 1.0,
-              "one property of one material of one vendor drifts slowly inside the limits (SILENT_VENDOR_DRIFT once the "
-              "drift passes K = 4 baseline std)"),
+              "one property of one material of one vendor drifts slowly inside the limits "
+              "(SILENT_VENDOR_DRIFT once the drift passes K = 4 baseline std)"),
     FaultInfo("vendor_variance_jump", FaultKind.VENDOR, 1.0,
               "one vendor's lot-to-lot spread jumps 3 x mid-run (SILENT_VARIANCE_JUMP for a lot with "
               "a value beyond K = 4 baseline std)"),
@@ -196,7 +196,7 @@ class FaultMix:
 
     @classmethod
     def default(cls) -> FaultMix:
-        return cls({info.name: info.default_rate for info in CATALOGUE})
+        return cls({info.name: info.default_rate for info in CATALOGUE if info.default_rate})
 
     @classmethod
     def none(cls) -> FaultMix:

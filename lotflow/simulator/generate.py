@@ -466,7 +466,7 @@ class _Run:
         if fault == "po_revised_below_received":
             facts.add("PO_REVISED_BELOW_RECEIVED")
         codes = judge_receipt(d.receipt, d.po if d.publish_po else None, d.earlier, self.specs, lot_values, facts)
-        label = benign or (_WITHIN.get(fault or "", "") if fault else "")
+        label = _WITHIN.get(injected, "") or benign
         if not label:
             label = self._behaviour_label(vendor, lots, over, other_unit)
         truth = truth_record(d.receipt["receipt_id"], d.po["po_number"], vendor.vendor_id, codes, label)
@@ -599,10 +599,7 @@ class _Run:
             return revise(po, line_no, unit=unit)
         rest = pl["quantity"] - before - sum(planned)
         low = 0.5 + 0.5 * before / (pl["quantity"] - sum(planned)) if pl["quantity"] > sum(planned) else 1.0
-        if roll < 0.65 and low < 0.9:
-            s = rng.uniform(max(low, 0.6), 0.95)
-        else:
-            s = rng.uniform(1.05, 1.4)
+        s = rng.uniform(max(low, 0.6), 0.95) if roll < 0.65 and low < 0.9 else rng.uniform(1.05, 1.4)
         quantity = round_quantity(pl["quantity"] * s, pl["unit"])
         planned[:] = [round_quantity(q * s, pl["unit"]) for q in planned]
         if quantity - before - sum(planned) <= 0.25 * max(rest, 0.0):

@@ -109,8 +109,9 @@ def _spec_tolerance(world: World, material_id: str) -> float:
 
 
 def _set_deviation(rng: random.Random, d: Delivery, line: Record, tol: float,
-                   draw: Callable[[], float]) -> bool:
-    """Set ``line``'s quantity so the PO line's cumulative deviates by ``draw()`` (not within GUARD of ±tol)."""
+                   draw: Callable[[], float], within: bool = False) -> bool:
+    """Set ``line``'s quantity so the PO line's cumulative deviates by ``draw()`` (not within
+    GUARD of ±tol; ``within``: and inside the tolerance after rounding, else unchanged)."""
     pl = d.po_line(line)
     earlier = d.earlier.get(line["po_line"], [])
     before = cumulative(earlier, 0.0, pl["unit"], pl["unit"])
@@ -122,7 +123,7 @@ def _set_deviation(rng: random.Random, d: Delivery, line: Record, tol: float,
         if q <= 0:
             continue
         dev = quantity_deviation(cumulative(earlier, q, line["unit"], pl["unit"]), pl["quantity"])
-        if abs(abs(dev) - tol) > GUARD:
+        if abs(abs(dev) - tol) > GUARD and (not within or abs(dev) < tol):
             line["quantity"] = q
             return True
     return False
@@ -161,7 +162,11 @@ def over_ship(rng: random.Random, world: World, d: Delivery) -> bool:
     lines = _quantity_lines(d)
     for line in lines:
         tol = _spec_tolerance(world, line["material_id"])
-        _set_deviation(rng, d, line, tol, lambda t=tol: rng.uniform(*OVER_SHIP_RANGE) * t)
+
+        def draw(t: float = tol) -> float:
+            return rng.uniform(*OVER_SHIP_RANGE) * t
+
+        _set_deviation(rng, d, line, tol, draw, within=True)
     return bool(lines)
 
 

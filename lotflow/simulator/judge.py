@@ -148,9 +148,10 @@ def judge_receipt(receipt: Record, po: Record | None, earlier: Mapping[int, Sequ
             elif dev < -tol and not line["partial"]:
                 codes.append("QUANTITY_SHORT")
             price = line.get("unit_price")
-            if price is not None and pl["unit_price"] > 0:
-                if abs(price_deviation(price, line["unit"], pl["unit"], pl["unit_price"])) > PRICE_TOLERANCE_PCT / 100:
-                    codes.append("PRICE_ANOMALY")
+            limit = PRICE_TOLERANCE_PCT / 100
+            if (price is not None and pl["unit_price"] > 0
+                    and abs(price_deviation(price, line["unit"], pl["unit"], pl["unit_price"])) > limit):
+                codes.append("PRICE_ANOMALY")
         if spec["requires_coa"]:
             merged = lot_values.get(line["vendor_lot"])
             if merged is None:

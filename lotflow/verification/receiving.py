@@ -301,7 +301,9 @@ def check_lines(ctx: ReceivingContext) -> list[Reason]:
         assert f.qty_in_po_unit is not None
         ordered, tol = pl["quantity"], f.tolerance_pct / 100.0
         if line["unit"] != pl["unit"] and ordered > 0:
-            if abs(line["quantity"] - ordered) <= tol * ordered:
+            # The ordered number in another unit reads as "not converted" -- unless the line is a
+            # declared partial, whose number can be anything.
+            if not line["partial"] and abs(line["quantity"] - ordered) <= tol * ordered:
                 out.append(_r("UNIT_MISMATCH", Severity.BLOCK,
                               f"{line['quantity']:g} {line['unit']} looks like the PO's {ordered:g} {pl['unit']} "
                               f"unconverted: it is {f.qty_in_po_unit:.6g} {pl['unit']}", quantity=line["quantity"],

@@ -52,6 +52,9 @@ def lab() -> Iterator[Settings]:
     settings = Settings(var_dir=LAB_VAR_DIR, kafka_port=LAB_KAFKA_PORT, zookeeper_port=LAB_ZOOKEEPER_PORT,
                         bootstrap_servers=f"127.0.0.1:{LAB_KAFKA_PORT}")
     localkafka.stop(settings)  # one left behind by an interrupted run (ours only: pid files)
+    busy = [port for port in (LAB_KAFKA_PORT, LAB_ZOOKEEPER_PORT) if localkafka.port_open(port)]
+    if busy:
+        pytest.fail(f"ports {busy} are in use by processes this test did not start; free them first")
     shutil.rmtree(LAB_VAR_DIR / "kafka" / "data", ignore_errors=True)
     seed_distribution(LAB_VAR_DIR)
     localkafka.start(settings)

@@ -66,6 +66,9 @@ def sasl_broker() -> Iterator[Settings]:
         kafka_sasl_username=SASL_USER, kafka_sasl_password=SecretStr(SASL_PASSWORD),
     )
     localkafka.stop(broker)  # a broker left behind by an interrupted session (only ours, by pid file)
+    busy = [port for port in (SASL_KAFKA_PORT, SASL_PORT, SASL_ZOOKEEPER_PORT) if localkafka.port_open(port)]
+    if busy:
+        pytest.fail(f"ports {busy} are in use by processes this test did not start; free them first")
     shutil.rmtree(SASL_VAR_DIR / "kafka" / "data", ignore_errors=True)  # fresh topics and users
     seed_distribution(SASL_VAR_DIR)
     env = {**os.environ, **{k: v for k, v in broker.to_env().items() if k != "LOTFLOW_KAFKA_SASL_PORT"}}

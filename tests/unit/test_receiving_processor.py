@@ -75,15 +75,15 @@ def event(spec: topics.TopicSpec, record: dict[str, Any], offset: int, partition
                       value, NOW_MS)
 
 
-def PO(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+def PO(offset: int = 0, **kw: Any) -> InputEvent:
     return event(topics.PURCHASE_ORDERS, po(**kw), offset)
 
 
-def RECEIPT(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+def RECEIPT(offset: int = 0, **kw: Any) -> InputEvent:
     return event(topics.RECEIPTS, receipt(**kw), offset)
 
 
-def COA(offset: int = 0, **kw: Any) -> InputEvent:  # noqa: N802
+def COA(offset: int = 0, **kw: Any) -> InputEvent:
     return event(topics.CERTIFICATES, coa(**kw), offset)
 
 

@@ -35,3 +35,40 @@ def test_a_decision_seen_twice_counts_once() -> None:
 def test_faults_caught_by_confidence_alone_are_counted() -> None:
     board = score([truth(0, "SILENT_COA_DRIFT")], [Decision(("r", 0, 0), "EXCEPTION", ("COA_ATYPICAL",))])
     assert board.caught_by_model_only == 1 and board.recall_faults == 1.0
+
+
+def test_a_later_outcome_reopens_a_verified_receipt() -> None:
+    # a PO revision after the receipt was verified cuts its line below what was received
+    truths = [truth(0, "PO_REVISED_BELOW_RECEIVED"), truth(1)]
+    decisions = [
+        Decision(("r", 0, 0), "VERIFIED", decision_time_ms=100),
+        Decision(("r", 0, 1), "VERIFIED", decision_time_ms=100),
+        # the reopening's first input is the PO revision, the receipt comes second
+        Decision(("po", 0, 9), "EXCEPTION", ("PO_REVISED_BELOW_RECEIVED",), blocked=True, decision_time_ms=200,
+                 input_refs=(("po", 0, 9), ("r", 0, 0))),
+    ]
+    board = score(truths, decisions)
+    assert (board.verified, board.exceptions, board.reopened, board.duplicates) == (1, 1, 1, 0)
+    assert board.recall_faults == 1.0 and board.precision_verified == 1.0
+    # the latest decision counts whatever the order the outputs are read in
+    assert score(truths, list(reversed(decisions))).reopened == 1
+
+
+def test_silent_recall_and_false_alarms_by_benign_label() -> None:
+    truths = [
+        {**truth(0, "SILENT_VENDOR_DRIFT"), "silent": True},
+        {**truth(1, "SILENT_COA_DRIFT"), "silent": True},
+        {**truth(2), "benign": "COA_REISSUED"},
+        {**truth(3), "benign": "COA_REISSUED"},
+        truth(4),
+    ]
+    decisions = [
+        Decision(("r", 0, 0), "EXCEPTION", ("COA_ATYPICAL",)),
+        Decision(("r", 0, 1), "VERIFIED"),
+        Decision(("r", 0, 2), "EXCEPTION", ("COA_OUT_OF_SPEC",), blocked=True),
+        Decision(("r", 0, 3), "VERIFIED"),
+        Decision(("r", 0, 4), "EXCEPTION", ("VENDOR_TREND",)),
+    ]
+    board = score(truths, decisions)
+    assert (board.silent_faults, board.recall_silent) == (2, 0.5)
+    assert board.false_alarms_by_benign == {"COA_REISSUED": 1, "CLEAN": 1}

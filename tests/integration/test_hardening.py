@@ -1,0 +1,266 @@
+"""Hostile input, documents that change, and two workers, on the real broker and a real worker.
+
+Every record here goes through ``lotflow worker`` as its own process: bad POs, certificates
+and receipts of every kind become dead letters with their error class while the worker stays
+healthy; split and reissued certificates, a cancelled line, PO revisions before and after a
+decision and a PO tombstone are judged as documented; and two workers in one group decide as
+one worker does, because every worker reads every partition's vendor history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from lotflow.demo import OutputReader
+from lotflow.kafka_clients import client_config, producer_config
+from lotflow.schemas.serde import AvroCodec, schema_source
+from lotflow.settings import Settings
+from lotflow.streams import topics
+from lotflow.streams.topics import TopicSpec
+from tests.unit.receiving_fixtures import SPECS, coa, po, receipt
+
+from .pipeline import PROJECT_ROOT, WorkerProcess, free_port, wait_for
+
+TopicSetFactory = Callable[..., Settings]
+LOGS = PROJECT_ROOT / "var" / "test-logs"
+
+
+def spec_record(material: str) -> dict[str, object]:
+    s = SPECS[material]
+    return {"material_id": material, "revision": 0, "description": "", "base_unit": s["base_unit"],
+            "quantity_tolerance_pct": s["quantity_tolerance_pct"], "requires_coa": s["requires_coa"],
+            "properties": [{**p, "target": None} for p in s["properties"]],
+            "event_time": int(time.time() * 1000)}
+
+
+class Publisher:
+    """Inputs encoded as plant systems would, to an explicit partition when asked."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = schema_source(None)
+        self.producer = Producer(producer_config(settings))
+        self.codecs: dict[str, AvroCodec] = {}
+
+    def encode(self, spec: TopicSpec, record: dict[str, Any]) -> bytes:
+        topic = spec.full_name(self.settings)
+        codec = self.codecs.get(topic) or AvroCodec(self.source, f"{topic}-value", spec.schema)
+        self.codecs[topic] = codec
+        return codec.encode(record)
+
+    def send(self, spec: TopicSpec, key: str | None, record: dict[str, Any] | bytes | None,
+             partition: int | None = None) -> None:
+        value = record if record is None or isinstance(record, bytes) else self.encode(spec, record)
+        kwargs: dict[str, Any] = {"key": None if key is None else key.encode(), "value": value}
+        if partition is not None:
+            kwargs["partition"] = partition
+        self.producer.produce(spec.full_name(self.settings), **kwargs)
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+def read_all(settings: Settings, spec: TopicSpec) -> list[dict[str, Any]]:
+    """Everything committed on an output topic, decoded (read_committed)."""
+    topic = spec.full_name(settings)
+    codec = AvroCodec(schema_source(None), f"{topic}-value", spec.schema)
+    consumer = Consumer(client_config(settings, **{"group.id": f"read-{time.monotonic_ns()}",
+                                                   "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed"}))
+    tps = [TopicPartition(topic, p, 0) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+    out = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1000, timeout=0.5):
+            if not msg.error() and msg.value() is not None:
+                out.append(codec.decode(msg.value()))
+        positions = {tp.partition: tp.offset for tp in consumer.position(tps)}
+        if all(positions.get(p, 0) >= end for p, end in ends.items()):
+            break
+    consumer.close()
+    return out
+
+
+def healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+def start(settings: Settings, name: str, workers: list[WorkerProcess], **update: Any) -> WorkerProcess:
+    settings = settings.model_copy(update={"worker_web_port": free_port(), **update})
+    worker = WorkerProcess(settings, LOGS / f"{name}-{settings.app_id}.log").start()
+    workers.append(worker)
+    return worker
+
+
+def _po(number: str, **line: Any) -> dict[str, Any]:
+    record = po(number)
+    record["lines"][0].update(line)
+    return record
+
+
+def test_hostile_documents_are_dead_letters_and_changing_documents_are_judged(
+        topic_set: TopicSetFactory, workers: list[WorkerProcess]) -> None:
+    settings = topic_set(document_wait_s=3.0)
+    pub = Publisher(settings)
+    pub.send(topics.MATERIAL_SPECS, "MAT-1", spec_record("MAT-1"))
+    pub.flush()
+    worker = start(settings, "hostile", workers)
+    P, C, R = topics.PURCHASE_ORDERS, topics.CERTIFICATES, topics.RECEIPTS  # noqa: N806
+    # --- bad documents of every kind ---
+    bad_receipt_enum = bytearray(pub.encode(R, receipt("R-ENUM", "PO-OK")))
+    bad_receipt_enum[bytes(bad_receipt_enum).rindex(b"\x00", 0, bytes(bad_receipt_enum).index(b"L-1"))] = 0x01
+    bad: list[tuple[TopicSpec, str | None, dict[str, Any] | bytes | None, str]] = [
+        (R, "PO-OK", b"\xde\xad\xbe\xef not avro", "DECODE"),
+        (R, "PO-OK", bytes(bad_receipt_enum), "DECODE"),
+        (R, "PO-OK", receipt("R-NEG", "PO-OK", quantity=-5.0), "INVALID_VALUE"),
+        (R, "PO-OK", receipt("R-NAN", "PO-OK", quantity=math.nan), "INVALID_VALUE"),
+        # 700 kB fits the broker's 1 MB record limit; waiting for its certificate, its state would not
+        (R, "PO-OK", receipt("R-HUGE", "PO-OK", lot="L" * 700_000), "STATE_TOO_LARGE"),
+        (P, "PO-NANPRICE", _po("PO-NANPRICE", unit_price=math.nan), "INVALID_VALUE"),
+        (P, "PO-REPEAT", {**po("PO-REPEAT"), "lines": po("PO-REPEAT")["lines"] * 2}, "INVALID_VALUE"),
+        (P, "PO-OTHER-KEY", po("PO-X"), "INVALID_VALUE"),
+        (P, "PO-NOLINES", {**po("PO-NOLINES"), "lines": []}, "INVALID_VALUE"),
+        (C, "PO-OK", {**coa("PO-OK"), "values": [{"property": "purity", "value": math.inf, "unit": "%"}]},
+         "INVALID_VALUE"),
+        (C, "PO-OK", {**coa("PO-OK"), "vendor_lot": ""}, "INVALID_VALUE"),
+        (C, "PO-OK", None, "DECODE"),  # a tombstone on the certificates topic
+    ]
+    for spec, key, record, _ in bad:
+        pub.send(spec, key, record)
+    # --- a clean receipt in the middle of it: processing goes on ---
+    pub.send(P, "PO-OK", po("PO-OK"))
+    pub.send(C, "PO-OK", coa("PO-OK"))
+    pub.send(R, "PO-OK", receipt("R-OK", "PO-OK"))
+    # --- a reissued certificate corrects the first one before the receipt arrives ---
+    pub.send(P, "PO-SPLIT", po("PO-SPLIT"))
+    pub.send(C, "PO-SPLIT", {**coa("PO-SPLIT"), "coa_id": "C-1",
+                             "values": [{"property": "purity", "value": 97.0, "unit": "%"}]})
+    pub.send(C, "PO-SPLIT", {**coa("PO-SPLIT"), "coa_id": "C-2", "issued_at": coa()["issued_at"] + 1000,
+                             "values": [{"property": "purity", "value": 99.3, "unit": "%"}]})  # reissued
+    pub.send(R, "PO-SPLIT", receipt("R-SPLIT", "PO-SPLIT"))
+    # --- a cancelled line ---
+    pub.send(P, "PO-CANCEL", _po("PO-CANCEL", quantity=0.0))
+    pub.send(C, "PO-CANCEL", coa("PO-CANCEL"))
+    pub.send(R, "PO-CANCEL", receipt("R-CANCEL", "PO-CANCEL"))
+    # --- a revision before the decision, then one after it ---
+    pub.send(P, "PO-REV", po("PO-REV"))
+    pub.send(P, "PO-REV", {**po("PO-REV", quantity=1200.0), "revision": 1})
+    pub.send(C, "PO-REV", coa("PO-REV"))
+    pub.send(R, "PO-REV", receipt("R-REV", "PO-REV", quantity=1200.0))
+    pub.flush()
+    reader = OutputReader(settings)
+    wait_for(reader, lambda: reader.counts["VERIFIED"] + reader.counts["EXCEPTION"] >= 4, 90,
+             "the four good receipts decided")
+    read_before = worker.records_in()
+    pub.send(P, "PO-REV", {**po("PO-REV", quantity=900.0), "revision": 2})  # after the decision
+    pub.send(P, "PO-REV", {**po("PO-REV", quantity=5.0), "revision": 1})  # older, late: nothing
+    # --- a PO tombstone: a receipt after it waits for a PO that never comes ---
+    pub.send(P, "PO-OK", None)
+    pub.flush()
+    deadline = time.monotonic() + 30  # topics are read independently: the tombstone must be read first
+    while worker.records_in() < read_before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pub.send(C, "PO-OK", coa("PO-OK", lot="L-2"))
+    pub.send(R, "PO-OK", receipt("R-AFTER-DELETE", "PO-OK", lot="L-2"))
+    pub.flush()
+    wait_for(reader, lambda: reader.counts["VERIFIED"] + reader.counts["EXCEPTION"] >= 6, 90,
+             "the revision's exception and the receipt after the tombstone")
+    reader.close()
+    time.sleep(1.0)
+
+    dead = read_all(settings, topics.DEAD_LETTERS)
+    assert sorted(d["error_class"] for d in dead) == sorted(cls for *_, cls in bad), dead
+    huge = next(d for d in dead if d["error_class"] == "STATE_TOO_LARGE")
+    assert huge["original_size"] > 700_000 and len(huge["original_value"]) == 64 * 1024
+    decisions = {(d["subject_id"], d["decision"]): d for spec in (topics.VERIFIED, topics.EXCEPTIONS)
+                 for d in read_all(settings, spec)}
+    codes = {sid: {r["code"] for r in d["reasons"]} for (sid, _), d in decisions.items()}
+    assert ("R-OK", "VERIFIED") in decisions
+    assert ("R-SPLIT", "VERIFIED") in decisions  # the reissued certificate replaced purity 97
+    assert ("R-CANCEL", "EXCEPTION") in decisions and "PO_LINE_CANCELLED" in codes["R-CANCEL"]
+    assert ("R-REV", "VERIFIED") in decisions  # judged against revision 1 (1,200 ordered)
+    assert ("R-REV", "EXCEPTION") in decisions  # revision 2 left it over-delivered
+    assert decisions[("R-REV", "EXCEPTION")]["reasons"][0]["code"] == "PO_REVISED_BELOW_RECEIVED"
+    assert ("R-AFTER-DELETE", "EXCEPTION") in decisions and "UNKNOWN_PO" in codes["R-AFTER-DELETE"]
+    assert len(decisions) == 6
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert healthz(worker.settings.worker_web_port) == 200
+
+
+HISTORY_LOTS = 24
+PROBES = 16
+
+
+def _history_traffic(pub: Publisher, partitions: int) -> None:
+    """A vendor's history, all on partition 0: purity 99.00 +/- 0.02."""
+    for i in range(HISTORY_LOTS):
+        number, lot = f"PO-H{i}", f"LH{i}"
+        value = 99.0 + 0.02 * ((i % 5) - 2)
+        pub.send(topics.PURCHASE_ORDERS, number, po(number), partition=0)
+        pub.send(topics.CERTIFICATES, number, coa(number, lot=lot, purity=value), partition=0)
+        pub.send(topics.RECEIPTS, number, receipt(f"R-H{i}", number, lot=lot), partition=0)
+
+
+def _probe_traffic(pub: Publisher, partitions: int) -> None:
+    """Receipts on every partition, in spec but far from (or close to) that history."""
+    for i in range(PROBES):
+        number, lot, part = f"PO-P{i}", f"LP{i}", i % partitions
+        value = 99.6 if i % 2 else 99.01
+        pub.send(topics.PURCHASE_ORDERS, number, po(number), partition=part)
+        pub.send(topics.CERTIFICATES, number, coa(number, lot=lot, purity=value), partition=part)
+        pub.send(topics.RECEIPTS, number, receipt(f"R-P{i}", number, lot=lot), partition=part)
+
+
+def _run(settings: Settings, n_workers: int, workers: list[WorkerProcess]) -> dict[str, tuple[str, frozenset[str]]]:
+    pub = Publisher(settings)
+    pub.send(topics.MATERIAL_SPECS, "MAT-1", spec_record("MAT-1"))
+    pub.flush()
+    group = [start(settings, f"w{n}of{n_workers}", workers, worker_instance_id=f"w{n}") for n in range(n_workers)]
+    reader = OutputReader(settings)
+    _history_traffic(pub, settings.partitions)
+    pub.flush()
+    wait_for(reader, lambda: reader.decided_receipts() >= HISTORY_LOTS, 120, "the history decided")
+    time.sleep(2.0)  # more than the documented propagation lag of the shared history
+    _probe_traffic(pub, settings.partitions)
+    pub.flush()
+    wait_for(reader, lambda: reader.decided_receipts() >= HISTORY_LOTS + PROBES, 120, "the probes decided")
+    reader.close()
+    for w in group:
+        w.stop()
+    out = {}
+    for spec in (topics.VERIFIED, topics.EXCEPTIONS):
+        for d in read_all(settings, spec):
+            if d["subject_id"].startswith("R-P"):
+                out[d["subject_id"]] = (d["decision"], frozenset(r["code"] for r in d["reasons"]))
+    return out
+
+
+def test_two_workers_decide_as_one_worker_does(topic_set: TopicSetFactory, workers: list[WorkerProcess]) -> None:
+    one = _run(topic_set(document_wait_s=3.0), 1, workers)
+    two = _run(topic_set(document_wait_s=3.0), 2, workers)
+    assert len(one) == PROBES and one == two
+    # the history of partition 0 reached the receipts of every partition: the far values are atypical
+    atypical = {sid for sid, (_, codes) in one.items() if "COA_ATYPICAL" in codes}
+    assert atypical == {f"R-P{i}" for i in range(PROBES) if i % 2}
