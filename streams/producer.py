@@ -56,7 +56,8 @@ class Encoder:
         entry = self._codecs.get(spec.name)
         if entry is None:
             topic = spec.full_name(self._settings)
-            entry = self._codecs[spec.name] = (topic, AvroCodec(self._source, f"{topic}-value", spec.schema))
+            entry = self._codecs[spec.name] = (topic, AvroCodec(self._source, f"{topic}-value", spec.schema,
+                                                                 epoch_millis=True))
         return entry
 
     def encode(self, kind: OutputKind | TopicSpec, key: str, record: Mapping[str, Any]) -> Message:

@@ -10,8 +10,9 @@ Every record is handled in its own unit of work (``StateUnit``): the outputs are
 the new state serialised before anything is applied, and any exception sends the record to
 the dead letters with the state untouched. State, all in the PO's partition:
 
-* ``P|<po>``          the PO revision in force, received totals per line (in the PO's unit),
-                      the last receipt per line, and the receipts still waiting for documents;
+* ``P|<po>``          the PO revision in force, received totals per line (in the PO's unit)
+                      and the last receipt per line;
+* ``W|<po>|<rid>@<offset>``  a receipt waiting for its documents (with its deadline);
 * ``C|<po>|<lot>``    the merged certificates of a lot not yet received;
 * ``R|<po>|<rid>``    a decided receipt id (duplicates, re-delivery after a crash);
 * ``L|<po>|<line>|<lot>``  which receipt delivered a lot on a PO line;
@@ -76,7 +77,7 @@ def _core_key(po: str) -> str:
 
 
 def _new_core() -> Record:
-    return {"po": None, "po_ref": None, "received": {}, "last": {}, "pending": {}, "t": 0}
+    return {"po": None, "po_ref": None, "received": {}, "last": {}, "t": 0}
 
 
 def error_class(exc: BaseException) -> str:
@@ -122,7 +123,8 @@ class ReceivingProcessor:
         self.wait_ms = int(settings.document_wait_s * 1000)
         self.retention_ms = int(settings.po_state_retention_s * 1000)
         self._max_state_bytes = self.encoder.max_bytes
-        self._codecs = {spec.full_name(settings): AvroCodec(source, f"{spec.full_name(settings)}-value", spec.schema)
+        self._codecs = {spec.full_name(settings): AvroCodec(source, f"{spec.full_name(settings)}-value", spec.schema,
+                                                             epoch_millis=True)
                         for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES)}
         self._po_topic = topics.PURCHASE_ORDERS.full_name(settings)
         self._handlers: dict[str, Callable[[InputEvent, Record, int], None]] = {
@@ -132,7 +134,7 @@ class ReceivingProcessor:
         }
         self._deadlines = DueIndex()  # (PO key, pending key) by document-wait deadline
         self._expiry = DueIndex()  # state keys by last touch + retention
-        self._waiting: set[str] = set()  # PO keys with receipts waiting for documents
+        self._waiting: dict[str, set[str]] = {}  # PO key -> its receipts waiting for documents
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
         self.replayed = 0
         # Counted locally and published once per batch: a prometheus inc takes a lock.
@@ -179,7 +181,8 @@ class ReceivingProcessor:
         staged = unit.encode()
         now_ms = int(self.clock() * 1000)
         for table, _, key, value, _ in staged:
-            if value is not None and table is self.po_state and table.get(key) is None:
+            # waiting receipts leave by their deadline, input marks never
+            if value is not None and table is self.po_state and key[0] not in "WO" and table.get(key) is None:
                 self._expiry.push(now_ms + self.retention_ms, key)
         unit.apply(staged)
         self.outbox.extend(messages)
@@ -252,97 +255,113 @@ class ReceivingProcessor:
         merged = rules.merge_coa(lot["v"] if lot else None, coa, [event.topic, event.partition, event.offset])
         unit.put(self.po_state, event.partition, key, {"v": merged, "t": now_ms})
         self._commit(unit, [])
-        self._decide_ready(_core_key(po), event.partition, now_ms, expired=False)
+        self._decide_ready(_core_key(po), event.partition, now_ms, expired=False, lot=coa["vendor_lot"])
 
     def _on_receipt(self, event: InputEvent, raw: Record, now_ms: int) -> None:
         receipt = normalize_receipt(raw, event.key, now_ms)
         po, rid = receipt["po_number"], receipt["receipt_id"]
-        unit = self._unit()
         seen = self.po_state.get(f"R|{po}|{rid}")
         if seen is not None and seen["o"] == event.offset:
             # Re-delivered after a crash: its decision was committed in the same transaction as
             # this state, so it is on the broker already; deciding again could only differ.
             return
         key = _core_key(po)
-        core = unit.get(self.po_state, key) or _new_core()
         pending_key = f"{rid}@{event.offset}"
-        if pending_key in core["pending"]:
+        wait_key = f"W|{po}|{pending_key}"
+        if self.po_state.get(wait_key) is not None:
             return  # re-delivered while it waits: it keeps its original deadline
         pending = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
                    "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
-                   "raw": base64.b64encode(event.value or b"").decode()}
-        core["pending"][pending_key] = pending
-        joined = self._join(unit, core, receipt)
+                   "raw": base64.b64encode(event.value or b"").decode(), "t": now_ms}
+        core = self.po_state.get(key)
+        joined = self._join(core["po"] if core else None, receipt)
+        unit = self._unit()
         if joined.missing:
-            core["t"] = now_ms
-            unit.put(self.po_state, event.partition, key, core)
+            unit.put(self.po_state, event.partition, wait_key, pending)
             self._commit(unit, [])
             self._deadlines.push(pending["deadline"], (key, pending_key))
-            self._waiting.add(key)
+            self._waiting.setdefault(key, set()).add(pending_key)
             return
-        outputs = self._decide(unit, key, core, pending_key, event.partition, joined, now_ms)
-        self._commit(unit, outputs)
+        core = unit.get(self.po_state, key) or _new_core()
+        self._commit(unit, self._decide(unit, key, core, pending, event.partition, joined, now_ms))
 
     # --- deciding ---------------------------------------------------------------
-    def _join(self, unit: StateUnit, core: Record, receipt: Record) -> _Joined:
+    def _join(self, po_doc: Record | None, receipt: Record) -> _Joined:
+        """What the receipt joins with, read from the live state (derive only reads it)."""
         po = receipt["po_number"]
         coas: dict[str, rules.CoaLot] = {}
         owners: dict[tuple[str, str], str] = {}
         for line in receipt["lines"]:
             lot = line["vendor_lot"]
             if lot not in coas:
-                doc = unit.get(self.po_state, f"C|{po}|{lot}")
+                doc = self.po_state.get(f"C|{po}|{lot}")
                 if doc is not None:
                     coas[lot] = doc["v"]
             owner = self.po_state.get(f"L|{po}|{line['po_line']}|{lot}")
             if owner is not None:
                 owners[(str(line["po_line"]), lot)] = owner["r"]
         received_lots = {lot for _, lot in owners}
-        missing = rules.missing_documents(receipt, core["po"], self.specs, coas, received_lots)
+        missing = rules.missing_documents(receipt, po_doc, self.specs, coas, received_lots)
         return _Joined(coas, owners, missing)
 
-    def _decide_ready(self, key: str, partition: int, now_ms: int, expired: bool) -> None:
-        """Decide every waiting receipt of this PO that has its documents (or whose wait expired)."""
-        core = self.po_state.get(key)
-        if not core or not core["pending"]:
+    def _decide_ready(self, key: str, partition: int, now_ms: int, expired: bool, lot: str | None = None) -> None:
+        """Decide the waiting receipts of this PO that have their documents now (or whose wait
+        expired); with ``lot``, only those that wait for that lot's certificate."""
+        waiting = self._waiting.get(key)
+        if not waiting:
             return
-        for pending_key in list(core["pending"]):
+        for pending_key in list(waiting):
+            if lot is not None:
+                pending = self.po_state.get(f"W|{key[2:]}|{pending_key}")
+                if pending is None or all(ln["vendor_lot"] != lot for ln in pending["receipt"]["lines"]):
+                    continue
             self._decide_pending(key, pending_key, partition, now_ms, expired)
 
     def _decide_pending(self, key: str, pending_key: str, partition: int, now_ms: int, expired: bool) -> bool:
         """Decide one waiting receipt if it can be; False if it must wait on."""
-        unit = self._unit()
-        core = unit.get(self.po_state, key)
-        pending = core["pending"].get(pending_key) if core else None
-        if core is None or pending is None:
+        wait_key = f"W|{key[2:]}|{pending_key}"
+        pending = self.po_state.get(wait_key)
+        if pending is None:
+            self._forget_waiting(key, pending_key)
             return True
         try:
-            joined = self._join(unit, core, pending["receipt"])
-            if joined.missing:
-                due = pending["deadline"] <= now_ms
-                if not (expired and due and self.documents_settled(partition, pending["ts"] + self.wait_ms)):
-                    return False
-            self._commit(unit, self._decide(unit, key, core, pending_key, partition, joined, now_ms))
+            # An expired wait is judged only once its documents' partitions were read past its
+            # deadline (checked first: it is cheap, and under a backlog most are not yet).
+            late = (expired and pending["deadline"] <= now_ms
+                    and self.documents_settled(partition, pending["ts"] + self.wait_ms))
+            if expired and not late:
+                return False
+            core = self.po_state.get(key)
+            joined = self._join(core["po"] if core else None, pending["receipt"])
+            if joined.missing and not late:
+                return False
+            unit = self._unit()
+            unit.delete(self.po_state, partition, wait_key)
+            core = unit.get(self.po_state, key) or _new_core()
+            self._commit(unit, self._decide(unit, key, core, pending, partition, joined, now_ms))
         except Exception as exc:
             # The receipt goes to the dead letters (with its original bytes) and stops waiting.
             drop = self._unit()
-            core = drop.get(self.po_state, key)
-            core["pending"].pop(pending_key, None)
-            drop.put(self.po_state, partition, key, core)
+            drop.delete(self.po_state, partition, wait_key)
             ref = pending["ref"]
             kind, out_key, record = dead_letter(NODE, InputRef(*ref), key[2:].encode(),
                                                 base64.b64decode(pending["raw"]), error_class(exc),
                                                 _describe(exc), now_ms)
             self._commit(drop, [(kind, out_key, record)])
             self._dead[(ref[0], error_class(exc))] += 1
-        if not self.po_state.get(key)["pending"]:
-            self._waiting.discard(key)
+        self._forget_waiting(key, pending_key)
         return True
 
-    def _decide(self, unit: StateUnit, key: str, core: Record, pending_key: str, partition: int,
+    def _forget_waiting(self, key: str, pending_key: str) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.discard(pending_key)
+            if not waiting:
+                del self._waiting[key]
+
+    def _decide(self, unit: StateUnit, key: str, core: Record, pending: Record, partition: int,
                 joined: _Joined, now_ms: int) -> list[Output]:
         """Evaluate one receipt; stage its state changes in ``unit``; return its outputs."""
-        pending = core["pending"].pop(pending_key)
         receipt, ref = pending["receipt"], pending["ref"]
         po, rid, vendor = receipt["po_number"], receipt["receipt_id"], receipt["vendor_id"]
         profile_key = f"{vendor}@{partition}"
@@ -441,20 +460,22 @@ class ReceivingProcessor:
         for key, value in self.po_state.items():
             if not value or key.startswith("O|"):
                 continue
+            if key.startswith("W|"):
+                _, po, pending_key = key.split("|", 2)
+                self._waiting.setdefault(_core_key(po), set()).add(pending_key)
+                self._deadlines.push(value["deadline"], (_core_key(po), pending_key))
+                continue
             self._expiry.push(value.get("t", 0) + self.retention_ms, key)
-            if key.startswith("P|") and value["pending"]:
-                self._waiting.add(key)
-                for pending_key, p in value["pending"].items():
-                    self._deadlines.push(p["deadline"], (key, pending_key))
 
     def recheck_waiting(self) -> None:
         """Documents arrived out of band (a new spec): try every waiting receipt once."""
         now_ms = int(self.clock() * 1000)
-        for key in list(self._waiting):
-            if self.po_state.get(key) is None:
-                self._waiting.discard(key)
-                continue
-            self._decide_ready(key, self.po_state.partition_of(key), now_ms, expired=False)
+        for key, waiting in list(self._waiting.items()):
+            some = next(iter(waiting), None)
+            if some is not None:
+                wait_key = f"W|{key[2:]}|{some}"
+                if self.po_state.get(wait_key) is not None:
+                    self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms, expired=False)
 
     def sweep(self) -> int:
         """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due."""
@@ -462,16 +483,17 @@ class ReceivingProcessor:
         decided = 0
         for item in self._deadlines.pop_due(now_ms):
             key, pending_key = item
-            core = self.po_state.get(key)
-            if not core or pending_key not in core["pending"]:
+            wait_key = f"W|{key[2:]}|{pending_key}"
+            if pending_key not in self._waiting.get(key, ()) or self.po_state.get(wait_key) is None:
+                self._forget_waiting(key, pending_key)
                 continue
-            if self._decide_pending(key, pending_key, self.po_state.partition_of(key), now_ms, expired=True):
+            partition = self.po_state.partition_of(wait_key)
+            if self._decide_pending(key, pending_key, partition, now_ms, expired=True):
                 decided += 1
             else:  # documents published before the deadline are not all read yet: look again soon
                 self._deadlines.push(now_ms + 1000, item)
         self._expire(now_ms)
-        self.metrics.pending.labels(NODE).set(sum(len(self.po_state.get(k)["pending"]) for k in self._waiting
-                                                  if self.po_state.get(k)))
+        self.metrics.pending.labels(NODE).set(sum(len(w) for w in self._waiting.values()))
         return decided
 
     def _expire(self, now_ms: int) -> None:
@@ -482,7 +504,7 @@ class ReceivingProcessor:
             if value is None:
                 continue
             touched = value.get("t", 0)
-            if touched + self.retention_ms > now_ms or (key.startswith("P|") and value["pending"]):
+            if touched + self.retention_ms > now_ms or key in self._waiting:
                 self._expiry.push(max(touched + self.retention_ms, now_ms + 1000), key)
                 continue
             forget.delete(self.po_state, self.po_state.partition_of(key), key)

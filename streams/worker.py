@@ -27,7 +27,7 @@ from lotflow.settings import Settings
 from lotflow.streams import topics, transport
 from lotflow.streams.faults import crash_injector
 from lotflow.streams.health import Health
-from lotflow.streams.history import SharedHistory
+from lotflow.streams.history import LazyHistory, SharedHistory
 from lotflow.streams.producer import TransactionalOutput
 from lotflow.streams.receiving import InputEvent, ReceivingProcessor
 from lotflow.streams.reference import SpecCache
@@ -88,7 +88,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     faust_po_table = app.Table("receiving-po", default=None, partitions=settings.partitions)
     po_table = ChangelogTable(faust_po_table)
     vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
-    shared_history = SharedHistory(settings, vendor_table.changelog_topic())
+    # Created on start, when Faust has declared the changelog topic it reads.
+    shared_history = LazyHistory()
     output: TransactionalOutput | None = None  # created on start: init_transactions fences a previous instance
     health = Health(settings.stall_timeout_s)
 
@@ -149,6 +150,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         for name in _QUIET:
             logging.getLogger(name).setLevel(logging.WARNING)
         specs.load()
+        shared_history.attach(SharedHistory(settings, vendor_table.changelog_topic()))
         output = TransactionalOutput(settings, f"{settings.app_id}-{member}",
                                      crash_at=crash_injector(settings.fault_inject))
 

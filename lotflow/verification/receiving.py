@@ -152,6 +152,7 @@ class PoLineTotal:
     """Every packing-list line of this receipt on one PO line, added up in the PO's unit."""
 
     po_line: Record
+    spec: Record | None
     quantity: float  # this receipt
     previously_received: float
     partial: bool
@@ -225,7 +226,7 @@ def derive(receipt: Record, po: Record | None, received: Mapping[str, float], co
                 total = totals.get(line["po_line"])
                 if total is None:
                     total = totals[line["po_line"]] = PoLineTotal(
-                        po_line, 0.0, received.get(str(line["po_line"]), 0.0), False, set())
+                        po_line, spec, 0.0, received.get(str(line["po_line"]), 0.0), False, set())
                 total.quantity += fact.qty_in_po_unit
                 total.partial = total.partial or line["partial"]
                 total.declared_units.add(line["unit"])
@@ -328,7 +329,7 @@ def _check_quantity(ctx: ReceivingContext, t: PoLineTotal) -> list[Reason]:
     if ordered <= 0:
         return [_r("PO_LINE_CANCELLED", Severity.BLOCK, f"line {no} of the PO is cancelled (ordered 0 {unit})",
                    po_line=no, received=t.quantity)]
-    tol = ctx.rules.tolerance_pct(_spec_of(ctx, no)) / 100.0
+    tol = ctx.rules.tolerance_pct(t.spec) / 100.0
     out = []
     cumulative = t.previously_received + t.quantity
     deviation = (cumulative - ordered) / ordered
@@ -354,10 +355,6 @@ def _check_quantity(ctx: ReceivingContext, t: PoLineTotal) -> list[Reason]:
                           f"quantity is {ratio:.4f} x the {'open remainder' if t.partial else 'PO'}: "
                           "the unit on the label is probably wrong", ratio=ratio, unit_factor=slip))
     return out
-
-
-def _spec_of(ctx: ReceivingContext, po_line: int) -> Record | None:
-    return next((f.spec for f in ctx.lines if f.line["po_line"] == po_line), None)
 
 
 def check_certificates(ctx: ReceivingContext) -> list[Reason]:

@@ -270,3 +270,29 @@ def test_faust_app_consumes_and_produces_through_sasl(sasl_topic_set: TopicSetFa
             proc.wait(10)
     # the app id's internal topics are not under the prefix: remove them too
     delete_topics_with_prefix(settings, settings.app_id, timeout=30)
+
+
+def test_the_pipeline_runs_through_sasl(sasl_topic_set: TopicSetFactory) -> None:
+    """``lotflow worker`` (Faust consumer, transactional librdkafka producer, spec and history
+    readers) with every client on the SASL listener: receipts in, decisions out, read back
+    read_committed through SASL too."""
+    from lotflow.demo import OutputReader
+    from lotflow.simulator.faults import parse_fault_spec
+    from lotflow.simulator.publish import publish
+
+    from .pipeline import WorkerProcess, free_port, wait_for
+
+    settings = sasl_topic_set(document_wait_s=3.0, worker_web_port=free_port())
+    count = 300
+    report = publish(settings, 5, count, parse_fault_spec("default"), 0.0, None)
+    assert report.failed == 0
+    log = PROJECT_ROOT / "var" / "test-logs" / f"sasl-pipeline-{settings.app_id}.log"
+    worker = WorkerProcess(settings, log).start()
+    try:
+        reader = OutputReader(settings)
+        wait_for(reader, lambda: reader.decided_receipts() >= count, 120, "every receipt decided through SASL")
+        assert reader.counts["VERIFIED"] > 0 and reader.counts["EXCEPTION"] > 0
+        reader.close()
+        assert SASL_PASSWORD not in log.read_text()  # the secret is never logged
+    finally:
+        worker.stop()

@@ -1,0 +1,73 @@
+"""Small pure parts of the worker: due-time index, health, fault injection, state units, codec."""
+
+from __future__ import annotations
+
+import pytest
+
+from lotflow.schemas.serde import AvroCodec, schema_source
+from lotflow.streams.faults import crash_injector
+from lotflow.streams.health import Health
+from lotflow.streams.state import DictState, StateTooLarge, StateUnit
+from lotflow.streams.timers import DueIndex
+
+from .receiving_fixtures import receipt
+
+
+def test_due_index_returns_only_what_is_due_in_time_order() -> None:
+    index = DueIndex()
+    for due, item in [(30, "c"), (10, "a"), (20, "b"), (10, "a2")]:
+        index.push(due, item)
+    assert index.pop_due(5) == []
+    assert index.pop_due(20) == ["a", "a2", "b"]
+    assert len(index) == 1 and index.next_due() == 30
+
+
+def test_health_fails_while_commits_fail_or_input_waits_without_progress() -> None:
+    now = [100.0]
+    health = Health(stall_timeout_s=60, clock=lambda: now[0])
+    assert health.check(None)[0]
+    assert not health.check(commit_failing_since=95.0)[0]
+    health.observe_lag(0)
+    now[0] += 120
+    assert health.check(None)[0]  # idle with nothing to read is healthy
+    health.observe_lag(5)
+    ok, detail = health.check(None)
+    assert not ok and "5 input records waiting" in detail["problems"][0]
+    health.batch_done()
+    assert health.check(None)[0]
+
+
+def test_fault_injection_names_a_known_point() -> None:
+    assert crash_injector(None) is None
+    with pytest.raises(ValueError, match="not one of"):
+        crash_injector("somewhere")
+    crash = crash_injector("after_commit:3")
+    assert crash is not None
+    crash("before_commit")  # other points never kill
+    crash("after_commit")
+    crash("after_commit")  # the third time would
+
+
+def test_a_state_unit_changes_nothing_until_applied_and_refuses_oversized_values() -> None:
+    table = DictState()
+    unit = StateUnit(max_value_bytes=100)
+    unit.put(table, 0, "k", {"v": [1, 2]})
+    assert table.get("k") is None and unit.get(table, "k") == {"v": [1, 2]}
+    unit.apply(unit.encode())
+    copy = StateUnit(100).get(table, "k")
+    copy["v"].append(3)
+    assert table.get("k") == {"v": [1, 2]}  # reads are private copies
+    big = StateUnit(100)
+    big.put(table, 0, "k", {"v": "x" * 200})
+    with pytest.raises(StateTooLarge):
+        big.encode()
+    assert table.get("k") == {"v": [1, 2]}
+
+
+def test_epoch_millis_codec_reads_the_same_bytes_as_plain_ints() -> None:
+    source = schema_source(None)
+    fast = AvroCodec(source, "x", "lotflow.plant.Receipt", epoch_millis=True)
+    plain = AvroCodec(source, "x", "lotflow.plant.Receipt")
+    record = receipt()
+    assert fast.encode(record) == plain.encode(record)
+    assert fast.decode(plain.encode(record))["received_at"] == record["received_at"]
