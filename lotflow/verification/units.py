@@ -49,6 +49,19 @@ class IncompatibleUnits(ValueError):
     """The two units measure different things (mass vs volume, count vs mass)."""
 
 
+def _factor(table: dict[str, str], kind: str, from_unit: str, to_unit: str) -> float:
+    if from_unit == to_unit:
+        return 1.0
+    try:
+        src, dst = table[from_unit], table[to_unit]
+    except KeyError as exc:
+        raise IncompatibleUnits(f"unknown {kind} {exc.args[0]!r}") from None
+    try:
+        return round(float(_REGISTRY.Quantity(1.0, src).to(dst).magnitude), 12)
+    except pint.DimensionalityError:
+        raise IncompatibleUnits(f"cannot convert {from_unit} to {to_unit}") from None
+
+
 @cache
 def conversion_factor(from_unit: str, to_unit: str) -> float:
     """How many ``to_unit`` one ``from_unit`` is.
@@ -58,16 +71,7 @@ def conversion_factor(from_unit: str, to_unit: str) -> float:
     >>> conversion_factor("KG", "KG")
     1.0
     """
-    if from_unit == to_unit:
-        return 1.0
-    try:
-        src, dst = UNIT_NAMES[from_unit], UNIT_NAMES[to_unit]
-    except KeyError as exc:
-        raise IncompatibleUnits(f"unknown unit {exc.args[0]!r}") from None
-    try:
-        return float(_REGISTRY.Quantity(1.0, src).to(dst).magnitude)
-    except pint.DimensionalityError:
-        raise IncompatibleUnits(f"cannot convert {from_unit} to {to_unit}") from None
+    return _factor(UNIT_NAMES, "unit", from_unit, to_unit)
 
 
 def convert(quantity: float, from_unit: str, to_unit: str) -> float:
@@ -83,13 +87,4 @@ def property_factor(from_unit: str, to_unit: str) -> float:
     >>> property_factor("cP", "mPa.s")
     1.0
     """
-    if from_unit == to_unit:
-        return 1.0
-    try:
-        src, dst = PROPERTY_UNITS[from_unit], PROPERTY_UNITS[to_unit]
-    except KeyError as exc:
-        raise IncompatibleUnits(f"unknown property unit {exc.args[0]!r}") from None
-    try:
-        return round(float(_REGISTRY.Quantity(1.0, src).to(dst).magnitude), 12)
-    except pint.DimensionalityError:
-        raise IncompatibleUnits(f"cannot convert {from_unit} to {to_unit}") from None
+    return _factor(PROPERTY_UNITS, "property unit", from_unit, to_unit)

@@ -22,6 +22,8 @@ from lotflow.admin import create_topics, delete_topics_with_prefix
 from lotflow.settings import Settings
 from lotflow.streams.topics import TOPICS, TopicSpec
 
+from .pipeline import WorkerProcess
+
 HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parents[1]
 TEST_VAR_DIR = PROJECT_ROOT / "var" / "test-kafka"
@@ -105,3 +107,12 @@ def topic_set(kafka_settings: Settings) -> Iterator[TopicSetFactory]:
             warnings.warn(
                 f"could not delete topics {settings.topic_prefix}*: {exc!r}", stacklevel=1
             )
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Worker processes a test starts (append them): stopped at teardown."""
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.stop()

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from lotflow.childproc import Sample, child_env, metric_value, scrape_metrics
 from lotflow.demo import OutputReader
-from lotflow.kafka_clients import producer_config
+from lotflow.kafka_clients import client_config, producer_config
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.streams.topics import TopicSpec
@@ -109,3 +109,37 @@ def wait_for(reader: OutputReader, predicate: Any, timeout: float, what: str) ->
         if predicate():
             return
     raise AssertionError(f"timed out waiting for {what}: {dict(reader.counts)}")
+
+
+def spec_record(material: str) -> dict[str, object]:
+    """The MaterialSpec record of a unit-test fixture material, as the ERP would publish it."""
+    from tests.unit.receiving_fixtures import SPECS
+
+    s = SPECS[material]
+    return {"material_id": material, "revision": 0, "description": "", "base_unit": s["base_unit"],
+            "quantity_tolerance_pct": s["quantity_tolerance_pct"], "requires_coa": s["requires_coa"],
+            "properties": [{**p, "target": None} for p in s["properties"]],
+            "event_time": int(time.time() * 1000)}
+
+
+def read_all(settings: Settings, spec: TopicSpec) -> list[dict[str, Any]]:
+    """Everything committed on an output topic, decoded (read_committed)."""
+    topic = spec.full_name(settings)
+    codec = AvroCodec(schema_source(None), f"{topic}-value", spec.schema)
+    consumer = Consumer(client_config(settings, **{"group.id": f"read-{time.monotonic_ns()}",
+                                                   "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed"}))
+    tps = [TopicPartition(topic, p, 0) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+    out = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1000, timeout=0.5):
+            if not msg.error() and msg.value() is not None:
+                out.append(codec.decode(msg.value()))
+        positions = {tp.partition: tp.offset for tp in consumer.position(tps)}
+        if all(positions.get(p, 0) >= end for p, end in ends.items()):
+            break
+    consumer.close()
+    return out

@@ -216,3 +216,53 @@ def test_permanent_failure_is_counted_and_raised(lab: Settings) -> None:
         producer.flush(30)
     assert producer.failed == 1 and producer.delivered == 1 and producer.redelivered == 0
     delete_topics_with_prefix(settings, settings.topic_prefix, timeout=30)
+
+
+def test_the_worker_survives_a_broker_restart_under_load(lab: Settings, tmp_path: Path) -> None:
+    """The worker's transactional output and changelog: a commit that fails while the broker is
+    away is retried (``/healthz`` says so meanwhile), and afterwards every receipt has exactly
+    one decision on the output topics, as a read_committed consumer sees them."""
+    from lotflow.reconcile import decision_from_output
+    from lotflow.simulator.faults import parse_fault_spec
+    from lotflow.simulator.publish import publish
+    from lotflow.streams import topics as declared
+
+    from .pipeline import WorkerProcess, free_port, read_all
+
+    settings = fresh(lab).model_copy(update={"document_wait_s": 3.0, "worker_web_port": free_port(),
+                                             "worker_instance_id": "restart-w1"})
+    create_topics(settings)
+    count = 2000
+    report = publish(settings, 9, count, parse_fault_spec("default"), 0.0, None)
+    assert report.failed == 0
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.records_in() < 1000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        localkafka.stop(lab)  # mid-stream, with a transaction open or about to be
+        time.sleep(2.0)
+        localkafka.start(lab)
+        kinds = {declared.VERIFIED: "VERIFIED", declared.EXCEPTIONS: "EXCEPTION",
+                 declared.DEAD_LETTERS: "DEAD_LETTER"}
+        receipts_topic = declared.RECEIPTS.full_name(settings)
+        deadline = time.monotonic() + 120
+        decided: dict[tuple[str, int, int], int] = {}
+        while time.monotonic() < deadline:
+            decided = {}
+            try:
+                for spec, kind in kinds.items():
+                    for record in read_all(settings, spec):
+                        d = decision_from_output(kind, record)
+                        if d.ref[0] == receipts_topic:
+                            decided[d.ref] = decided.get(d.ref, 0) + 1
+            except KafkaException:  # the broker is still loading its logs
+                pass
+            if len(decided) >= count:
+                break
+            time.sleep(2.0)
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker must ride out the restart"
+    finally:
+        worker.stop()
+    assert len(decided) == count, f"{len(decided)} of {count} receipts decided"
+    assert set(decided.values()) == {1}, "a receipt decided twice"

@@ -21,20 +21,12 @@ from lotflow.simulator.publish import publish
 from lotflow.sinks.clickhouse import ClickHouseSink, connect, table_counts
 from lotflow.sinks.migrations import migrate
 from lotflow.streams import topics
-from tests.unit.receiving_fixtures import SPECS, coa, po, receipt
+from tests.unit.receiving_fixtures import coa, po, receipt
 
-from .pipeline import PROJECT_ROOT, Inputs, WorkerProcess, free_port, wait_for
+from .pipeline import PROJECT_ROOT, Inputs, WorkerProcess, free_port, spec_record, wait_for
 
 TopicSetFactory = Callable[..., Settings]
 LOGS = PROJECT_ROOT / "var" / "test-logs"
-
-
-def spec_record(material: str) -> dict[str, object]:
-    s = SPECS[material]
-    return {"material_id": material, "revision": 0, "description": "", "base_unit": s["base_unit"],
-            "quantity_tolerance_pct": s["quantity_tolerance_pct"], "requires_coa": s["requires_coa"],
-            "properties": [{**p, "unit": "%", "target": None} for p in s["properties"]],
-            "event_time": int(time.time() * 1000)}
 
 
 @pytest.fixture
@@ -42,14 +34,6 @@ def pipeline(topic_set: TopicSetFactory, request: pytest.FixtureRequest) -> Iter
     settings = topic_set(document_wait_s=3.0, worker_web_port=free_port())
     log = LOGS / f"{request.node.name}-{settings.app_id}.log"
     yield settings, log
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def start_worker(settings: Settings, log: Path, workers: list[WorkerProcess]) -> WorkerProcess:

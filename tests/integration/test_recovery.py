@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -192,14 +192,6 @@ def sink_until_caught_up(settings: Settings, timeout: float = 120.0) -> Any:
     thread.join(60)
     assert caught_up, f"the ClickHouse sink did not catch up within {timeout}s"
     return client
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 # --- 1 + 2: a crash at each point of the batch commit -------------------------------------------
