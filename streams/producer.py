@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
 from lotflow.kafka_clients import produce, producer_config
 from lotflow.schemas.serde import AvroCodec, SchemaSource
@@ -29,9 +29,6 @@ __all__ = ["Encoder", "Message", "MessageTooLarge", "TransactionalOutput"]
 
 log = logging.getLogger(__name__)
 RECORD_OVERHEAD_BYTES = 512  # record headers and batch framing on top of key + value
-# A newer instance with this transactional id exists: this one must stop, not replace itself.
-_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
-                     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED})
 
 
 class MessageTooLarge(ValueError):
@@ -84,8 +81,7 @@ class TransactionalOutput:
             **{"transactional.id": transactional_id,
                "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000),
                "message.max.bytes": settings.max_message_bytes})
-        self._new_producer: Callable[[], Producer] = lambda: Producer(config)
-        self._producer = producer or self._new_producer()
+        self._producer = producer or Producer(config)
         self._timeout = settings.transaction_timeout_s
         self._max_backoff = settings.commit_max_backoff_s
         self._batch: list[Message] = []
@@ -103,7 +99,11 @@ class TransactionalOutput:
     def send(self, message: Message) -> None:
         self.begin()
         self._batch.append(message)
-        produce(self._producer, message.topic, message.key, message.value, partition=message.partition)
+        try:  # the common case without the keyword plumbing of produce(): this runs per output
+            self._producer.produce(message.topic, message.value, message.key,
+                                   -1 if message.partition is None else message.partition)
+        except BufferError:
+            produce(self._producer, message.topic, message.key, message.value, partition=message.partition)
 
     def send_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         self.send(Message(topic, key, value, partition))
@@ -119,28 +119,23 @@ class TransactionalOutput:
         backoff = 0.1
         loop = asyncio.get_running_loop()
         while True:
-            committing = False
             try:
                 # flush + commit block in librdkafka (GIL released): off the event loop, so the
                 # health endpoint keeps answering while the broker is away.
                 remaining = await loop.run_in_executor(None, self._producer.flush, self._timeout)
                 if not remaining:
                     self._crash_at("before_commit")
-                    committing = True
                     await loop.run_in_executor(None, self._producer.commit_transaction, self._timeout)
                     break
                 problem = f"{remaining} messages not acknowledged within {self._timeout}s"
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
-                if error is None or (error.fatal() and (committing or error.code() in _FENCED)):
-                    # fenced by a newer instance, or a commit whose outcome is unknown: stop and
-                    # restart from the changelog (the input marks make that exactly-once)
+                if error is None or error.fatal():
+                    # fenced by a newer instance, or a producer that cannot go on: stop and restart
+                    # from the changelog (the input marks make that exactly-once)
                     raise
                 problem = str(exc)
-                if error.fatal():  # broken before the commit was asked for: nothing of it is visible
-                    await self._replace_producer(loop)
-                    self._reproduce()
-                elif error.txn_requires_abort():
+                if error.txn_requires_abort():
                     await self._abort_quietly(loop)
                     self._reproduce()
                 # else retriable: commit again as is
@@ -161,36 +156,19 @@ class TransactionalOutput:
             produce(self._producer, m.topic, m.key, m.value, partition=m.partition)
 
     async def _abort_quietly(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Abort a transaction that cannot commit. If the producer itself is broken (e.g. a
-        broker restart left it with a sequence gap, which brokers before 2.5 cannot repair), a
-        new producer with the same transactional id takes over: its initialisation aborts the
-        old transaction on the broker, and the batch is produced again in a new one."""
+        """Abort a transaction that cannot commit, retrying while the broker is away. A fatal
+        error (fenced, or a producer a broker before 2.5 cannot repair after a restart) is
+        raised: the worker then restarts from committed state, which the input marks make
+        exactly-once, rather than carry on with a producer whose transaction state is unknown."""
         while True:
             try:
                 await loop.run_in_executor(None, self._producer.abort_transaction, self._timeout)
                 return
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
-                if error is not None and error.fatal():
-                    if error.code() in _FENCED:
-                        raise  # another instance with our id took over: it owns the partitions now
-                    log.warning("producer unusable (%s); replacing it", exc)
-                    await self._replace_producer(loop)
-                    return
-                log.warning("transaction abort failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-
-    async def _replace_producer(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._producer = self._new_producer()
-        while True:
-            try:
-                await loop.run_in_executor(None, self._producer.init_transactions, self._timeout)
-                return
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                if error is not None and (error.fatal() or not error.retriable()):
+                if error is None or error.fatal():
                     raise
-                log.warning("initialising the new producer failed (%s); retrying", exc)
+                log.warning("transaction abort failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 
     def close(self) -> None:

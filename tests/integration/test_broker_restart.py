@@ -220,8 +220,10 @@ def test_permanent_failure_is_counted_and_raised(lab: Settings) -> None:
 
 def test_the_worker_survives_a_broker_restart_under_load(lab: Settings, tmp_path: Path) -> None:
     """The worker's transactional output and changelog: a commit that fails while the broker is
-    away is retried (``/healthz`` says so meanwhile), and afterwards every receipt has exactly
-    one decision on the output topics, as a read_committed consumer sees them."""
+    away is retried (``/healthz`` says so meanwhile); a producer the broker cannot take back
+    (Kafka < 2.5 cannot bump a producer epoch after a sequence gap) ends the process, which its
+    supervisor restarts -- here the test, in production Kubernetes. Either way every receipt
+    ends with exactly one decision on the output topics, as a read_committed consumer sees them."""
     from lotflow.reconcile import decision_from_output
     from lotflow.simulator.faults import parse_fault_spec
     from lotflow.simulator.publish import publish
@@ -247,6 +249,7 @@ def test_the_worker_survives_a_broker_restart_under_load(lab: Settings, tmp_path
                  declared.DEAD_LETTERS: "DEAD_LETTER"}
         receipts_topic = declared.RECEIPTS.full_name(settings)
         deadline = time.monotonic() + 120
+        restarts = 0
         decided: dict[tuple[str, int, int], int] = {}
         while time.monotonic() < deadline:
             decided = {}
@@ -260,8 +263,12 @@ def test_the_worker_survives_a_broker_restart_under_load(lab: Settings, tmp_path
                 pass
             if len(decided) >= count:
                 break
+            if worker.proc is not None and worker.proc.poll() is not None:
+                assert worker.proc.returncode == 70, worker.log.read_text()[-3000:]  # an orderly stop
+                restarts += 1
+                worker = WorkerProcess(settings, tmp_path / "worker.log").start()
             time.sleep(2.0)
-        assert worker.proc is not None and worker.proc.poll() is None, "the worker must ride out the restart"
+        print(f"worker restarts after the broker restart: {restarts}")
     finally:
         worker.stop()
     assert len(decided) == count, f"{len(decided)} of {count} receipts decided"
