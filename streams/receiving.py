@@ -310,7 +310,8 @@ class ReceivingProcessor:
         waiting = self._waiting.get(key)
         if not waiting:
             return
-        for pending_key in list(waiting):
+        # in arrival order: of two bookings of one receipt id, the later one is the duplicate
+        for pending_key in sorted(waiting, key=_arrival):
             if lot is not None:
                 pending = self.po_state.get(f"W|{key[2:]}|{pending_key}")
                 if pending is None or all(ln["vendor_lot"] != lot for ln in pending["receipt"]["lines"]):
@@ -539,6 +540,10 @@ class _Joined:
     coas: dict[str, rules.CoaLot]
     owners: dict[tuple[str, str], str]
     missing: list[str]
+
+
+def _arrival(pending_key: str) -> int:
+    return int(pending_key.rpartition("@")[2])
 
 
 def _describe(exc: BaseException) -> str:

@@ -392,3 +392,12 @@ def test_idle_state_is_forgotten_after_retention() -> None:
     run.sweep()
     assert run.po_state.get("P|PO-1") is None and run.po_state.get("R|PO-1|R-1") is None
     assert run.po_state.get("O|plant.receipts|0") is not None  # input marks are never forgotten
+
+
+def test_of_two_waiting_bookings_of_one_receipt_the_later_is_the_duplicate() -> None:
+    run = Run()
+    run.handle(RECEIPT(0), RECEIPT(1))  # the same receipt id twice, both before their documents
+    run.handle(PO(), COA())
+    first, second = sorted(run.decisions(), key=lambda d: d["input_refs"][0]["offset"])
+    assert first["decision"] == "VERIFIED"
+    assert "DUPLICATE_RECEIPT" in {r["code"] for r in second["reasons"]}
