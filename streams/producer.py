@@ -88,7 +88,6 @@ class TransactionalOutput:
         self._open = False
         self._crash_at = crash_at or (lambda point: None)
         self.failing_since: float | None = None  # monotonic time of the first failed commit in a row
-        self.commits = 0
         self._producer.init_transactions(self._timeout)
 
     def begin(self) -> None:
@@ -107,9 +106,6 @@ class TransactionalOutput:
 
     def send_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         self.send(Message(topic, key, value, partition))
-
-    def in_transaction(self) -> int:
-        return len(self._batch)
 
     async def commit(self) -> None:
         """Commit the batch's transaction; on failure retry (aborting and re-producing if it must)."""
@@ -147,7 +143,6 @@ class TransactionalOutput:
         self._open = False
         self._batch.clear()
         self.failing_since = None
-        self.commits += 1
         self._crash_at("after_commit")
 
     def _reproduce(self) -> None:
@@ -170,6 +165,3 @@ class TransactionalOutput:
                     raise
                 log.warning("transaction abort failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
-
-    def close(self) -> None:
-        self._producer.flush(5)

@@ -132,10 +132,6 @@ class StateUnit:
             return staged[2]
         return _copy(table.get(key))
 
-    def exists(self, table: ChangelogTable, key: str) -> bool:
-        staged = self._writes.get((id(table), key))
-        return staged[2] is not None if staged is not None else table.get(key) is not None
-
     def put(self, table: ChangelogTable, partition: int, key: str, value: Any) -> None:
         self._writes[(id(table), key)] = (table, partition, value)
 

