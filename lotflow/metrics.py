@@ -22,6 +22,7 @@ class WorkerMetrics:
     dead_letters: Counter
     processing_latency: Histogram
     batch_duration: Histogram
+    transaction_duration: Histogram
     confidence: Histogram
     pending: Gauge
     consumer_lag: Gauge
@@ -44,6 +45,10 @@ class WorkerMetrics:
             ),
             batch_duration=Histogram(
                 "lotflow_batch_duration_seconds", "Time to process one batch of events",
+                ["node"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            transaction_duration=Histogram(
+                "lotflow_transaction_seconds", "Time to produce and commit one batch's Kafka transaction",
                 ["node"], buckets=_LATENCY_BUCKETS, registry=registry,
             ),
             confidence=Histogram(

@@ -90,6 +90,10 @@ class TransactionalOutput:
         self.failing_since: float | None = None  # monotonic time of the first failed commit in a row
         self._producer.init_transactions(self._timeout)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._open
+
     def begin(self) -> None:
         if not self._open:
             self._producer.begin_transaction()

@@ -50,6 +50,7 @@ from lotflow.verification.validation import InvalidRecord, normalize_coa, normal
 __all__ = ["InputEvent", "ReceivingProcessor", "build_node"]
 
 NODE = "receiving"
+ALL_READ = 2**63 - 1  # documents_read_until when every document published has been read
 Record = dict[str, Any]
 
 
@@ -102,8 +103,9 @@ class ReceivingProcessor:
         specs: Mapping[str, Record],
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
-        documents_settled: Callable[[int, int], bool] | None = None,
+        documents_read_until: Callable[[int], int] | None = None,
         remote_history: Mapping[str, Any] | None = None,
+        emit: Callable[[Message], None] | None = None,
     ) -> None:
         self.settings = settings
         self.node = build_node(settings)
@@ -113,13 +115,17 @@ class ReceivingProcessor:
         self.specs = specs
         self.metrics = metrics
         self.clock = clock
-        # (partition, until_ms) -> True when every document published before until_ms on this
-        # partition has been read: absence is judged on what was published, not on a backlog.
-        self.documents_settled = documents_settled or (lambda partition, until_ms: True)
+        # partition -> the publish time (ms) up to which every PO and CoA of that partition has
+        # been read: absence is judged on what was published, not on a backlog.
+        self.documents_read_until = documents_read_until or (lambda partition: ALL_READ)
         # Vendor-history slices of partitions other workers own (read from the changelog).
         self.remote_history: Mapping[str, Any] = remote_history if remote_history is not None else {}
         self.encoder = Encoder(settings, source)
+        # Where encoded outputs go as soon as their record's unit commits: the worker produces
+        # them into the open transaction at once, so the broker takes them while the rest of the
+        # batch is computed. Without ``emit`` they wait in ``outbox`` for ``end_batch``.
         self.outbox: list[Message] = []
+        self._emit = emit
         self.wait_ms = int(settings.document_wait_s * 1000)
         self.retention_ms = int(settings.po_state_retention_s * 1000)
         self._max_state_bytes = self.encoder.max_bytes
@@ -132,7 +138,8 @@ class ReceivingProcessor:
             topics.RECEIPTS.full_name(settings): self._on_receipt,
             topics.CERTIFICATES.full_name(settings): self._on_certificate,
         }
-        self._deadlines = DueIndex()  # (PO key, pending key) by document-wait deadline
+        # per partition: (PO key, pending key) by document-wait deadline
+        self._deadlines: collections.defaultdict[int, DueIndex] = collections.defaultdict(DueIndex)
         self._expiry = DueIndex()  # state keys by last touch + retention
         self._waiting: dict[str, set[str]] = {}  # PO key -> its receipts waiting for documents
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
@@ -172,7 +179,7 @@ class ReceivingProcessor:
     def _emit_dead_letter(self, ref: InputRef, key: bytes | None, value: bytes | None, error_class: str,
                           reason: str, now_ms: int) -> None:
         kind, out_key, record = dead_letter(NODE, ref, key, value, error_class, reason, now_ms)
-        self.outbox.append(self.encoder.encode(kind, out_key, record))
+        self._send([self.encoder.encode(kind, out_key, record)])
         self._dead[(ref.topic, error_class)] += 1
 
     def _commit(self, unit: StateUnit, outputs: list[Output]) -> None:
@@ -185,9 +192,16 @@ class ReceivingProcessor:
             if value is not None and table is self.po_state and key[0] not in "WO" and table.get(key) is None:
                 self._expiry.push(now_ms + self.retention_ms, key)
         unit.apply(staged)
-        self.outbox.extend(messages)
+        self._send(messages)
         for kind, _, record in outputs:
             self._out[(kind.value, record.get("decision", ""))] += 1
+
+    def _send(self, messages: list[Message]) -> None:
+        if self._emit is None:
+            self.outbox.extend(messages)
+        else:
+            for m in messages:
+                self._emit(m)
 
     def _unit(self) -> StateUnit:
         return StateUnit(self._max_state_bytes)
@@ -222,7 +236,7 @@ class ReceivingProcessor:
         core.update(po=po, po_ref=ref, received=received, t=now_ms)
         unit.put(self.po_state, event.partition, key, core)
         self._commit(unit, outputs)
-        self._decide_ready(key, event.partition, now_ms, expired=False)
+        self._decide_ready(key, event.partition, now_ms)
 
     def _revised_below_received(self, po: Record, ref: list[Any], line: rules.OverReceived, last: Record,
                                 now_ms: int) -> list[Output]:
@@ -255,7 +269,7 @@ class ReceivingProcessor:
         merged = rules.merge_coa(lot["v"] if lot else None, coa, [event.topic, event.partition, event.offset])
         unit.put(self.po_state, event.partition, key, {"v": merged, "t": now_ms})
         self._commit(unit, [])
-        self._decide_ready(_core_key(po), event.partition, now_ms, expired=False, lot=coa["vendor_lot"])
+        self._decide_ready(_core_key(po), event.partition, now_ms, lot=coa["vendor_lot"])
 
     def _on_receipt(self, event: InputEvent, raw: Record, now_ms: int) -> None:
         receipt = normalize_receipt(raw, event.key, now_ms)
@@ -279,7 +293,7 @@ class ReceivingProcessor:
         if joined.missing:
             unit.put(self.po_state, event.partition, wait_key, pending)
             self._commit(unit, [])
-            self._deadlines.push(pending["deadline"], (key, pending_key))
+            self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
             self._waiting.setdefault(key, set()).add(pending_key)
             return
         core = unit.get(self.po_state, key) or _new_core()
@@ -304,9 +318,9 @@ class ReceivingProcessor:
         missing = rules.missing_documents(receipt, po_doc, self.specs, coas, received_lots)
         return _Joined(coas, owners, missing)
 
-    def _decide_ready(self, key: str, partition: int, now_ms: int, expired: bool, lot: str | None = None) -> None:
-        """Decide the waiting receipts of this PO that have their documents now (or whose wait
-        expired); with ``lot``, only those that wait for that lot's certificate."""
+    def _decide_ready(self, key: str, partition: int, now_ms: int, lot: str | None = None) -> None:
+        """Decide the waiting receipts of this PO that have their documents now; with ``lot``,
+        only those that wait for that lot's certificate."""
         waiting = self._waiting.get(key)
         if not waiting:
             return
@@ -316,10 +330,12 @@ class ReceivingProcessor:
                 pending = self.po_state.get(f"W|{key[2:]}|{pending_key}")
                 if pending is None or all(ln["vendor_lot"] != lot for ln in pending["receipt"]["lines"]):
                     continue
-            self._decide_pending(key, pending_key, partition, now_ms, expired)
+            self._decide_pending(key, pending_key, partition, now_ms)
 
-    def _decide_pending(self, key: str, pending_key: str, partition: int, now_ms: int, expired: bool) -> bool:
-        """Decide one waiting receipt if it can be; False if it must wait on."""
+    def _decide_pending(self, key: str, pending_key: str, partition: int, now_ms: int,
+                        read_until: int | None = None) -> bool:
+        """Decide one waiting receipt if it can be; False if it must wait on. ``read_until``
+        (from the sweep): the documents' publish time read so far, to judge an expired wait."""
         wait_key = f"W|{key[2:]}|{pending_key}"
         pending = self.po_state.get(wait_key)
         if pending is None:
@@ -328,8 +344,8 @@ class ReceivingProcessor:
         try:
             # An expired wait is judged only once its documents' partitions were read past its
             # deadline (checked first: it is cheap, and under a backlog most are not yet).
-            late = (expired and pending["deadline"] <= now_ms
-                    and self.documents_settled(partition, pending["ts"] + self.wait_ms))
+            expired = read_until is not None
+            late = expired and pending["deadline"] <= now_ms and pending["ts"] + self.wait_ms <= read_until
             if expired and not late:
                 return False
             core = self.po_state.get(key)
@@ -464,7 +480,7 @@ class ReceivingProcessor:
             if key.startswith("W|"):
                 _, po, pending_key = key.split("|", 2)
                 self._waiting.setdefault(_core_key(po), set()).add(pending_key)
-                self._deadlines.push(value["deadline"], (_core_key(po), pending_key))
+                self._deadlines[self.po_state.partition_of(key)].push(value["deadline"], (_core_key(po), pending_key))
                 continue
             self._expiry.push(value.get("t", 0) + self.retention_ms, key)
 
@@ -476,23 +492,28 @@ class ReceivingProcessor:
             if some is not None:
                 wait_key = f"W|{key[2:]}|{some}"
                 if self.po_state.get(wait_key) is not None:
-                    self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms, expired=False)
+                    self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms)
 
     def sweep(self) -> int:
         """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due."""
         now_ms = int(self.clock() * 1000)
         decided = 0
-        for item in self._deadlines.pop_due(now_ms):
-            key, pending_key = item
-            wait_key = f"W|{key[2:]}|{pending_key}"
-            if pending_key not in self._waiting.get(key, ()) or self.po_state.get(wait_key) is None:
-                self._forget_waiting(key, pending_key)
-                continue
-            partition = self.po_state.partition_of(wait_key)
-            if self._decide_pending(key, pending_key, partition, now_ms, expired=True):
-                decided += 1
-            else:  # documents published before the deadline are not all read yet: look again soon
-                self._deadlines.push(now_ms + 1000, item)
+        for partition, deadlines in self._deadlines.items():
+            read_until: int | None = None  # asked once per partition and sweep, only if something is due
+            while (item := deadlines.first_due(now_ms)) is not None:
+                key, pending_key = item
+                wait_key = f"W|{key[2:]}|{pending_key}"
+                if pending_key in self._waiting.get(key, ()) and self.po_state.get(wait_key) is not None:
+                    if read_until is None:
+                        read_until = self.documents_read_until(partition)
+                    if not self._decide_pending(key, pending_key, partition, now_ms, read_until):
+                        # The documents published before its deadline are not all read yet (a
+                        # backlog): it stays first, and the later deadlines of this partition wait.
+                        break
+                    decided += 1
+                else:
+                    self._forget_waiting(key, pending_key)
+                deadlines.drop_first()
         self._expire(now_ms)
         self.metrics.pending.labels(NODE).set(sum(len(w) for w in self._waiting.values()))
         return decided
@@ -512,7 +533,7 @@ class ReceivingProcessor:
         self._commit(forget, [])
 
     def end_batch(self) -> list[Message]:
-        """The batch's outputs; stages how far each input partition was handled (``O|`` marks),
+        """The batch's outputs not emitted yet; stages how far each input partition was handled (``O|`` marks),
         so the marks are committed in the same transaction as the outputs and state they caused."""
         now_ms = int(self.clock() * 1000)
         for (topic, partition), offset in self._read_to.items():

@@ -32,6 +32,14 @@ class DueIndex:
             out.append(heapq.heappop(heap)[2])
         return out
 
+    def first_due(self, now_ms: int) -> Hashable | None:
+        """The earliest item if it is due at ``now_ms`` (left in the index), else None."""
+        heap = self._heap
+        return heap[0][2] if heap and heap[0][0] <= now_ms else None
+
+    def drop_first(self) -> None:
+        heapq.heappop(self._heap)
+
     def next_due(self) -> int | None:
         return self._heap[0][0] if self._heap else None
 

@@ -28,8 +28,8 @@ from lotflow.streams import topics, transport
 from lotflow.streams.faults import crash_injector
 from lotflow.streams.health import Health
 from lotflow.streams.history import LazyHistory, SharedHistory
-from lotflow.streams.producer import TransactionalOutput
-from lotflow.streams.receiving import InputEvent, ReceivingProcessor
+from lotflow.streams.producer import Message, TransactionalOutput
+from lotflow.streams.receiving import ALL_READ, InputEvent, ReceivingProcessor
 from lotflow.streams.reference import SpecCache
 from lotflow.streams.state import ChangelogTable
 
@@ -111,31 +111,39 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         committed: Any = app.consumer._committed_offset  # type: ignore[attr-defined]
         return int(committed.get(tp) or 0)  # nothing read since start: Faust resumed from here
 
-    def documents_settled(partition: int, until_ms: int) -> bool:
-        """Have the PO and CoA partitions been read past ``until_ms``, or up to their end?"""
+    def documents_read_until(partition: int) -> int:
+        """Publish time up to which the PO and CoA partitions were read (everything: read to the end)."""
+        until = ALL_READ
         for topic in document_topics:
-            if stream_time.get((topic, partition), 0) >= until_ms:
-                continue
             tp = faust.types.TP(topic, partition)
             highwater = app.consumer.highwater(tp)
             if highwater is None or next_offset(tp) < highwater:
-                return False
-        return True
+                until = min(until, stream_time.get((topic, partition), 0))
+        return until
+
+    def emit(message: Message) -> None:
+        if output is None:  # before the start task created the producer: sent with the first batch
+            processor.outbox.append(message)
+        else:
+            output.send(message)
 
     processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, metrics,
-                                   documents_settled=documents_settled, remote_history=shared_history)
+                                   documents_read_until=documents_read_until, remote_history=shared_history, emit=emit)
     batch_timer = metrics.batch_duration.labels("receiving")
+    transaction_timer = metrics.transaction_duration.labels("receiving")
     lock = asyncio.Lock()  # the agent's batch and the timer's sweep never interleave in one transaction
 
     async def commit() -> None:
         assert output is not None
         messages = processor.end_batch()
-        if messages or po_table.pending_changes() or vendor_table.pending_changes():
+        if messages or output.in_transaction or po_table.pending_changes() or vendor_table.pending_changes():
+            started = time.perf_counter()
             for m in messages:
                 output.send(m)
             po_table.flush_to(output)
             vendor_table.flush_to(output)
             await output.commit()
+            transaction_timer.observe(time.perf_counter() - started)
         processor.publish_metrics()
 
     def unrecoverable(exc: BaseException) -> None:

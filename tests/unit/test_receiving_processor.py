@@ -3,6 +3,7 @@ revisions, certificates, bounded state."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.streams import topics
-from lotflow.streams.receiving import InputEvent, ReceivingProcessor
+from lotflow.streams.receiving import ALL_READ, InputEvent, ReceivingProcessor
 from lotflow.streams.state import DictState
 
 from .receiving_fixtures import NOW_MS, SPECS, coa, po, receipt
@@ -374,10 +375,31 @@ def test_the_sweep_touches_only_what_is_due() -> None:
     for i in range(100):
         run.handle(event(topics.PURCHASE_ORDERS, po(number=f"PO-{i}"), i))
     run.handle(RECEIPT(0, number="PO-X"))
-    deadlines = run.proc._deadlines
-    assert len(deadlines) == 1
+    def due() -> int:
+        return sum(len(d) for d in run.proc._deadlines.values())
+
+    assert due() == 1
     clock.now += 11
-    assert run.sweep() == 1 and len(deadlines) == 0
+    assert run.sweep() == 1 and due() == 0
+
+
+def test_an_expired_wait_is_judged_only_once_its_documents_were_read() -> None:
+    clock = Clock()
+    read_until = {0: 0}
+    run = Run(clock)
+    run.proc.documents_read_until = lambda partition: read_until[partition]
+    later = dataclasses.replace(RECEIPT(1, rid="R-2"), timestamp_ms=NOW_MS + 5000)
+    run.handle(RECEIPT(0, rid="R-1"), later)
+    clock.now += 11
+    assert run.sweep() == 0 and run.decisions() == []  # a backlog of documents is not absence
+    read_until[0] = NOW_MS + 10_000  # read past the first receipt's wait: its PO never came
+    clock.now += 1
+    assert run.sweep() == 1
+    read_until[0] = ALL_READ
+    clock.now += 1
+    assert run.sweep() == 1
+    assert [d["subject_id"] for d in run.decisions()] == ["R-1", "R-2"]
+    assert all("UNKNOWN_PO" in {r["code"] for r in d["reasons"]} for d in run.decisions())
 
 
 def test_idle_state_is_forgotten_after_retention() -> None:
