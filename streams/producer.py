@@ -49,6 +49,7 @@ class Encoder:
     def __init__(self, settings: Settings, source: SchemaSource) -> None:
         self.max_bytes = settings.max_message_bytes - RECORD_OVERHEAD_BYTES
         self._codecs: dict[str, tuple[str, AvroCodec]] = {}
+        self._by_kind: dict[OutputKind | TopicSpec, tuple[str, AvroCodec]] = {}
         self._settings = settings
         self._source = source
 
@@ -61,12 +62,15 @@ class Encoder:
         return entry
 
     def encode(self, kind: OutputKind | TopicSpec, key: str, record: Mapping[str, Any]) -> Message:
-        spec = kind if isinstance(kind, TopicSpec) else topic_by_name(kind.value)
-        topic, codec = self._codec(spec)
+        entry = self._by_kind.get(kind)
+        if entry is None:
+            entry = self._by_kind[kind] = self._codec(kind if isinstance(kind, TopicSpec)
+                                                      else topic_by_name(kind.value))
+        topic, codec = entry
         value = codec.encode(record)
         key_bytes = key.encode()
         if len(value) + len(key_bytes) > self.max_bytes:
-            raise MessageTooLarge(f"{spec.name} record of {len(value) + len(key_bytes)} bytes is above the "
+            raise MessageTooLarge(f"{topic} record of {len(value) + len(key_bytes)} bytes is above the "
                                   f"{self.max_bytes}-byte limit")
         return Message(topic, key_bytes, value)
 

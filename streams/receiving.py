@@ -143,6 +143,7 @@ class ReceivingProcessor:
         self._expiry = DueIndex()  # state keys by last touch + retention
         self._waiting: dict[str, set[str]] = {}  # PO key -> its receipts waiting for documents
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
+        self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
         self.replayed = 0
         # Counted locally and published once per batch: a prometheus inc takes a lock.
         self._in: collections.Counter[str] = collections.Counter()
@@ -454,7 +455,13 @@ class ReceivingProcessor:
 
     def _history_keys(self, material_id: str) -> list[str]:
         spec = self.specs.get(material_id)
-        return [f"{material_id}|{p['name']}" for p in spec["properties"]] if spec else []
+        if spec is None:
+            return []
+        cached = self._history_key_cache.get(material_id)
+        if cached is None or cached[0] is not spec:  # a new spec revision replaces the record
+            cached = self._history_key_cache[material_id] = (
+                spec, [f"{material_id}|{p['name']}" for p in spec["properties"]])
+        return cached[1]
 
     @staticmethod
     def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, failed: bool) -> None:

@@ -38,10 +38,14 @@ class ChangelogTable:
     def __init__(self, table: Any) -> None:
         self._table = table
         self._dirty: dict[str, tuple[int, bytes | None]] = {}
+        self._store: dict[str, Any] | None = None
 
-    # Faust creates the store lazily; these two are the store's own maps.
+    # Faust creates the store lazily; these two are the store's own maps (the memory store
+    # keeps the same dict for its life, so it is looked up once: get runs several times per event).
     def _data(self) -> dict[str, Any]:
-        return self._table.data.data
+        if self._store is None:
+            self._store = self._table.data.data
+        return self._store
 
     def _partitions(self) -> dict[str, int]:
         return self._table.data._key_partition
@@ -51,7 +55,8 @@ class ChangelogTable:
 
     def get(self, key: str) -> Any:
         """The live value: read it, never change it (changes go through a ``StateUnit``)."""
-        return self._data().get(key)
+        store = self._store
+        return (store if store is not None else self._data()).get(key)
 
     def items(self) -> Iterator[tuple[str, Any]]:
         return iter(list(self._data().items()))

@@ -11,6 +11,7 @@ from committed state instead of going on.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -47,6 +48,21 @@ def _brokers(bootstrap: str) -> list[str]:
 def instance_id(settings: Settings) -> str:
     """Stable per worker: static group membership and the transactional id both use it."""
     return settings.worker_instance_id or f"{socket.gethostname()}-{settings.worker_web_port}"
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper cyclic collections on the hot path.
+
+    With CPython's defaults a full collection walks every object (Faust, modules, the state
+    store) and ran ~8 times per 65k events for ~140 ms each (measured): an eighth of the
+    processor's time and a latency spike each. Objects alive after start-up are frozen (never
+    scanned again), and the young generation is collected every 20k allocations instead of
+    700. State values are JSON documents without reference cycles, so little is left for the
+    collector to find; cycles elsewhere (asyncio, exceptions) are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def create_worker(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
@@ -157,10 +173,14 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         # The Faust worker resets log levels on start; per-event debug records cost more than the work.
         for name in _QUIET:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Faust's Monitor sensor keeps its own per-message statistics (four callbacks per
+        # message); lotflow's metrics are its own Prometheus ones, so the monitor stops listening.
+        app.sensors.remove(app.monitor)
         specs.load()
         shared_history.attach(SharedHistory(settings, vendor_table.changelog_topic()))
         output = TransactionalOutput(settings, f"{settings.app_id}-{member}",
                                      crash_at=crash_injector(settings.fault_inject))
+        tune_garbage_collector()
 
     @app.agent(inputs)
     async def receiving(stream: Any) -> None:
