@@ -26,6 +26,7 @@ __all__ = [
     "DecodeError",
     "RegistrySchemas",
     "SchemaSource",
+    "SharedFields",
     "bundled_schema_json",
     "schema_source",
 ]
@@ -142,6 +143,37 @@ def schema_source(registry_url: str | None) -> SchemaSource:
     return _DEFAULT_BUNDLED
 
 
+class SharedFields:
+    """The leading fields several record schemas declare identically, encoded once for all.
+
+    An Avro record is its fields' encodings one after another, so when schemas begin with the
+    same field declarations, the bytes of those fields are the same in each: a decision's
+    verified/exception record and its audit record share their first thirteen fields. ``encode``
+    writes them once; ``AvroCodec.encode_after`` appends a record's remaining fields.
+    """
+
+    def __init__(self, schemas: Iterable[Mapping[str, Any]], *, epoch_millis: bool = False) -> None:
+        field_lists = [list(schema["fields"]) for schema in schemas]
+        count = 0
+        while all(len(f) > count for f in field_lists) and all(
+                f[count] == field_lists[0][count] for f in field_lists):
+            count += 1
+        self.count = count
+        first = field_lists[0]
+        shared = {"type": "record", "name": "SharedFields", "namespace": "lotflow.internal", "fields": first[:count]}
+        self._schema = parse_schema(_plain_timestamps(shared) if epoch_millis else shared)
+        self.names = frozenset(f["name"] for f in first[:count])
+        self._declared = [f[:count] for f in field_lists]
+
+    def covers(self, schema: Mapping[str, Any]) -> bool:
+        return self.count > 0 and list(schema["fields"])[:self.count] in self._declared
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        out = BytesIO()
+        schemaless_writer(out, self._schema, record)
+        return out.getvalue()
+
+
 class AvroCodec:
     """Encode/decode one topic's values with its reader schema."""
 
@@ -154,7 +186,10 @@ class AvroCodec:
         self.full_name = f"{schema_json.get('namespace', '')}.{schema_json['name']}".lstrip(".")
         self._source = source
         self._epoch_millis = epoch_millis
+        self._schema_json = schema_json
         self._reader = parse_schema(_plain_timestamps(schema_json) if epoch_millis else schema_json)
+        self._tail: Any = None
+        self._shared: SharedFields | None = None
         self._schema_id = source.id_for(subject, schema_json)
         self._header = _HEADER.pack(MAGIC, self._schema_id)
         self._resolved: dict[int, Any] = {}
@@ -166,6 +201,30 @@ class AvroCodec:
     @property
     def schema_id(self) -> int:
         return self._schema_id
+
+    def share(self, shared: SharedFields) -> bool:
+        """Let ``encode_after`` write this schema's fields after ``shared``'s; False if it does not begin with them."""
+        if not shared.covers(self._schema_json):
+            return False
+        tail = {"type": "record", "name": "RemainingFields", "namespace": "lotflow.internal",
+                "fields": list(self._schema_json["fields"])[shared.count:]}
+        try:  # a remaining field that names a type declared among the shared ones cannot stand alone
+            self._tail = parse_schema(_plain_timestamps(tail) if self._epoch_millis else tail)
+        except Exception:  # fastavro raises its own schema errors
+            return False
+        self._shared = shared
+        return True
+
+    def encode_after(self, shared_bytes: bytes, record: Mapping[str, Any]) -> bytes:
+        """The record, given the encoding of its shared leading fields (see ``share``)."""
+        out = BytesIO()
+        out.write(self._header)
+        out.write(shared_bytes)
+        try:
+            schemaless_writer(out, self._tail, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"record does not fit {self.full_name}: {exc}") from exc
+        return out.getvalue()
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         out = BytesIO()

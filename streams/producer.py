@@ -13,22 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
 from lotflow.kafka_clients import produce, producer_config
-from lotflow.schemas.serde import AvroCodec, SchemaSource
+from lotflow.schemas.serde import AvroCodec, SchemaSource, SharedFields, bundled_schema_json
 from lotflow.settings import Settings
 from lotflow.streams.topics import TopicSpec, topic_by_name
-from lotflow.verification.outputs import OutputKind
+from lotflow.verification.outputs import SHARED, Output, OutputKind
 
 __all__ = ["Encoder", "Message", "MessageTooLarge", "TransactionalOutput"]
 
 log = logging.getLogger(__name__)
 RECORD_OVERHEAD_BYTES = 512  # record headers and batch framing on top of key + value
+_SHARING = (OutputKind.VERIFIED, OutputKind.EXCEPTIONS, OutputKind.AUDIT)
 
 
 class MessageTooLarge(ValueError):
@@ -44,30 +45,54 @@ class Message:
 
 
 class Encoder:
-    """Output records -> Confluent-wire Avro messages, checked against the record size limit."""
+    """Output records -> Confluent-wire Avro messages, checked against the record size limit.
+
+    A decision's verified/exception record and its audit record begin with the same fields:
+    ``encode_all`` writes those once per decision (records carrying ``SHARED``), the same bytes
+    a separate encoding of each record gives.
+    """
 
     def __init__(self, settings: Settings, source: SchemaSource) -> None:
         self.max_bytes = settings.max_message_bytes - RECORD_OVERHEAD_BYTES
-        self._codecs: dict[str, tuple[str, AvroCodec]] = {}
-        self._by_kind: dict[OutputKind | TopicSpec, tuple[str, AvroCodec]] = {}
+        self._codecs: dict[str, tuple[str, AvroCodec, bool]] = {}
+        self._by_kind: dict[OutputKind | TopicSpec, tuple[str, AvroCodec, bool]] = {}
         self._settings = settings
         self._source = source
+        self._shared = SharedFields([bundled_schema_json(topic_by_name(kind.value).schema) for kind in _SHARING],
+                                    epoch_millis=True)
 
-    def _codec(self, spec: TopicSpec) -> tuple[str, AvroCodec]:
-        entry = self._codecs.get(spec.name)
+    def _entry(self, kind: OutputKind | TopicSpec) -> tuple[str, AvroCodec, bool]:
+        entry = self._by_kind.get(kind)
         if entry is None:
-            topic = spec.full_name(self._settings)
-            entry = self._codecs[spec.name] = (topic, AvroCodec(self._source, f"{topic}-value", spec.schema,
-                                                                 epoch_millis=True))
+            spec = kind if isinstance(kind, TopicSpec) else topic_by_name(kind.value)
+            entry = self._codecs.get(spec.name)
+            if entry is None:
+                topic = spec.full_name(self._settings)
+                codec = AvroCodec(self._source, f"{topic}-value", spec.schema, epoch_millis=True)
+                entry = self._codecs[spec.name] = (topic, codec, codec.share(self._shared))
+            self._by_kind[kind] = entry
         return entry
 
     def encode(self, kind: OutputKind | TopicSpec, key: str, record: Mapping[str, Any]) -> Message:
-        entry = self._by_kind.get(kind)
-        if entry is None:
-            entry = self._by_kind[kind] = self._codec(kind if isinstance(kind, TopicSpec)
-                                                      else topic_by_name(kind.value))
-        topic, codec = entry
-        value = codec.encode(record)
+        topic, codec, _ = self._entry(kind)
+        return self._message(topic, key, codec.encode(record))
+
+    def encode_all(self, outputs: Iterable[Output]) -> list[Message]:
+        shared_bytes: dict[int, bytes] = {}  # id of a SHARED dict -> its encoding (alive for this call)
+        out = []
+        for kind, key, record in outputs:
+            topic, codec, shares = self._entry(kind)
+            shared = record.get(SHARED)
+            if shared is None or not shares:
+                out.append(self._message(topic, key, codec.encode(record)))
+                continue
+            head = shared_bytes.get(id(shared))
+            if head is None:
+                head = shared_bytes[id(shared)] = self._shared.encode(shared)
+            out.append(self._message(topic, key, codec.encode_after(head, record)))
+        return out
+
+    def _message(self, topic: str, key: str, value: bytes) -> Message:
         key_bytes = key.encode()
         if len(value) + len(key_bytes) > self.max_bytes:
             raise MessageTooLarge(f"{topic} record of {len(value) + len(key_bytes)} bytes is above the "

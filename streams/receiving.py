@@ -185,7 +185,7 @@ class ReceivingProcessor:
 
     def _commit(self, unit: StateUnit, outputs: list[Output]) -> None:
         """Encode outputs and state first; apply both only if everything fits."""
-        messages = [self.encoder.encode(kind, key, record) for kind, key, record in outputs]
+        messages = self.encoder.encode_all(outputs)
         staged = unit.encode()
         now_ms = int(self.clock() * 1000)
         for table, _, key, value, _ in staged:

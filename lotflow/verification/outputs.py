@@ -13,11 +13,14 @@ from typing import Any
 
 from lotflow.verification.node import Evaluation
 
-__all__ = ["InputRef", "Output", "OutputKind", "Subject", "dead_letter", "outputs_for", "record_id"]
+__all__ = ["SHARED", "InputRef", "Output", "OutputKind", "Subject", "dead_letter", "outputs_for", "record_id"]
 
 Record = dict[str, Any]
 DEAD_LETTER_KEEP_BYTES = 64 * 1024  # of the original value; the size is recorded
 DEAD_LETTER_KEEP_TEXT = 4096  # of the key and the error message
+# Key of the fields a decision's records have in common (the same dict in each): an encoder
+# may write them once. The fields are in each record as well, so a record reads as it is.
+SHARED = "__shared__"
 
 
 class OutputKind(StrEnum):
@@ -85,19 +88,21 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
     }
     if verdict.decision == "VERIFIED":
         main_topic = OutputKind.VERIFIED
-        main = {**common, "lines": list(subject.verified_lines)}
+        main = {**common, SHARED: common, "lines": list(subject.verified_lines)}
     else:
         assert verdict.route is not None
         main_topic = OutputKind.EXCEPTIONS
         main = {
             **common,
+            SHARED: common,
             "priority": verdict.priority,
             "route_to": verdict.route.queue,
             "recommended_action": verdict.route.action,
             "historical_pattern": subject.historical_pattern,
             "features": evaluation.features,
         }
-    audit = {**common, "actor": f"node:{subject.node}", "output_topic": main_topic.value, "output_id": rid}
+    audit = {**common, SHARED: common, "actor": f"node:{subject.node}", "output_topic": main_topic.value,
+             "output_id": rid}
     out: list[Output] = [(main_topic, subject.key, main), (OutputKind.AUDIT, subject.key, audit)]
     for lot, attributes in zip(subject.lot_ids, subject.lot_attributes, strict=True):
         out.append((OutputKind.LOT_EVENTS, lot, {

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lotflow.schemas.serde import AvroCodec, schema_source
+from lotflow.settings import Settings
 from lotflow.streams.faults import crash_injector
 from lotflow.streams.health import Health
+from lotflow.streams.producer import Encoder
 from lotflow.streams.state import DictState, StateTooLarge, StateUnit
 from lotflow.streams.timers import DueIndex
+from lotflow.verification.node import Evaluation, Reason, Route, Severity, Verdict
+from lotflow.verification.outputs import InputRef, Subject, outputs_for
 
 from .receiving_fixtures import receipt
 
@@ -71,3 +75,24 @@ def test_epoch_millis_codec_reads_the_same_bytes_as_plain_ints() -> None:
     record = receipt()
     assert fast.encode(record) == plain.encode(record)
     assert fast.decode(plain.encode(record))["received_at"] == record["received_at"]
+
+
+@pytest.mark.parametrize("decision", ["VERIFIED", "EXCEPTION"])
+def test_a_decisions_shared_fields_are_encoded_once_to_the_same_bytes(decision: str) -> None:
+    encoder = Encoder(Settings(), schema_source(None))
+    reason = Reason("QUANTITY_OVER", "line 1: received 105 kg of 100 ordered", Severity.BLOCK, {"po_line": "1"})
+    route = None if decision == "VERIFIED" else Route("receiving", "Recount.")
+    evaluation = Evaluation((reason,), {"n_block": 1.0}, Verdict(decision, 0.42, "HIGH", route), "prior-1")
+    subject = Subject(node="receiving", key="PO-1", subject_id="R-1", refs=[InputRef("plant.receipts", 0, 7)],
+                      event_time_ms=1_700_000_000_000, vendor_id="V-1", lot_ids=["L-1", "L-2"],
+                      lot_attributes=[{"vendor_id": "V-1"}, {"vendor_id": "V-1"}],
+                      verified_lines=[{"po_line": 1, "material_id": "M-1", "quantity": 5.0, "unit": "kg",
+                                       "vendor_lot": "L-1"}])
+    outputs = outputs_for(subject, evaluation, 1_700_000_001_000)
+    together = encoder.encode_all(outputs)
+    alone = [encoder.encode(kind, key, record) for kind, key, record in outputs]
+    assert together == alone
+    assert len(together) == 4  # decision, audit, a lot event per lot
+    schema = "VerifiedRecord" if decision == "VERIFIED" else "ExceptionRecord"
+    main = AvroCodec(schema_source(None), "x", f"lotflow.verification.{schema}")
+    assert main.decode(together[0].value)["reasons"][0]["code"] == "QUANTITY_OVER"
