@@ -153,7 +153,7 @@ class SharedFields:
     """
 
     def __init__(self, schemas: Iterable[Mapping[str, Any]], *, epoch_millis: bool = False) -> None:
-        field_lists = [list(schema["fields"]) for schema in schemas]
+        field_lists = [[_without_docs(f) for f in schema["fields"]] for schema in schemas]
         count = 0
         while all(len(f) > count for f in field_lists) and all(
                 f[count] == field_lists[0][count] for f in field_lists):
@@ -166,7 +166,7 @@ class SharedFields:
         self._declared = [f[:count] for f in field_lists]
 
     def covers(self, schema: Mapping[str, Any]) -> bool:
-        return self.count > 0 and list(schema["fields"])[:self.count] in self._declared
+        return self.count > 0 and [_without_docs(f) for f in schema["fields"][:self.count]] in self._declared
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         out = BytesIO()
@@ -268,6 +268,15 @@ class AvroCodec:
                 raise DecodeError("DECODE", f"Avro body of {self.full_name} is not canonical: "
                                             "a negative union branch or enum index, or an over-long number")
         return record
+
+
+def _without_docs(schema: Any) -> Any:
+    """A declaration without its ``doc`` strings (they do not change the encoding)."""
+    if isinstance(schema, list):
+        return [_without_docs(s) for s in schema]
+    if isinstance(schema, dict):
+        return {k: _without_docs(v) for k, v in schema.items() if k != "doc"}
+    return schema
 
 
 def _plain_timestamps(schema: Any) -> Any:

@@ -143,6 +143,12 @@ def _worker_panels() -> list[Panel]:
             *_quantiles("lotflow_batch_duration_seconds", "node"),
         ),
         _timeseries(
+            "Transaction p50 / p99",
+            "Time to produce and commit one batch's Kafka transaction (outputs, changelog, input marks).",
+            "s",
+            *_quantiles("lotflow_transaction_seconds", "node"),
+        ),
+        _timeseries(
             "Human labels learned",
             "Specialists' decisions the confidence models learned from, per node.",
             "short",
