@@ -39,16 +39,20 @@ class ChangelogTable:
         self._table = table
         self._dirty: dict[str, tuple[int, bytes | None]] = {}
         self._store: dict[str, Any] | None = None
+        self._key_partition: dict[str, int] | None = None
 
-    # Faust creates the store lazily; these two are the store's own maps (the memory store
-    # keeps the same dict for its life, so it is looked up once: get runs several times per event).
+    # Faust creates the store lazily; these two are the store's own maps. The memory store keeps
+    # the same two dicts for its life, so they are looked up once: get and apply run several
+    # times per event.
     def _data(self) -> dict[str, Any]:
         if self._store is None:
             self._store = self._table.data.data
         return self._store
 
     def _partitions(self) -> dict[str, int]:
-        return self._table.data._key_partition
+        if self._key_partition is None:
+            self._key_partition = self._table.data._key_partition
+        return self._key_partition
 
     def changelog_topic(self) -> str:
         return str(self._table.changelog_topic.get_topic_name())
@@ -69,7 +73,8 @@ class ChangelogTable:
 
     def apply(self, partition: int, key: str, value: Any, encoded: bytes | None) -> None:
         """Set ``key`` (``None`` deletes it: a tombstone in the changelog)."""
-        data, partitions = self._data(), self._partitions()
+        data = self._store if self._store is not None else self._data()
+        partitions = self._key_partition if self._key_partition is not None else self._partitions()
         if value is None:
             data.pop(key, None)
             partitions.pop(key, None)

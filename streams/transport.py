@@ -13,7 +13,8 @@ suspend_flow.wait())``, which wraps both in tasks and adds two more for stop and
 tasks and an ``asyncio.wait`` per message, the largest part of Faust's own per-message cost.
 The consumer here first steps the callback once: when it completes without waiting (the
 stream's buffer has room, no rebalance), nothing else is needed; only a callback that must
-wait goes the original way, so a rebalance or a stop can still interrupt it.
+wait goes the original way, so a rebalance or a stop can still interrupt it. ``RawSchema`` turns
+a message into an event without the serializer registry (lotflow decodes the bytes itself).
 
 Recovery: Faust recovers a changelog partition up to ``end offset - 1``. When the changelog is
 written in transactions, that last offset is a commit marker no consumer ever receives, and
@@ -29,6 +30,7 @@ import inspect
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+from faust import Schema
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport import drivers
@@ -36,7 +38,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 
-__all__ = ["SCHEME", "MarkerAwareTableManager", "ReadCommittedTransport", "register"]
+__all__ = ["SCHEME", "MarkerAwareTableManager", "RawSchema", "ReadCommittedTransport", "register"]
 
 SCHEME = "lotflow-kafka"
 
@@ -46,6 +48,21 @@ class _ReadCommittedThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._isolation_level = "read_committed"  # read by the fetcher that start() creates
         return consumer
+
+
+class RawSchema(Schema):
+    """Events whose key and value are the message's bytes, made without the serializer registry."""
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    def compile(self, app: Any, **kwargs: Any) -> Any:
+        event_type = app.conf.Event  # looked up once, not per message
+
+        async def decode(message: Any, *, propagate: bool = False) -> Any:
+            return event_type(app, message.key, message.value, message.headers, message)
+
+        return decode
 
 
 class _Resumed:

@@ -99,8 +99,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     # Raw bytes: decoding is ours, so a bad record becomes a dead letter instead of a Faust error.
     inputs = app.topic(*(spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)),
-                       partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                       key_serializer="raw", value_serializer="raw")
+                       partitions=settings.partitions, schema=transport.RawSchema())
     faust_po_table = app.Table("receiving-po", default=None, partitions=settings.partitions)
     po_table = ChangelogTable(faust_po_table)
     vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
