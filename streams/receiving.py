@@ -286,12 +286,13 @@ class ReceivingProcessor:
         if self.po_state.get(wait_key) is not None:
             return  # re-delivered while it waits: it keeps its original deadline
         pending = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
-                   "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms,
-                   "raw": base64.b64encode(event.value or b"").decode(), "t": now_ms}
+                   "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms, "t": now_ms}
         core = self.po_state.get(key)
         joined = self._join(core["po"] if core else None, receipt)
         unit = self._unit()
         if joined.missing:
+            # the original bytes wait with it: a failure when it is decided dead-letters them
+            pending["raw"] = base64.b64encode(event.value or b"").decode()
             unit.put(self.po_state, event.partition, wait_key, pending)
             self._commit(unit, [])
             self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
@@ -389,9 +390,10 @@ class ReceivingProcessor:
         seen = self.po_state.get(f"R|{po}|{rid}")
         duplicate = seen is not None and seen["o"] != ref[2]
         ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
-                           duplicate_receipt=duplicate, lot_owners=joined.owners)
+                           duplicate_receipt=duplicate, lot_owners=joined.owners, missing=joined.missing)
         evaluation = self.node.evaluate(ctx)
         verdict = evaluation.verdict
+        verified = verdict.decision == "VERIFIED"
         refs = [InputRef(*ref)]
         if core.get("po_ref"):
             refs.append(InputRef(*core["po_ref"]))
@@ -405,11 +407,12 @@ class ReceivingProcessor:
             lot_attributes=[{"vendor_id": vendor, "material_id": ln["material_id"],
                              "quantity": f"{ln['quantity']:g}", "unit": ln["unit"], "po_number": po,
                              "receipt_id": rid} for ln in receipt["lines"]],
+            # each only on the record that carries it: lines on verified, the pattern on exceptions
             verified_lines=[{"po_line": f.line["po_line"], "material_id": f.line["material_id"],
                              "quantity": f.qty_in_po_unit or 0.0,
                              "unit": f.po_line["unit"] if f.po_line else f.line["unit"],
-                             "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines],
-            historical_pattern=_historical_pattern(ctx),
+                             "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines] if verified else [],
+            historical_pattern="" if verified else _historical_pattern(ctx),
         )
         outputs = outputs_for(subject, evaluation, now_ms)
         self._latency.observe(max(0.0, (now_ms - pending["ts"]) / 1000.0))
@@ -430,7 +433,7 @@ class ReceivingProcessor:
                 core["received"][line_no] = core["received"].get(line_no, 0.0) + f.qty_in_po_unit
         for line_no, lots in lots_by_line.items():
             core["last"][line_no] = {"rid": rid, "ref": ref, "vendor": vendor, "lots": lots,
-                                     "verified": verdict.decision == "VERIFIED"}
+                                     "verified": verified}
         core["t"] = now_ms
         unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would

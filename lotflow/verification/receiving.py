@@ -194,13 +194,14 @@ def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]
 
 def derive(receipt: Record, po: Record | None, received: Mapping[str, float], coas: Mapping[str, CoaLot],
            specs: Mapping[str, Record], vendor_profile: history.Profile, rules: ReceivingRules, *,
-           duplicate_receipt: bool = False, lot_owners: Mapping[tuple[str, str], str] | None = None
-           ) -> ReceivingContext:
+           duplicate_receipt: bool = False, lot_owners: Mapping[tuple[str, str], str] | None = None,
+           missing: list[str] | None = None) -> ReceivingContext:
     """Join the receipt with the PO revision in force, its lots' certificates and history; facts once.
 
     ``received`` holds what earlier receipts delivered per PO line (in the PO's unit);
     ``lot_owners`` maps (PO line, vendor lot) of this receipt's lines to a receipt that
-    already delivered them.
+    already delivered them; ``missing`` is ``missing_documents`` of the same inputs when the
+    caller has it already.
     """
     owners = lot_owners or {}
     po_lines = {pl["line_no"]: pl for pl in po["lines"]} if po else {}
@@ -236,9 +237,9 @@ def derive(receipt: Record, po: Record | None, received: Mapping[str, float], co
             if coa is not None:
                 fact.coa_facts = _coa_facts(line, spec, coa, stats)
         facts.append(fact)
-    received_lots = {lot for _, lot in owners}
-    return ReceivingContext(receipt, po, facts, list(totals.values()),
-                            missing_documents(receipt, po, specs, coas, received_lots),
+    if missing is None:
+        missing = missing_documents(receipt, po, specs, coas, {lot for _, lot in owners})
+    return ReceivingContext(receipt, po, facts, list(totals.values()), missing,
                             receipt["receipt_id"] if duplicate_receipt else "", vendor_profile, rules)
 
 
