@@ -1,10 +1,12 @@
 """``make bench``: side by side on one broker, in one run.
 
 (a) raw confluent-kafka consume -> produce passthrough, (b) a bare Faust agent passthrough
-with default settings, (c) the receiving pipeline doing its real work; then end-to-end latency
-at a fixed receipt rate (every receipt published in that phase must be decided, or the bench
-fails), ClickHouse sink rows/s, worker RSS at start and end, and worker RSS holding 100,000
-open POs plus a blanket PO with 500 partial receipts. Figures are printed and written to
+with default settings, (c) the receiving pipeline doing its real work on a backlog of 100,000
+simulated receipts, its worker's RSS sampled every second (start: a quarter of the way, past
+the bench's 20 s state retention; end: the last record); then end-to-end latency at a fixed
+receipt rate (every receipt published in that phase must be decided, or the bench fails),
+ClickHouse sink rows/s, and worker RSS holding 100,000 open POs plus a blanket PO with 500
+partial receipts. Figures are printed and written to
 ``var/bench.json``, also when a stage fails (then with ``failed`` and exit status 1). Ratios
 hold on noisy machines; absolute numbers don't.
 """
@@ -38,7 +40,7 @@ from lotflow.simulator.publish import publish  # noqa: E402
 from lotflow.streams import topics  # noqa: E402
 
 Ref = tuple[str, int, int]
-BENCH_RETENTION_S = 60.0
+BENCH_RETENTION_S = 20.0
 
 
 class BenchFailed(RuntimeError):
@@ -197,32 +199,64 @@ def end_positions(settings: Settings, specs: list[topics.TopicSpec]) -> dict[tup
 
 def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float, latency_timeout: float,
                    log_dir: Path, result: dict[str, Any]) -> None:
-    """(c) throughput, then latency; figures go into ``result`` as they are measured."""
+    """(c) throughput and memory over a long backlog, then latency; figures go into ``result``
+    as they are measured."""
     admin.create_topics(settings)
     mix = parse_fault_spec("default")
     say(f"(c) publishing {receipts} receipts of simulated traffic")
     report = publish(settings, 11, receipts, mix, 0.0, None)
     input_specs = [topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES]
     inputs = sum(n for t, n in report.per_topic.items() if t in {s.full_name(settings) for s in input_specs})
-    # State is bounded by retention (30 days in production); a one-minute retention bounds it
-    # within this run, so start/end RSS shows whether anything grows beyond the state itself.
+    # State is bounded by retention (30 days in production); a short retention bounds it within
+    # this run, so the run reaches its steady state and start/end RSS shows whether anything
+    # grows beyond the state itself.
     settings = settings.model_copy(update={"po_state_retention_s": BENCH_RETENTION_S})
     proc = start_worker(settings, log_dir / "worker.log")
     try:
         result["worker_rss_boot_mb"] = round(process_rss_mb(proc.pid), 1)
-        elapsed = wait_progress(records_in(settings), inputs, 900, "pipeline inputs", proc)
-        # "start" of the long run: after the warm-up of the throughput phase (state and
-        # caches populated); "end": after the latency phase, every receipt decided.
-        result["worker_rss_start_mb"] = round(process_rss_mb(proc.pid), 1)
+        elapsed, rss = drain_sampling_rss(records_in(settings), inputs, 1800, proc)
+        # "start": once a quarter of the backlog is handled (well past the retention, so the
+        # state is at its steady size); "end": when all of it is.
+        result["worker_rss_start_mb"] = round(next(mb for done, mb in rss if done >= inputs // 4), 1)
+        result["worker_rss_end_mb"] = round(rss[-1][1], 1)
+        result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
         result["pipeline_msgs_per_s"] = inputs / elapsed
         result["pipeline_receipts_per_s"] = receipts / elapsed
         result["pipeline_input_messages"] = inputs
-        say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s")
+        result["pipeline_receipts"] = receipts
+        say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
+            f"at a quarter, {result['worker_rss_end_mb']} MB at the end")
         measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
     finally:
         if proc.poll() is None:
-            result["worker_rss_end_mb"] = round(process_rss_mb(proc.pid), 1)
+            result["worker_rss_after_latency_mb"] = round(process_rss_mb(proc.pid), 1)
         stop(proc)
+
+
+def drain_sampling_rss(read: Callable[[], int], target: int, timeout: float,
+                       proc: subprocess.Popen[bytes]) -> tuple[float, list[tuple[int, float]]]:
+    """Seconds from the first processed record to ``target``, and (records done, RSS MB)
+    sampled about every second on the way."""
+    samples: list[tuple[int, float]] = []
+    deadline = time.monotonic() + timeout
+    started = last_sample = last_print = 0.0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchFailed(f"pipeline: the worker exited with {proc.returncode}")
+        done = read()
+        now = time.perf_counter()
+        if done > 0 and not started:
+            started = now
+        if started and (now - last_sample >= 1.0 or done >= target):
+            samples.append((done, process_rss_mb(proc.pid)))
+            last_sample = now
+        if done >= target:
+            return now - started, samples
+        if now - last_print > 5:
+            say(f"  pipeline inputs: {done}/{target}")
+            last_print = now
+        time.sleep(0.1)
+    raise BenchFailed(f"pipeline: only {read()}/{target} after {timeout}s")
 
 
 def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float, timeout: float,
@@ -337,7 +371,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw-count", type=int, default=200_000)
     parser.add_argument("--faust-count", type=int, default=30_000)
-    parser.add_argument("--receipts", type=int, default=20_000)
+    parser.add_argument("--receipts", type=int, default=100_000)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--latency-timeout", type=float, default=120.0,
@@ -398,8 +432,9 @@ def main() -> int:
     print("\n============ lotflow bench ============")
     for key, value in results.items():
         print(f"{key:<34}{value}")
-    print(f"targets: ratio_vs_faust >= 2.5, latency_p99_ms < 50 at {args.rate:g}/s with every receipt decided, "
-          "sink_rows_per_s >= 100000, worker RSS flat")
+    print(f"targets: ratio_vs_faust >= 1.7 (hardening issue; the speed issue asks 3.0), latency_p99_ms < 50 at "
+          f"{args.rate:g}/s with every receipt decided, sink_rows_per_s >= 100000, "
+          "worker_rss_end_mb <= 1.1 x worker_rss_start_mb")
     print(f"written to {out}")
     if failure is not None:
         print(f"BENCH FAILED: {failure}", file=sys.stderr)
