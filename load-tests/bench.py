@@ -101,24 +101,43 @@ def bench_raw(settings: Settings, count: int) -> float:
 
 def wait_progress(read: Callable[[], int], target: int, timeout: float, label: str,
                   proc: subprocess.Popen[bytes] | None = None) -> float:
-    """Seconds from the first processed record to ``target`` (polling ``read``; fails when
-    ``proc`` exits first)."""
+    """Records per second from the first reading of progress to ``target`` (``read`` polled
+    once a second, the same for every stage; fails when ``proc`` exits first)."""
+    rate, _ = drain(read, target, timeout, label, proc)
+    return rate
+
+
+def drain(read: Callable[[], int], target: int, timeout: float, label: str,
+          proc: subprocess.Popen[bytes] | None = None,
+          sample: Callable[[], float] | None = None) -> tuple[float, list[tuple[int, float]]]:
+    """Records per second from the first reading of progress to ``target``, and (records done,
+    ``sample()``) at every reading. Progress is read once a second (ten times in the last two
+    seconds): reading the worker's /metrics costs its event loop time, so it is not read more
+    often than needed; the bare Faust agent's progress is read the same way, on broker offsets."""
+    samples: list[tuple[int, float]] = []
     deadline = time.monotonic() + timeout
-    started = 0.0
-    last_print = 0.0
+    started = last_print = 0.0
+    done_at_start = 0
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise BenchFailed(f"{label}: the process exited with {proc.returncode}")
-        value = read()
+        done = read()
         now = time.perf_counter()
-        if value > 0 and not started:
-            started = now
-        if value >= target:
-            return now - started
-        if now - last_print > 2:
-            say(f"  {label}: {value}/{target}")
+        if done > 0 and not started:
+            started, done_at_start = now, done
+        if started and sample is not None:
+            samples.append((done, sample()))
+        if done >= target:
+            return (done - done_at_start) / max(now - started, 1e-9), samples
+        if now - last_print > 5:
+            say(f"  {label}: {done}/{target}")
             last_print = now
-        time.sleep(0.1)
+        # once a second; ten times a second in the last two seconds, so the end is not late
+        interval = 1.0
+        if started and done > done_at_start:
+            seconds_left = (target - done) / ((done - done_at_start) / (now - started))
+            interval = 0.1 if seconds_left < 2.0 else 1.0
+        time.sleep(max(0.0, interval - (time.perf_counter() - now)))
     raise BenchFailed(f"{label}: only {read()}/{target} after {timeout}s")
 
 
@@ -132,10 +151,10 @@ def bench_faust(settings: Settings, count: int, log_dir: Path) -> float:
     proc = subprocess.Popen([sys.executable, str(HERE / "faust_passthrough.py"), "worker", "-l", "warn"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(log_dir))
     try:
-        elapsed = wait_progress(lambda: total(settings, dst), count, 600, "faust passthrough")
+        rate = wait_progress(lambda: total(settings, dst), count, 600, "faust passthrough")
     finally:
         stop(proc)
-    return count / elapsed
+    return rate
 
 
 def worker_metric(settings: Settings, name: str, **labels: str) -> float | None:
@@ -214,14 +233,15 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
     proc = start_worker(settings, log_dir / "worker.log")
     try:
         result["worker_rss_boot_mb"] = round(process_rss_mb(proc.pid), 1)
-        elapsed, rss = drain_sampling_rss(records_in(settings), inputs, 1800, proc)
+        rate, rss = drain(records_in(settings), inputs, 1800, "pipeline inputs", proc,
+                          sample=lambda: process_rss_mb(proc.pid))
         # "start": once a quarter of the backlog is handled (well past the retention, so the
         # state is at its steady size); "end": when all of it is.
         result["worker_rss_start_mb"] = round(next(mb for done, mb in rss if done >= inputs // 4), 1)
         result["worker_rss_end_mb"] = round(rss[-1][1], 1)
         result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
-        result["pipeline_msgs_per_s"] = inputs / elapsed
-        result["pipeline_receipts_per_s"] = receipts / elapsed
+        result["pipeline_msgs_per_s"] = rate
+        result["pipeline_receipts_per_s"] = rate * receipts / inputs
         result["pipeline_input_messages"] = inputs
         result["pipeline_receipts"] = receipts
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
@@ -231,32 +251,6 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         if proc.poll() is None:
             result["worker_rss_after_latency_mb"] = round(process_rss_mb(proc.pid), 1)
         stop(proc)
-
-
-def drain_sampling_rss(read: Callable[[], int], target: int, timeout: float,
-                       proc: subprocess.Popen[bytes]) -> tuple[float, list[tuple[int, float]]]:
-    """Seconds from the first processed record to ``target``, and (records done, RSS MB)
-    sampled about every second on the way."""
-    samples: list[tuple[int, float]] = []
-    deadline = time.monotonic() + timeout
-    started = last_sample = last_print = 0.0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchFailed(f"pipeline: the worker exited with {proc.returncode}")
-        done = read()
-        now = time.perf_counter()
-        if done > 0 and not started:
-            started = now
-        if started and (now - last_sample >= 1.0 or done >= target):
-            samples.append((done, process_rss_mb(proc.pid)))
-            last_sample = now
-        if done >= target:
-            return now - started, samples
-        if now - last_print > 5:
-            say(f"  pipeline inputs: {done}/{target}")
-            last_print = now
-        time.sleep(0.1)
-    raise BenchFailed(f"pipeline: only {read()}/{target} after {timeout}s")
 
 
 def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float, timeout: float,
