@@ -240,6 +240,8 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         result["worker_rss_start_mb"] = round(next(mb for done, mb in rss if done >= inputs // 4), 1)
         result["worker_rss_end_mb"] = round(rss[-1][1], 1)
         result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
+        step = max(1, len(rss) // 20)  # about twenty points of the run, for the record
+        result["worker_rss_series_mb"] = [[done, round(mb)] for done, mb in rss[::step]]
         result["pipeline_msgs_per_s"] = rate
         result["pipeline_receipts_per_s"] = rate * receipts / inputs
         result["pipeline_input_messages"] = inputs
