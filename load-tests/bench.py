@@ -233,8 +233,8 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
     proc = start_worker(settings, log_dir / "worker.log")
     try:
         result["worker_rss_boot_mb"] = round(process_rss_mb(proc.pid), 1)
-        rate, rss = drain(records_in(settings), inputs, 1800, "pipeline inputs", proc,
-                          sample=lambda: process_rss_mb(proc.pid))
+        msgs_per_s, rss = drain(records_in(settings), inputs, 1800, "pipeline inputs", proc,
+                                sample=lambda: process_rss_mb(proc.pid))
         # "start": once a quarter of the backlog is handled (well past the retention, so the
         # state is at its steady size); "end": when all of it is.
         result["worker_rss_start_mb"] = round(next(mb for done, mb in rss if done >= inputs // 4), 1)
@@ -242,8 +242,8 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
         step = max(1, len(rss) // 20)  # about twenty points of the run, for the record
         result["worker_rss_series_mb"] = [[done, round(mb)] for done, mb in rss[::step]]
-        result["pipeline_msgs_per_s"] = rate
-        result["pipeline_receipts_per_s"] = rate * receipts / inputs
+        result["pipeline_msgs_per_s"] = msgs_per_s
+        result["pipeline_receipts_per_s"] = msgs_per_s * receipts / inputs
         result["pipeline_input_messages"] = inputs
         result["pipeline_receipts"] = receipts
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
