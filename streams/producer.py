@@ -36,7 +36,7 @@ class MessageTooLarge(ValueError):
     """An output would pass the broker's record size limit."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class Message:
     topic: str
     key: bytes
@@ -129,7 +129,8 @@ class TransactionalOutput:
             self._open = True
 
     def send(self, message: Message) -> None:
-        self.begin()
+        if not self._open:
+            self.begin()
         self._batch.append(message)
         try:  # the common case without the keyword plumbing of produce(): this runs per output
             self._producer.produce(message.topic, message.value, message.key,

@@ -38,7 +38,7 @@ class Severity(StrEnum):
 _SEVERITY_RANK = {Severity.BLOCK: 0, Severity.WARN: 1, Severity.INFO: 2}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class Reason:
     code: str
     message: str
@@ -89,7 +89,7 @@ class NodeConfig:
         return self.default_route
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class Verdict:
     decision: str  # "VERIFIED" | "EXCEPTION"
     confidence: float
@@ -115,7 +115,7 @@ def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason]) -> 
     return Verdict("EXCEPTION", confidence, priority, config.route_for(reasons))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class Evaluation:
     reasons: tuple[Reason, ...]
     features: Features

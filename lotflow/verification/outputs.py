@@ -36,7 +36,7 @@ class OutputKind(StrEnum):
 Output = tuple[OutputKind, str, Record]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class InputRef:
     topic: str
     partition: int
@@ -50,7 +50,7 @@ def record_id(node: str, ref: InputRef) -> str:
     return f"{node}:{ref.topic}:{ref.partition}:{ref.offset}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
 class Subject:
     """What was verified, and the inputs that went into the decision (the first is the subject)."""
 
