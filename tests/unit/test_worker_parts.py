@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from lotflow.schemas.serde import AvroCodec, schema_source
@@ -11,6 +13,7 @@ from lotflow.streams.health import Health
 from lotflow.streams.producer import Encoder
 from lotflow.streams.state import DictState, StateTooLarge, StateUnit
 from lotflow.streams.timers import DueIndex
+from lotflow.streams.transport import _Resumed
 from lotflow.verification.node import Evaluation, Reason, Route, Severity, Verdict
 from lotflow.verification.outputs import InputRef, Subject, outputs_for
 
@@ -96,3 +99,35 @@ def test_a_decisions_shared_fields_are_encoded_once_to_the_same_bytes(decision: 
     schema = "VerifiedRecord" if decision == "VERIFIED" else "ExceptionRecord"
     main = AvroCodec(schema_source(None), "x", f"lotflow.verification.{schema}")
     assert main.decode(together[0].value)["reasons"][0]["code"] == "QUANTITY_OVER"
+
+
+def test_a_stepped_coroutine_resumes_where_it_waited_and_takes_cancellation() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[int] = loop.create_future()
+
+        async def callback() -> int:
+            return await gate + 1
+
+        coro = callback()
+        pending = coro.send(None)  # runs until it waits on the gate
+        task = asyncio.ensure_future(_Resumed(coro, pending))
+        await asyncio.sleep(0)
+        assert not task.done()
+        gate.set_result(41)
+        assert await task == 42
+
+        blocked: asyncio.Future[int] = loop.create_future()
+
+        async def waits_forever() -> int:
+            return await blocked
+
+        coro = waits_forever()
+        task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert blocked.cancelled()  # the cancellation reached what the coroutine waited on
+
+    asyncio.run(scenario())
