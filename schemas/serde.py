@@ -295,12 +295,31 @@ def _schema_json(parsed: Any) -> Any:
     return {k: v for k, v in parsed.items() if not k.startswith("__")} if isinstance(parsed, dict) else parsed
 
 
-def _has_index(schema: Any) -> bool:
-    """Does the schema contain a union or an enum (an index that can be corrupt)?"""
+def _has_index(schema: Any, named: dict[str, Any] | None = None) -> bool:
+    """Does the schema contain a union or an enum (an index that can be corrupt)? Named types
+    referred to by name count as what they name."""
+    named = {} if named is None else named
     if isinstance(schema, list):
         return True
-    if isinstance(schema, dict):
-        if schema.get("type") == "enum":
-            return True
-        return any(_has_index(v) for k, v in schema.items() if k in ("type", "items", "values", "fields"))
-    return False
+    if isinstance(schema, str):
+        return named.get(schema, False)
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    if kind == "enum":
+        found = True
+    elif kind == "record":
+        found = False
+        full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+        named[full_name] = named[schema["name"]] = False  # (a recursive reference adds nothing)
+        for f in schema["fields"]:
+            found = _has_index(f["type"], named) or found
+    elif kind == "array":
+        found = _has_index(schema["items"], named)
+    elif kind == "map":
+        found = _has_index(schema["values"], named)
+    else:
+        found = isinstance(kind, list | dict) and _has_index(kind, named)
+    if "name" in schema:
+        named[f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")] = named[schema["name"]] = found
+    return found

@@ -12,7 +12,14 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from lotflow.schemas.serde import AvroCodec, BundledSchemas, DecodeError, RegistrySchemas, bundled_schema_json
+from lotflow.schemas.serde import (
+    AvroCodec,
+    BundledSchemas,
+    DecodeError,
+    RegistrySchemas,
+    bundled_schema_json,
+    schema_source,
+)
 
 TOPIC = "plant.receipts"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -101,3 +108,20 @@ def test_record_that_does_not_fit_the_schema_is_rejected_on_encode() -> None:
     codec = AvroCodec(BundledSchemas.default(), "x", "lotflow.plant.Receipt")
     with pytest.raises(ValueError, match="does not fit"):
         codec.encode({"receipt_id": "R"})
+
+
+def test_the_canonical_check_runs_only_where_an_index_can_be_corrupt() -> None:
+    """A re-encode per record costs as much as the decode: schemas without unions or enums skip it."""
+    def checked(schema: dict[str, Any] | str) -> bool:
+        return AvroCodec(schema_source(None), "x", schema)._check_canonical
+
+    assert checked("lotflow.plant.Receipt") and checked("lotflow.erp.PurchaseOrder")  # unit enums, price union
+    assert not checked("lotflow.plant.CertificateOfAnalysis")
+    enum_by_name = {"type": "record", "name": "A", "fields": [
+        {"name": "first", "type": {"type": "enum", "name": "Unit", "symbols": ["kg", "lb"]}},
+        {"name": "again", "type": {"type": "array", "items": "Unit"}}]}
+    record_by_name = {"type": "record", "name": "B", "fields": [
+        {"name": "r", "type": {"type": "record", "name": "R", "fields": [{"name": "x", "type": "long"}]}},
+        {"name": "rs", "type": {"type": "array", "items": "R"}},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}
+    assert checked(enum_by_name) and not checked(record_by_name)
