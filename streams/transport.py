@@ -5,7 +5,7 @@ Faust's worker consumer (which also recovers the tables from their changelogs) r
 ``read_uncommitted`` unless Faust's own exactly-once mode is on. lotflow writes outputs and
 changelogs in its own Kafka transactions (one per batch) while Faust keeps at-least-once
 commits, so the consumer must skip aborted records: this transport sets the isolation level
-on the aiokafka consumer Faust builds, before it starts, and changes nothing else.
+on the aiokafka consumer Faust builds, before it starts.
 Use it with a ``lotflow-kafka://host:port`` broker URL.
 
 Hand-off: for every message, Faust's drainer awaits ``wait_first(callback(message),
