@@ -151,11 +151,10 @@ class TransactionalOutput:
         while True:
             try:
                 # flush + commit block in librdkafka (GIL released): off the event loop, so the
-                # health endpoint keeps answering while the broker is away.
-                remaining = await loop.run_in_executor(None, self._producer.flush, self._timeout)
+                # health endpoint keeps answering while the broker is away; one hop, not two:
+                # each result waits for the busy event loop to pick it up.
+                remaining = await loop.run_in_executor(None, self._flush_and_commit)
                 if not remaining:
-                    self._crash_at("before_commit")
-                    await loop.run_in_executor(None, self._producer.commit_transaction, self._timeout)
                     break
                 problem = f"{remaining} messages not acknowledged within {self._timeout}s"
             except KafkaException as exc:
@@ -178,6 +177,15 @@ class TransactionalOutput:
         self._batch.clear()
         self.failing_since = None
         self._crash_at("after_commit")
+
+    def _flush_and_commit(self) -> int:
+        """Messages still unacknowledged after the flush (then nothing is committed), else 0."""
+        remaining = int(self._producer.flush(self._timeout))
+        if remaining:
+            return remaining
+        self._crash_at("before_commit")
+        self._producer.commit_transaction(self._timeout)
+        return 0
 
     def _reproduce(self) -> None:
         self._producer.begin_transaction()
