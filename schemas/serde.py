@@ -162,7 +162,6 @@ class SharedFields:
         first = field_lists[0]
         shared = {"type": "record", "name": "SharedFields", "namespace": "lotflow.internal", "fields": first[:count]}
         self._schema = parse_schema(_plain_timestamps(shared) if epoch_millis else shared)
-        self.names = frozenset(f["name"] for f in first[:count])
         self._declared = [f[:count] for f in field_lists]
 
     def covers(self, schema: Mapping[str, Any]) -> bool:
@@ -188,8 +187,7 @@ class AvroCodec:
         self._epoch_millis = epoch_millis
         self._schema_json = schema_json
         self._reader = parse_schema(_plain_timestamps(schema_json) if epoch_millis else schema_json)
-        self._tail: Any = None
-        self._shared: SharedFields | None = None
+        self._tail: Any = None  # the fields after the shared ones (see ``share``)
         self._schema_id = source.id_for(subject, schema_json)
         self._header = _HEADER.pack(MAGIC, self._schema_id)
         self._resolved: dict[int, Any] = {}
@@ -212,7 +210,6 @@ class AvroCodec:
             self._tail = parse_schema(_plain_timestamps(tail) if self._epoch_millis else tail)
         except Exception:  # fastavro raises its own schema errors
             return False
-        self._shared = shared
         return True
 
     def encode_after(self, shared_bytes: bytes, record: Mapping[str, Any]) -> bytes:
@@ -310,8 +307,7 @@ def _has_index(schema: Any, named: dict[str, Any] | None = None) -> bool:
         found = True
     elif kind == "record":
         found = False
-        full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
-        named[full_name] = named[schema["name"]] = False  # (a recursive reference adds nothing)
+        _name(schema, named, False)  # a recursive reference adds nothing
         for f in schema["fields"]:
             found = _has_index(f["type"], named) or found
     elif kind == "array":
@@ -321,5 +317,11 @@ def _has_index(schema: Any, named: dict[str, Any] | None = None) -> bool:
     else:
         found = isinstance(kind, list | dict) and _has_index(kind, named)
     if "name" in schema:
-        named[f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")] = named[schema["name"]] = found
+        _name(schema, named, found)
     return found
+
+
+def _name(schema: Mapping[str, Any], named: dict[str, Any], found: bool) -> None:
+    """Record what a named type holds under its full and its short name."""
+    full_name = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+    named[full_name] = named[schema["name"]] = found
