@@ -26,6 +26,7 @@ from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import schema_source
 from lotflow.settings import Settings
 from lotflow.streams import topics, transport
+from lotflow.streams.batching import take_batches
 from lotflow.streams.faults import crash_injector
 from lotflow.streams.health import Health
 from lotflow.streams.history import LazyHistory, SharedHistory
@@ -185,7 +186,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
 
     @app.agent(inputs)
     async def receiving(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
             try:
                 async with lock:
                     while output is None:  # the start task has not finished yet
