@@ -31,8 +31,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.scorers import history
@@ -40,7 +38,7 @@ from lotflow.scorers.model import OnlineConfidence
 from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import Encoder, Message, MessageTooLarge
-from lotflow.streams.state import ChangelogTable, StateTooLarge, StateUnit
+from lotflow.streams.state import ChangelogTable, StateTooLarge, StateUnit, encode_value
 from lotflow.streams.timers import DueIndex
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Evaluation, Reason, Severity, VerificationNode, decide
@@ -144,6 +142,7 @@ class ReceivingProcessor:
         self._waiting: dict[str, set[str]] = {}  # PO key -> its receipts waiting for documents
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
         self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
+        self._marks: dict[tuple[str, int], int] = {}  # the O| marks as committed, read once per partition
         self.replayed = 0
         # Counted locally and published once per batch: a prometheus inc takes a lock.
         self._in: collections.Counter[str] = collections.Counter()
@@ -156,8 +155,7 @@ class ReceivingProcessor:
     def handle(self, event: InputEvent) -> None:
         """Handle one input record; whatever goes wrong sends it to the dead letters."""
         self._in[event.topic] += 1
-        mark = self.po_state.get(f"O|{event.topic}|{event.partition}")
-        if mark is not None and event.offset <= mark["o"]:
+        if event.offset <= self._mark(event.topic, event.partition):
             # Re-delivered after a crash: this input's outputs and state were committed in one
             # transaction with this mark, so it was handled; handling it again could only differ.
             self.replayed += 1
@@ -172,6 +170,14 @@ class ReceivingProcessor:
             self._handlers[event.topic](event, record, now_ms)
         except Exception as exc:  # every failure of one record is that record's dead letter
             self.dead_letter(event, error_class(exc), _describe(exc), now_ms)
+
+    def _mark(self, topic: str, partition: int) -> int:
+        """The last input offset of this partition whose effects are committed (-1: none)."""
+        mark = self._marks.get((topic, partition))
+        if mark is None:
+            value = self.po_state.get(f"O|{topic}|{partition}")
+            mark = self._marks[(topic, partition)] = value["o"] if value is not None else -1
+        return mark
 
     def dead_letter(self, event: InputEvent, error_class: str, reason: str, now_ms: int) -> None:
         self._emit_dead_letter(InputRef(event.topic, event.partition, event.offset), event.key, event.value,
@@ -190,7 +196,7 @@ class ReceivingProcessor:
         now_ms = int(self.clock() * 1000)
         for table, _, key, value, _ in staged:
             # waiting receipts leave by their deadline, input marks never
-            if value is not None and table is self.po_state and key[0] not in "WO" and table.get(key) is None:
+            if value is not None and table is self.po_state and key[0] not in "WO" and key not in table:
                 self._expiry.push(now_ms + self.retention_ms, key)
         unit.apply(staged)
         self._send(messages)
@@ -283,13 +289,13 @@ class ReceivingProcessor:
         key = _core_key(po)
         pending_key = f"{rid}@{event.offset}"
         wait_key = f"W|{po}|{pending_key}"
-        if self.po_state.get(wait_key) is not None:
+        if wait_key in self.po_state:
             return  # re-delivered while it waits: it keeps its original deadline
         pending = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
                    "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms, "t": now_ms}
-        core = self.po_state.get(key)
-        joined = self._join(core["po"] if core else None, receipt)
         unit = self._unit()
+        core = unit.get(self.po_state, key)
+        joined = self._join(core["po"] if core else None, receipt)
         if joined.missing:
             # the original bytes wait with it: a failure when it is decided dead-letters them
             pending["raw"] = base64.b64encode(event.value or b"").decode()
@@ -298,8 +304,7 @@ class ReceivingProcessor:
             self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
             self._waiting.setdefault(key, set()).add(pending_key)
             return
-        core = unit.get(self.po_state, key) or _new_core()
-        self._commit(unit, self._decide(unit, key, core, pending, event.partition, joined, now_ms))
+        self._commit(unit, self._decide(unit, key, core or _new_core(), pending, event.partition, joined, now_ms))
 
     # --- deciding ---------------------------------------------------------------
     def _join(self, po_doc: Record | None, receipt: Record) -> _Joined:
@@ -350,14 +355,13 @@ class ReceivingProcessor:
             late = expired and pending["deadline"] <= now_ms and pending["ts"] + self.wait_ms <= read_until
             if expired and not late:
                 return False
-            core = self.po_state.get(key)
+            unit = self._unit()
+            core = unit.get(self.po_state, key)
             joined = self._join(core["po"] if core else None, pending["receipt"])
             if joined.missing and not late:
                 return False
-            unit = self._unit()
             unit.delete(self.po_state, partition, wait_key)
-            core = unit.get(self.po_state, key) or _new_core()
-            self._commit(unit, self._decide(unit, key, core, pending, partition, joined, now_ms))
+            self._commit(unit, self._decide(unit, key, core or _new_core(), pending, partition, joined, now_ms))
         except Exception as exc:
             # The receipt goes to the dead letters (with its original bytes) and stops waiting.
             drop = self._unit()
@@ -484,6 +488,7 @@ class ReceivingProcessor:
         self._deadlines.clear()
         self._expiry.clear()
         self._waiting.clear()
+        self._marks.clear()
         for key, value in self.po_state.items():
             if not value or key.startswith("O|"):
                 continue
@@ -501,7 +506,7 @@ class ReceivingProcessor:
             some = next(iter(waiting), None)
             if some is not None:
                 wait_key = f"W|{key[2:]}|{some}"
-                if self.po_state.get(wait_key) is not None:
+                if wait_key in self.po_state:
                     self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms)
 
     def sweep(self) -> int:
@@ -513,7 +518,7 @@ class ReceivingProcessor:
             while (item := deadlines.first_due(now_ms)) is not None:
                 key, pending_key = item
                 wait_key = f"W|{key[2:]}|{pending_key}"
-                if pending_key in self._waiting.get(key, ()) and self.po_state.get(wait_key) is not None:
+                if pending_key in self._waiting.get(key, ()) and wait_key in self.po_state:
                     if read_until is None:
                         read_until = self.documents_read_until(partition)
                     if not self._decide_pending(key, pending_key, partition, now_ms, read_until):
@@ -548,7 +553,8 @@ class ReceivingProcessor:
         now_ms = int(self.clock() * 1000)
         for (topic, partition), offset in self._read_to.items():
             value = {"o": offset, "t": now_ms}
-            self.po_state.apply(partition, f"O|{topic}|{partition}", value, orjson.dumps(value))
+            self.po_state.apply(partition, f"O|{topic}|{partition}", value, encode_value(value))
+            self._marks[(topic, partition)] = offset
         self._read_to.clear()
         out, self.outbox = self.outbox, []
         return out

@@ -103,8 +103,10 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     inputs = app.topic(*(spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                               topics.CERTIFICATES)),
                        partitions=settings.partitions, schema=transport.RawSchema())
-    faust_po_table = app.Table("receiving-po", default=None, partitions=settings.partitions)
-    po_table = ChangelogTable(faust_po_table)
+    # The PO state holds its values as their changelog bytes (value_type=bytes: recovery stores
+    # them as read): a third of the memory of decoded values (streams/state.py).
+    faust_po_table = app.Table("receiving-po", default=None, partitions=settings.partitions, value_type=bytes)
+    po_table = ChangelogTable(faust_po_table, encoded=True)
     vendor_table = ChangelogTable(app.Table("receiving-vendor", default=None, partitions=settings.partitions))
     # Created on start, when Faust has declared the changelog topic it reads.
     shared_history = LazyHistory()

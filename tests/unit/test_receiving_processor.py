@@ -38,7 +38,7 @@ class Run:
 
     def __init__(self, clock: Clock | None = None, po_state: DictState | None = None,
                  settings: Settings = SETTINGS) -> None:
-        self.po_state = po_state or DictState()
+        self.po_state = po_state or DictState(encoded=True)  # as the worker holds it
         self.proc = ReceivingProcessor(settings, SOURCE, self.po_state, DictState(), SPECS,
                                        WorkerMetrics.create(CollectorRegistry()), clock=clock or Clock())
         self.proc.rebuild_indexes()
