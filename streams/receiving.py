@@ -144,6 +144,7 @@ class ReceivingProcessor:
         self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
         self._marks: dict[tuple[str, int], int] = {}  # the O| marks as committed, read once per partition
         self.replayed = 0
+        self.more_due = False  # the last sweep stopped at its limit
         # Counted locally and published once per batch: a prometheus inc takes a lock.
         self._in: collections.Counter[str] = collections.Counter()
         self._out: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -509,13 +510,21 @@ class ReceivingProcessor:
                 if wait_key in self.po_state:
                     self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms)
 
-    def sweep(self) -> int:
-        """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due."""
+    def sweep(self, limit: int = 100_000) -> int:
+        """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due.
+
+        At most ``limit`` receipts are decided and ``limit`` keys forgotten per call, so one
+        transaction stays the size of a batch (a backlog can leave tens of thousands due at
+        once); returns how many were decided. ``more_due`` says whether a call should follow."""
         now_ms = int(self.clock() * 1000)
         decided = 0
+        self.more_due = False
         for partition, deadlines in self._deadlines.items():
             read_until: int | None = None  # asked once per partition and sweep, only if something is due
             while (item := deadlines.first_due(now_ms)) is not None:
+                if decided >= limit:
+                    self.more_due = True
+                    break
                 key, pending_key = item
                 wait_key = f"W|{key[2:]}|{pending_key}"
                 if pending_key in self._waiting.get(key, ()) and wait_key in self.po_state:
@@ -529,13 +538,16 @@ class ReceivingProcessor:
                 else:
                     self._forget_waiting(key, pending_key)
                 deadlines.drop_first()
-        self._expire(now_ms)
+        self._expire(now_ms, limit)
         self.metrics.pending.labels(NODE).set(sum(len(w) for w in self._waiting.values()))
         return decided
 
-    def _expire(self, now_ms: int) -> None:
+    def _expire(self, now_ms: int, limit: int) -> None:
         forget = self._unit()
-        for item in self._expiry.pop_due(now_ms):
+        due = self._expiry.pop_due(now_ms, limit)
+        if len(due) == limit:
+            self.more_due = True
+        for item in due:
             key = str(item)
             value = self.po_state.get(key)
             if value is None:

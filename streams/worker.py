@@ -226,12 +226,15 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         if app.rebalancing or not recovery.completed.is_set() or output is None:
             return  # decide only on fully recovered state
         try:
-            async with lock:
-                if specs.poll():
-                    processor.recheck_waiting()
-                shared_history.poll()
-                processor.sweep()
-                await commit()
+            more = True
+            while more:  # a transaction per batch-sized part; the agent may run in between
+                async with lock:
+                    if specs.poll():
+                        processor.recheck_waiting()
+                    shared_history.poll()
+                    processor.sweep(limit=settings.batch_size)
+                    more = processor.more_due
+                    await commit()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -49,8 +49,8 @@ class Run:
             self.proc.handle(e)
         self.end_batch()
 
-    def sweep(self) -> int:
-        n = self.proc.sweep()
+    def sweep(self, limit: int = 100_000) -> int:
+        n = self.proc.sweep(limit)
         self.end_batch()
         return n
 
@@ -111,6 +111,16 @@ def test_missing_po_becomes_an_exception_when_the_wait_expires() -> None:
     assert decision["decision"] == "EXCEPTION" and decision["priority"] == "HIGH"
     assert run.codes() == {"UNKNOWN_PO", "MISSING_COA"}
     assert decision["route_to"] == "receiving"
+
+
+def test_a_sweep_decides_at_most_its_limit_and_says_more_is_due() -> None:
+    clock = Clock()
+    run = Run(clock)
+    run.handle(*(RECEIPT(offset=i, rid=f"R-{i}", lot=f"L-{i}") for i in range(3)))
+    clock.now += 11
+    assert run.sweep(limit=2) == 2 and run.proc.more_due
+    assert run.sweep(limit=2) == 1 and not run.proc.more_due
+    assert sorted(d["subject_id"] for d in run.decisions()) == ["R-0", "R-1", "R-2"]
 
 
 def test_the_wait_survives_a_restart_because_it_is_in_the_state() -> None:
