@@ -5,7 +5,10 @@ Metrics are built on a registry passed in, so tests and benchmarks get their own
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -93,6 +96,26 @@ class SinkMetrics:
                 registry=registry,
             ),
         )
+
+
+def observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one update per bucket and one of the sum.
+
+    ``observe`` takes a lock per call (two per decision on the hot path); counting a batch's
+    values per bucket first gives the same buckets, count and sum. ``histogram`` is a labelled
+    child; a NaN lands in no bucket, as with ``observe``.
+    """
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        if value == value:  # not NaN
+            counts[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(sum(values))
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:

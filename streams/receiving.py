@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lotflow.metrics import WorkerMetrics
+from lotflow.metrics import WorkerMetrics, observe_all
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.scorers import history
 from lotflow.scorers.model import OnlineConfidence
@@ -151,6 +151,8 @@ class ReceivingProcessor:
         self._dead: collections.Counter[tuple[str, str]] = collections.Counter()
         self._latency = metrics.processing_latency.labels(NODE)
         self._confidence = {d: metrics.confidence.labels(NODE, d) for d in ("VERIFIED", "EXCEPTION")}
+        self._latencies: list[float] = []
+        self._confidences: dict[str, list[float]] = {d: [] for d in self._confidence}
 
     # --- input ------------------------------------------------------------------
     def handle(self, event: InputEvent) -> None:
@@ -420,8 +422,8 @@ class ReceivingProcessor:
             historical_pattern="" if verified else _historical_pattern(ctx),
         )
         outputs = outputs_for(subject, evaluation, now_ms)
-        self._latency.observe(max(0.0, (now_ms - pending["ts"]) / 1000.0))
-        self._confidence[verdict.decision].observe(verdict.confidence)
+        self._latencies.append(max(0.0, (now_ms - pending["ts"]) / 1000.0))
+        self._confidences[verdict.decision].append(verdict.confidence)
         # --- state: this receipt is decided ---
         unit.put(self.po_state, partition, f"R|{po}|{rid}", {"o": ref[2], "t": now_ms})
         lots_by_line: dict[str, list[str]] = {}
@@ -579,6 +581,11 @@ class ReceivingProcessor:
             self.metrics.records_out.labels(topic, decision).inc(n)
         for (topic, error), n in self._dead.items():
             self.metrics.dead_letters.labels(topic, error).inc(n)
+        observe_all(self._latency, self._latencies)
+        self._latencies.clear()
+        for decision, values in self._confidences.items():
+            observe_all(self._confidence[decision], values)
+            values.clear()
         self._in.clear()
         self._out.clear()
         self._dead.clear()

@@ -131,3 +131,23 @@ def test_a_stepped_coroutine_resumes_where_it_waited_and_takes_cancellation() ->
         assert blocked.cancelled()  # the cancellation reached what the coroutine waited on
 
     asyncio.run(scenario())
+
+
+def test_observe_all_gives_the_buckets_count_and_sum_of_observing_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from lotflow.metrics import observe_all
+
+    values = [0.0, 0.004, 0.005, 0.0051, 0.7, 2.5, 9.9, 10.0, 1e9, float("nan")]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("x_seconds", "x", ["node"], registry=one).labels("n")
+    h2 = Histogram("x_seconds", "x", ["node"], registry=many).labels("n")
+    for v in values:
+        h1.observe(v)
+    observe_all(h2, values)
+    observe_all(h2, [])
+    def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], str]]:
+        return [(s.name, s.labels, repr(s.value)) for metric in registry.collect() for s in metric.samples
+                if not s.name.endswith("_created")]
+
+    assert samples(one) == samples(many) and len(samples(one)) > 10
