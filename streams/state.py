@@ -59,7 +59,8 @@ class ChangelogTable:
     def __init__(self, table: Any, *, encoded: bool = False) -> None:
         self._table = table
         self.encoded = encoded
-        self._dirty: dict[str, tuple[int, bytes | None]] = {}
+        # key -> (partition, encoded value or None, whether the key was absent when the batch first changed it)
+        self._dirty: dict[str, tuple[int, bytes | None, bool]] = {}
         self._store: dict[str, Any] | None = None
         self._key_partition: dict[str, int] | None = None
 
@@ -107,22 +108,28 @@ class ChangelogTable:
         """Set ``key`` (``None`` deletes it: a tombstone in the changelog)."""
         data = self._store if self._store is not None else self._data()
         partitions = self._key_partition if self._key_partition is not None else self._partitions()
+        earlier = self._dirty.get(key)
+        new = key not in data if earlier is None else earlier[2]
         if value is None:
             data.pop(key, None)
             partitions.pop(key, None)
         else:
             data[key] = encoded if self.encoded else value
             partitions[key] = partition  # Faust drops keys of revoked partitions by this map
-        self._dirty[key] = (partition, encoded)
+        self._dirty[key] = (partition, encoded, new)
 
     def flush_to(self, sender: Sender) -> int:
-        """Produce one changelog record per key changed since the last flush."""
+        """Produce one changelog record per key changed since the last flush; a key created and
+        deleted again since then (a receipt's wait, a certificate used at once) needs none."""
         if not self._dirty:
             return 0
         topic = self.changelog_topic()
-        for key, (partition, encoded) in self._dirty.items():
+        n = 0
+        for key, (partition, encoded, new) in self._dirty.items():
+            if encoded is None and new:
+                continue
             sender.send_raw(topic, orjson.dumps(key), encoded, partition)
-        n = len(self._dirty)
+            n += 1
         self._dirty.clear()
         return n
 

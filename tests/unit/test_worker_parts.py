@@ -151,3 +151,25 @@ def test_observe_all_gives_the_buckets_count_and_sum_of_observing_one_by_one() -
                 if not s.name.endswith("_created")]
 
     assert samples(one) == samples(many) and len(samples(one)) > 10
+
+
+def test_a_key_created_and_deleted_within_one_batch_writes_no_changelog_record() -> None:
+    class Sender:
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, bytes | None]] = []
+
+        def send_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+            self.sent.append((key, value))
+
+    table, sender = DictState(encoded=True), Sender()
+    table.apply(0, "kept", {"v": 1}, b'{"v":1}')
+    table.apply(0, "gone", {"v": 2}, b'{"v":2}')
+    assert table.flush_to(sender) == 2
+    table.apply(0, "brief", {"v": 3}, b'{"v":3}')  # created and deleted in one batch: nothing to write
+    table.apply(0, "brief", None, None)
+    table.apply(0, "gone", None, None)  # existed before the batch: a tombstone
+    table.apply(0, "again", None, None)  # never existed: nothing
+    table.apply(0, "kept", {"v": 4}, b'{"v":4}')
+    assert table.flush_to(sender) == 2
+    assert sender.sent[2:] == [(b'"gone"', None), (b'"kept"', b'{"v":4}')]
+    assert "brief" not in table and "gone" not in table and table.get("kept") == {"v": 4}
