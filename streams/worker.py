@@ -11,6 +11,8 @@ from committed state instead of going on.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -49,6 +51,31 @@ def _brokers(bootstrap: str) -> list[str]:
 def instance_id(settings: Settings) -> str:
     """Stable per worker: static group membership and the transactional id both use it."""
     return settings.worker_instance_id or f"{socket.gethostname()}-{settings.worker_web_port}"
+
+
+TRIM_INTERVAL_S = 30.0
+
+
+def _libc_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def trim_allocator() -> None:
+    """Hand the C allocator's free pages back to the OS.
+
+    glibc keeps freed chunks inside its heaps and returns only the top of a heap: after 100k
+    receipts ~60-80 MB of a ~160 MB heap were free yet resident, and the worker's RSS crept
+    up ~10 % over the second half of a long run (measured with mallinfo2). ``malloc_trim(0)``
+    releases the free pages in the middle too; it takes a few milliseconds, every 30 s.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def tune_garbage_collector() -> None:
@@ -249,6 +276,10 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
                 lag += behind
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
         health.observe_lag(lag)
+
+    @app.timer(TRIM_INTERVAL_S)
+    async def release_memory() -> None:
+        trim_allocator()
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
