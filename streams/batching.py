@@ -53,7 +53,6 @@ async def take_batches(stream: Any, max_events: int, max_wait_s: float) -> Async
             ready.set()
         return value
 
-    acks_before = stream.enable_acks
     stream.enable_acks = False  # acked here, after the batch is handled
     stream.add_processor(add)
     stream._enable_passive(channel_it)
@@ -66,11 +65,11 @@ async def take_batches(stream: Any, max_events: int, max_wait_s: float) -> Async
                 continue
             batch, events = events, []
             room.set()  # the drainer fills the next batch while this one is handled
-            try:
-                yield batch
-            finally:
-                for event in batch:
-                    await stream.ack(event)
+            yield batch
+            # Only when the agent asks for the next batch, i.e. after its body (and transaction)
+            # completed: a body cancelled or failed leaves its events unacked, to be read again.
+            for event in batch:
+                await stream.ack(event)
     finally:
-        stream.enable_acks = acks_before
+        # acks stay off: a drainer still running must not ack events nobody handled
         stream._processors.remove(add)

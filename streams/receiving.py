@@ -547,8 +547,6 @@ class ReceivingProcessor:
     def _expire(self, now_ms: int, limit: int) -> None:
         forget = self._unit()
         due = self._expiry.pop_due(now_ms, limit)
-        if len(due) == limit:
-            self.more_due = True
         for item in due:
             key = str(item)
             value = self.po_state.get(key)
@@ -559,6 +557,8 @@ class ReceivingProcessor:
                 self._expiry.push(max(touched + self.retention_ms, now_ms + 1000), key)
                 continue
             forget.delete(self.po_state, self.po_state.partition_of(key), key)
+            if len(due) == limit:
+                self.more_due = True  # the part was full and forgot something: more may be due
         self._commit(forget, [])
 
     def end_batch(self) -> list[Message]:

@@ -94,9 +94,12 @@ class ChangelogTable:
         return key in (store if store is not None else self._data())
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        if self.encoded:
-            return iter([(k, orjson.loads(v)) for k, v in list(self._data().items()) if v is not None])
-        return iter(list(self._data().items()))
+        """Every key and value, over a snapshot of the keys (encoded values decoded one at a time)."""
+        data = self._data()
+        for key in list(data):
+            value = data.get(key)
+            if value is not None:
+                yield key, (orjson.loads(value) if self.encoded else value)
 
     def partition_of(self, key: str) -> int:
         return int(self._partitions()[key])

@@ -54,6 +54,7 @@ def instance_id(settings: Settings) -> str:
 
 
 TRIM_INTERVAL_S = 30.0
+SWEEP_PARTS_PER_TICK = 50  # at most this many sweep transactions per timer tick
 
 
 def _libc_malloc_trim() -> Any:
@@ -247,21 +248,29 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         # partitions this worker owns and before streams resume.
         processor.rebuild_indexes()
 
+    def owns_recovered_state() -> bool:
+        recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
+        return not app.rebalancing and recovery.completed.is_set() and output is not None
+
     @app.timer(settings.sweep_interval_s)
     async def document_wait() -> None:
-        recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
-        if app.rebalancing or not recovery.completed.is_set() or output is None:
+        if not owns_recovered_state():
             return  # decide only on fully recovered state
         try:
-            more = True
-            while more:  # a transaction per batch-sized part; the agent may run in between
+            # A transaction per batch-sized part; the agent may run in between. Bounded per tick
+            # (keys put back by the expiry come due again), and it stops when a rebalance starts
+            # while it waited for the lock: the partitions may be another worker's by then.
+            for _ in range(SWEEP_PARTS_PER_TICK):
                 async with lock:
+                    if not owns_recovered_state():
+                        break
                     if specs.poll():
                         processor.recheck_waiting()
                     shared_history.poll()
                     processor.sweep(limit=settings.batch_size)
-                    more = processor.more_due
                     await commit()
+                if not processor.more_due:
+                    break
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

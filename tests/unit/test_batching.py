@@ -74,3 +74,29 @@ def test_a_batch_needs_room_for_one_event() -> None:
 
     with pytest.raises(ValueError, match="at least 1"):
         asyncio.run(first())
+
+
+def test_a_batch_whose_body_does_not_complete_stays_unacked() -> None:
+    app = _app()
+    taken: list[Any] = []
+
+    @app.agent(app.channel())
+    async def agent(stream: Any) -> None:
+        async for batch in take_batches(stream, 10, max_wait_s=30.0):
+            taken.extend(batch)
+            break  # the body never asks for the next batch (as when it fails before its commit)
+        await asyncio.sleep(30)
+
+    async def run() -> None:
+        async with agent.test_context() as ctx:
+            for i in range(3):
+                await ctx.put(i, wait=False)
+            for _ in range(100):
+                if len(taken) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+
+    asyncio.run(run())
+    assert [e.value for e in taken] == [0, 1, 2]
+    assert not any(e.message.acked for e in taken)  # Faust will not commit their offsets
