@@ -54,6 +54,7 @@ def instance_id(settings: Settings) -> str:
 
 
 TRIM_INTERVAL_S = 30.0
+MEMBERSHIP_CHECK_S = 5.0
 SWEEP_PARTS_PER_TICK = 50  # at most this many sweep transactions per timer tick
 
 
@@ -285,6 +286,15 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
                 lag += behind
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
         health.observe_lag(lag)
+
+    @app.timer(MEMBERSHIP_CHECK_S)
+    async def membership() -> None:
+        health.observe_assignment(sum(1 for tp in app.consumer.assignment() if tp.topic in input_topics))
+        if health.unassigned_for() > settings.stall_timeout_s:
+            # Outside the group (a failed join that aiokafka does not retry): only a restart rejoins.
+            log.critical("receiving worker stops: no input partition assigned for %.0fs; restarting",
+                         health.unassigned_for())
+            os._exit(EXIT_UNRECOVERABLE)
 
     @app.timer(TRIM_INTERVAL_S)
     async def release_memory() -> None:

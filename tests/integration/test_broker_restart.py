@@ -220,8 +220,9 @@ def test_the_worker_survives_a_broker_restart_under_load(lab: Settings, tmp_path
 
     from .pipeline import WorkerProcess, free_port, read_all
 
+    # stall_timeout_s: a worker left outside its group by a failed join exits after it (README)
     settings = fresh(lab).model_copy(update={"document_wait_s": 3.0, "worker_web_port": free_port(),
-                                             "worker_instance_id": "restart-w1"})
+                                             "worker_instance_id": "restart-w1", "stall_timeout_s": 20.0})
     create_topics(settings)
     count = 2000
     report = publish(settings, 9, count, parse_fault_spec("default"), 0.0, None)

@@ -32,6 +32,7 @@ def test_due_index_returns_only_what_is_due_in_time_order() -> None:
 def test_health_fails_while_commits_fail_or_input_waits_without_progress() -> None:
     now = [100.0]
     health = Health(stall_timeout_s=60, clock=lambda: now[0])
+    health.observe_assignment(4)
     assert health.check(None)[0]
     assert not health.check(commit_failing_since=95.0)[0]
     health.observe_lag(0)
@@ -41,6 +42,22 @@ def test_health_fails_while_commits_fail_or_input_waits_without_progress() -> No
     ok, detail = health.check(None)
     assert not ok and "5 input records waiting" in detail["problems"][0]
     health.batch_done()
+    assert health.check(None)[0]
+
+
+def test_health_fails_when_no_partition_is_assigned_for_the_stall_timeout() -> None:
+    now = [100.0]
+    health = Health(stall_timeout_s=60, clock=lambda: now[0])
+    now[0] += 30
+    assert health.check(None)[0] and health.unassigned_for() == 30  # joining at start
+    health.observe_assignment(4)
+    now[0] += 100
+    assert health.check(None)[0] and health.unassigned_for() == 0
+    health.observe_assignment(0)  # out of the group
+    now[0] += 61
+    ok, detail = health.check(None)
+    assert not ok and "no input partition assigned for 61s" in detail["problems"][0]
+    health.observe_assignment(2)
     assert health.check(None)[0]
 
 
