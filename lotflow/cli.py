@@ -52,7 +52,7 @@ def _worker(args: argparse.Namespace) -> int:
                 "--web-port", str(settings.worker_web_port), "--web-host", settings.worker_web_host]
     from lotflow.streams.worker import create_worker
 
-    create_worker(settings).main()
+    create_worker(settings, membership_watchdog_thread=True).main()
     return 0
 
 

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -97,7 +98,10 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def create_worker(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
+def create_worker(settings: Settings, registry: CollectorRegistry | None = None, *,
+                  membership_watchdog_thread: bool = False) -> faust.App:
+    """The worker app. ``membership_watchdog_thread``: the running worker exits when it holds no input
+    partition for ``stall_timeout_s`` (started before the app, as a join can hang its start-up)."""
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
     source = schema_source(settings.schema_registry_url)
@@ -290,11 +294,17 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
     @app.timer(MEMBERSHIP_CHECK_S)
     async def membership() -> None:
         health.observe_assignment(sum(1 for tp in app.consumer.assignment() if tp.topic in input_topics))
-        if health.unassigned_for() > settings.stall_timeout_s:
-            # Outside the group (a failed join that aiokafka does not retry): only a restart rejoins.
-            log.critical("receiving worker stops: no input partition assigned for %.0fs; restarting",
-                         health.unassigned_for())
-            os._exit(EXIT_UNRECOVERABLE)
+
+    def membership_watchdog() -> None:
+        # A thread, not a timer: a worker stuck outside its group may never run its timers.
+        while True:
+            time.sleep(MEMBERSHIP_CHECK_S)
+            if health.unassigned_for() > settings.stall_timeout_s:
+                # Outside the group (a failed join that aiokafka does not retry): a restart rejoins.
+                log.critical("receiving worker stops: no input partition assigned for %.0fs; restarting",
+                             health.unassigned_for())
+                os._exit(EXIT_UNRECOVERABLE)
+
 
     @app.timer(TRIM_INTERVAL_S)
     async def release_memory() -> None:
@@ -310,6 +320,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None)
         ok, detail = health.check(output.failing_since if output is not None else None)
         return web.json(detail, status=200 if ok else 503)
 
+    if membership_watchdog_thread:
+        threading.Thread(target=membership_watchdog, name="lotflow-membership", daemon=True).start()
     app.lotflow_processor = processor  # type: ignore[attr-defined]
     return app
 
