@@ -20,6 +20,8 @@ from typing import Any, Protocol, cast
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from lotflow.schemas.strict_index import strict_indexes_work, strict_schema
+
 __all__ = [
     "AvroCodec",
     "BundledSchemas",
@@ -192,9 +194,14 @@ class AvroCodec:
         self._header = _HEADER.pack(MAGIC, self._schema_id)
         self._resolved: dict[int, Any] = {}
         # fastavro reads a negative union branch or enum index as counting from the end (Python
-        # indexing), so a corrupt index decodes as the last branch or symbol. Where the schema has
-        # unions or enums, a decoded record must encode back to the same bytes.
-        self._check_canonical = _has_index(schema_json)
+        # indexing), so a corrupt index would decode as the last branch or symbol. Where the schema
+        # has unions or enums, records are read with a schema that refuses such an index
+        # (``strict_index``); where this fastavro build defeats that, a decoded record must encode
+        # back to the same bytes (a second pass, as costly as the decode).
+        self._indexed = _has_index(schema_json)
+        self._strict = self._indexed and strict_indexes_work()
+        self._check_canonical = self._indexed and not self._strict
+        self._read_schema = strict_schema(self._reader) if self._strict else self._reader
 
     @property
     def schema_id(self) -> int:
@@ -242,17 +249,22 @@ class AvroCodec:
         body.seek(_HEADER.size)
         try:
             if schema_id == self._schema_id:
-                record = cast(Record, schemaless_reader(body, self._reader, None))
+                record = cast(Record, schemaless_reader(body, self._read_schema, None))
             else:
                 writer = self._resolved.get(schema_id)
                 if writer is None:
                     writer = self._source.writer_schema(schema_id)
                     if self._epoch_millis:
                         writer = parse_schema(_plain_timestamps(_schema_json(writer)))
+                    if strict_indexes_work():
+                        writer = strict_schema(writer)
                     self._resolved[schema_id] = writer
                 record = cast(Record, schemaless_reader(body, writer, self._reader))
         except DecodeError:
             raise
+        except IndexError as exc:
+            raise DecodeError("DECODE", f"Avro body of {self.full_name} has a union branch or enum index "
+                                        "out of range (negative, or past the last)") from exc
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError("DECODE", f"Avro body does not decode as {self.full_name}: {exc!r}") from exc
         if body.tell() != len(data):

@@ -12,6 +12,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from lotflow.schemas import serde
 from lotflow.schemas.serde import (
     AvroCodec,
     BundledSchemas,
@@ -20,6 +21,7 @@ from lotflow.schemas.serde import (
     bundled_schema_json,
     schema_source,
 )
+from lotflow.schemas.strict_index import strict_indexes_work
 
 TOPIC = "plant.receipts"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -110,10 +112,10 @@ def test_record_that_does_not_fit_the_schema_is_rejected_on_encode() -> None:
         codec.encode({"receipt_id": "R"})
 
 
-def test_the_canonical_check_runs_only_where_an_index_can_be_corrupt() -> None:
-    """A re-encode per record costs as much as the decode: schemas without unions or enums skip it."""
+def test_index_checks_apply_only_where_an_index_can_be_corrupt() -> None:
+    """Schemas without unions or enums need neither the strict schema nor the re-encode."""
     def checked(schema: dict[str, Any] | str) -> bool:
-        return AvroCodec(schema_source(None), "x", schema)._check_canonical
+        return AvroCodec(schema_source(None), "x", schema)._indexed
 
     assert checked("lotflow.plant.Receipt") and checked("lotflow.erp.PurchaseOrder")  # unit enums, price union
     assert not checked("lotflow.plant.CertificateOfAnalysis")
@@ -125,3 +127,37 @@ def test_the_canonical_check_runs_only_where_an_index_can_be_corrupt() -> None:
         {"name": "rs", "type": {"type": "array", "items": "R"}},
         {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}
     assert checked(enum_by_name) and not checked(record_by_name)
+
+
+def test_this_fastavro_build_refuses_negative_indexes_without_a_second_pass() -> None:
+    """The fast path (``strict_index``) holds on the pinned fastavro; if an upgrade breaks it the
+    codec stays correct (re-encode fallback, tested below) but decodes at half the speed."""
+    assert strict_indexes_work()
+    codec = AvroCodec(schema_source(None), "x", "lotflow.plant.Receipt")
+    assert codec._strict and not codec._check_canonical
+
+
+def _with_index(codec: AvroCodec, unit_price: float | None, offset_from_lot: int, byte: int) -> bytes:
+    """A one-line receipt with the byte ``offset_from_lot`` from its vendor lot "L-1" replaced:
+    the unit enum sits just before the lot's length byte (-2), the price union right after it (+3)."""
+    value = bytearray(codec.encode({**receipt(), "lines": [{**receipt()["lines"][0], "unit": "KG",
+                                                             "unit_price": unit_price}]}))
+    value[bytes(value).index(b"L-1") + offset_from_lot] = byte
+    return bytes(value)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict-schema", "re-encode-fallback"])
+def test_negative_enum_and_union_indexes_are_decode_errors(strict: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not strict:
+        monkeypatch.setattr(serde, "strict_indexes_work", lambda: False)
+    codec = AvroCodec(schema_source(None), "x", "lotflow.plant.Receipt")
+    assert codec._strict is strict
+    assert codec.decode(_with_index(codec, None, -2, 0x02))["lines"][0]["unit"] != "KG"  # the probe hits the enum
+    assert codec.decode(_with_index(codec, None, 3, 0x00))["lines"][0]["unit_price"] is None  # and the union
+    for offset in (-2, 3):  # zigzag 0x01 is -1, 0x03 is -2: a symbol or branch counted from the end
+        for byte in (0x01, 0x03):
+            with pytest.raises(DecodeError):
+                codec.decode(_with_index(codec, None, offset, byte))
+        with pytest.raises(DecodeError, match="index"):  # -2 reads as a valid branch if not refused
+            codec.decode(_with_index(codec, None, offset, 0x03))
+    assert codec.decode(codec.encode(receipt())) == receipt()

@@ -1,0 +1,106 @@
+"""Reject negative union branch and enum indexes while fastavro decodes, at no cost per record.
+
+An Avro union branch or enum symbol is written as a zigzag ``long``; fastavro's compiled
+reader looks it up with ``schema[index]``, and Python indexing counts a negative index from
+the end, so a corrupt ``-1`` decodes as the last branch or symbol instead of failing. The
+compiled lookup wraps a negative index by adding the sequence's ``len()`` before it reads
+the item. ``strict_schema`` gives a parsed schema whose union and symbol lists report an
+enormous length: a non-negative index reads as before, a negative one lands far past the
+end and raises ``IndexError``.
+
+This leans on how fastavro's extension indexes a list, so ``strict_indexes_work`` probes
+it once per process; where the probe fails (another fastavro build), ``AvroCodec`` falls
+back to re-encoding each decoded record and comparing the bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from io import BytesIO
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader
+
+__all__ = ["strict_indexes_work", "strict_schema"]
+
+_UNBOUNDED = 1 << 60
+
+
+class _NoWrapList(list):  # type: ignore[type-arg]
+    """A list whose reported length makes a wrapped negative index fall out of range."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return _UNBOUNDED
+
+
+def strict_schema(parsed: Any) -> Any:
+    """A copy of fastavro's parsed schema that refuses negative indexes (see the module doc).
+    Use the copy for reading only: writers may ask a union its real length."""
+    strict = copy.deepcopy(parsed)  # the memo keeps named types shared with their references
+    _patch(strict, set())
+    return strict
+
+
+def _patch(node: Any, seen: set[int]) -> None:
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, dict):
+        for key, value in list(node.items()):
+            if key == "symbols" and isinstance(value, list):
+                node[key] = _NoWrapList(value)
+            elif key in ("type", "items", "values") and isinstance(value, list):  # a union
+                for branch in value:
+                    _patch(branch, seen)
+                node[key] = _NoWrapList(value)
+            elif key == "fields" and isinstance(value, list):
+                for field in value:
+                    _patch(field, seen)
+            elif isinstance(value, dict):  # a nested type, or fastavro's named-types table
+                _patch(value, seen)
+                if key == "__named_schemas":
+                    for named in value.values():
+                        _patch(named, seen)
+
+
+def _zigzag(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@cache
+def strict_indexes_work() -> bool:
+    """Does this fastavro build refuse a negative index through ``strict_schema``? Also checks
+    that valid indexes still read (the probe covers an enum, a union and a named enum)."""
+    probe = strict_schema(parse_schema({
+        "type": "record", "name": "Probe", "namespace": "lotflow.internal", "fields": [
+            {"name": "unit", "type": {"type": "enum", "name": "ProbeUnit", "symbols": ["a", "b", "c"]}},
+            {"name": "price", "type": ["null", "double"]},
+            {"name": "again", "type": "ProbeUnit"},
+        ]}))
+
+    def read(*indexes: int) -> Any:
+        return schemaless_reader(BytesIO(b"".join(_zigzag(i) for i in indexes)), probe, None)
+
+    try:
+        if read(2, 0, 1) != {"unit": "c", "price": None, "again": "b"}:
+            return False
+    except Exception:
+        return False
+    for corrupt in ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0)):
+        try:
+            read(*corrupt)
+        except IndexError:
+            continue
+        except Exception:
+            return False
+        return False
+    return True
