@@ -27,7 +27,7 @@ __all__ = ["strict_indexes_work", "strict_schema"]
 _UNBOUNDED = 1 << 60
 
 
-class _NoWrapList(list):  # type: ignore[type-arg]
+class _NoWrapList(list[Any]):
     """A list whose reported length makes a wrapped negative index fall out of range."""
 
     __slots__ = ()
