@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from lotflow.schemas.compiled_writer import Unsupported, Writer, compile_writer
 from lotflow.schemas.strict_index import strict_indexes_work, strict_schema
 
 __all__ = [
@@ -164,12 +165,17 @@ class SharedFields:
         first = field_lists[0]
         shared = {"type": "record", "name": "SharedFields", "namespace": "lotflow.internal", "fields": first[:count]}
         self._schema = parse_schema(_plain_timestamps(shared) if epoch_millis else shared)
+        self._write = _compiled(_plain_timestamps(shared) if epoch_millis else shared)
         self._declared = [f[:count] for f in field_lists]
 
     def covers(self, schema: Mapping[str, Any]) -> bool:
         return self.count > 0 and [_without_docs(f) for f in schema["fields"][:self.count]] in self._declared
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
+        if self._write is not None:
+            buffer = bytearray()
+            _write_or_explain(self._write, record, buffer, "the shared fields")
+            return bytes(buffer)
         out = BytesIO()
         schemaless_writer(out, self._schema, record)
         return out.getvalue()
@@ -189,7 +195,9 @@ class AvroCodec:
         self._epoch_millis = epoch_millis
         self._schema_json = schema_json
         self._reader = parse_schema(_plain_timestamps(schema_json) if epoch_millis else schema_json)
+        self._write = _compiled(_plain_timestamps(schema_json) if epoch_millis else schema_json)
         self._tail: Any = None  # the fields after the shared ones (see ``share``)
+        self._write_tail: Writer | None = None
         self._schema_id = source.id_for(subject, schema_json)
         self._header = _HEADER.pack(MAGIC, self._schema_id)
         self._resolved: dict[int, Any] = {}
@@ -217,10 +225,16 @@ class AvroCodec:
             self._tail = parse_schema(_plain_timestamps(tail) if self._epoch_millis else tail)
         except Exception:  # fastavro raises its own schema errors
             return False
+        self._write_tail = _compiled(_plain_timestamps(tail) if self._epoch_millis else tail)
         return True
 
     def encode_after(self, shared_bytes: bytes, record: Mapping[str, Any]) -> bytes:
         """The record, given the encoding of its shared leading fields (see ``share``)."""
+        if self._write_tail is not None:
+            buffer = bytearray(self._header)
+            buffer += shared_bytes
+            _write_or_explain(self._write_tail, record, buffer, self.full_name)
+            return bytes(buffer)
         out = BytesIO()
         out.write(self._header)
         out.write(shared_bytes)
@@ -231,6 +245,10 @@ class AvroCodec:
         return out.getvalue()
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
+        if self._write is not None:
+            buffer = bytearray(self._header)
+            _write_or_explain(self._write, record, buffer, self.full_name)
+            return bytes(buffer)
         out = BytesIO()
         out.write(self._header)
         try:
@@ -277,6 +295,21 @@ class AvroCodec:
                 raise DecodeError("DECODE", f"Avro body of {self.full_name} is not canonical: "
                                             "a negative union branch or enum index, or an over-long number")
         return record
+
+
+def _compiled(schema: Mapping[str, Any]) -> Writer | None:
+    """The schema's compiled writer, or None where fastavro writes it (see ``compiled_writer``)."""
+    try:
+        return compile_writer(schema)
+    except Unsupported:
+        return None
+
+
+def _write_or_explain(write: Writer, record: Mapping[str, Any], buffer: bytearray, what: str) -> None:
+    try:
+        write(record, buffer)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, struct.error) as exc:
+        raise ValueError(f"record does not fit {what}: {exc!r}") from exc
 
 
 def _without_docs(schema: Any) -> Any:
