@@ -139,7 +139,8 @@ class ReceivingProcessor:
         # per partition: (PO key, pending key) by document-wait deadline
         self._deadlines: collections.defaultdict[int, DueIndex] = collections.defaultdict(DueIndex)
         self._expiry = DueIndex()  # state keys by last touch + retention
-        self._waiting: dict[str, set[str]] = {}  # PO key -> its receipts waiting for documents
+        # PO key -> its receipts waiting for documents -> what each lacked when it began to wait
+        self._waiting: dict[str, dict[str, _Needs | None]] = {}
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
         self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
         self._marks: dict[tuple[str, int], int] = {}  # the O| marks as committed, read once per partition
@@ -302,10 +303,11 @@ class ReceivingProcessor:
         if joined.missing:
             # the original bytes wait with it: a failure when it is decided dead-letters them
             pending["raw"] = base64.b64encode(event.value or b"").decode()
+            pending["needs"] = _needs_record(receipt, joined.missing)
             unit.put(self.po_state, event.partition, wait_key, pending)
             self._commit(unit, [])
             self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
-            self._waiting.setdefault(key, set()).add(pending_key)
+            self._waiting.setdefault(key, {})[pending_key] = _Needs.of(pending["needs"])
             return
         self._commit(unit, self._decide(unit, key, core or _new_core(), pending, event.partition, joined, now_ms))
 
@@ -328,16 +330,29 @@ class ReceivingProcessor:
         missing = rules.missing_documents(receipt, po_doc, self.specs, coas, received_lots)
         return _Joined(coas, owners, missing)
 
-    def _decide_ready(self, key: str, partition: int, now_ms: int, lot: str | None = None) -> None:
+    def _decide_ready(self, key: str, partition: int, now_ms: int, lot: str | None = None,
+                      everything: bool = False) -> None:
         """Decide the waiting receipts of this PO that have their documents now; with ``lot``,
-        only those that wait for that lot's certificate."""
+        only those that wait for that lot's certificate. A receipt still lacking a document it
+        lacked when it began to wait (no certificate yet for a lot, no PO yet) is passed over
+        without reading its state: under a backlog most arrivals complete none of them.
+        ``everything``: try each one (the specs changed, so what a receipt needs may have too)."""
         waiting = self._waiting.get(key)
         if not waiting:
             return
+        po = key[2:]
         # in arrival order: of two bookings of one receipt id, the later one is the duplicate
         for pending_key in sorted(waiting, key=_arrival):
-            if lot is not None:
-                pending = self.po_state.get(f"W|{key[2:]}|{pending_key}")
+            if pending_key not in waiting:
+                continue  # decided (or dropped) by an earlier one of this loop
+            needs = waiting[pending_key]
+            if needs is not None and not everything:
+                if lot is not None and lot not in needs.lots:
+                    continue
+                if not needs.may_be_complete(self.po_state, key, po):
+                    continue
+            elif lot is not None:
+                pending = self.po_state.get(f"W|{po}|{pending_key}")
                 if pending is None or all(ln["vendor_lot"] != lot for ln in pending["receipt"]["lines"]):
                     continue
             self._decide_pending(key, pending_key, partition, now_ms)
@@ -381,7 +396,7 @@ class ReceivingProcessor:
     def _forget_waiting(self, key: str, pending_key: str) -> None:
         waiting = self._waiting.get(key)
         if waiting is not None:
-            waiting.discard(pending_key)
+            waiting.pop(pending_key, None)
             if not waiting:
                 del self._waiting[key]
 
@@ -497,7 +512,7 @@ class ReceivingProcessor:
                 continue
             if key.startswith("W|"):
                 _, po, pending_key = key.split("|", 2)
-                self._waiting.setdefault(_core_key(po), set()).add(pending_key)
+                self._waiting.setdefault(_core_key(po), {})[pending_key] = _Needs.of(value.get("needs"))
                 self._deadlines[self.po_state.partition_of(key)].push(value["deadline"], (_core_key(po), pending_key))
                 continue
             self._expiry.push(value.get("t", 0) + self.retention_ms, key)
@@ -510,7 +525,7 @@ class ReceivingProcessor:
             if some is not None:
                 wait_key = f"W|{key[2:]}|{some}"
                 if wait_key in self.po_state:
-                    self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms)
+                    self._decide_ready(key, self.po_state.partition_of(wait_key), now_ms, everything=True)
 
     def sweep(self, limit: int = 100_000) -> int:
         """Decide receipts whose wait expired; forget state idle past retention. Touches only what is due.
@@ -596,6 +611,37 @@ class _Joined:
     coas: dict[str, rules.CoaLot]
     owners: dict[tuple[str, str], str]
     missing: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Needs:
+    """What a waiting receipt lacked when it began to wait: the PO, and certificates of lots
+    (with their PO lines). While one of them is still absent it cannot be complete; when all
+    are present it may be (a split certificate may still lack a property: the full join decides)."""
+
+    po: bool
+    lines: tuple[tuple[str, str], ...]  # (PO line, vendor lot)
+    lots: frozenset[str]
+
+    @classmethod
+    def of(cls, record: Any) -> _Needs | None:
+        if not isinstance(record, dict):
+            return None  # waiting since before this index existed: always tried
+        lines = tuple((str(line), str(lot)) for line, lot in record.get("coa", ()))
+        return cls(bool(record.get("po")), lines, frozenset(lot for _, lot in lines))
+
+    def may_be_complete(self, state: ChangelogTable, key: str, po: str) -> bool:
+        if self.po and key not in state:
+            return False
+        # a lot needs its certificate unless another receipt of this PO line took it (a duplicate)
+        return all(f"C|{po}|{lot}" in state or f"L|{po}|{line}|{lot}" in state for line, lot in self.lines)
+
+
+def _needs_record(receipt: Record, missing: list[str]) -> Record:
+    """``_Needs`` as stored with the waiting receipt (so recovery rebuilds the index)."""
+    lots = {m[4:] for m in missing if m.startswith("COA:")}
+    return {"po": "PO" in missing,
+            "coa": [[str(ln["po_line"]), ln["vendor_lot"]] for ln in receipt["lines"] if ln["vendor_lot"] in lots]}
 
 
 def _arrival(pending_key: str) -> int:

@@ -433,3 +433,27 @@ def test_of_two_waiting_bookings_of_one_receipt_the_later_is_the_duplicate() -> 
     first, second = sorted(run.decisions(), key=lambda d: d["input_refs"][0]["offset"])
     assert first["decision"] == "VERIFIED"
     assert "DUPLICATE_RECEIPT" in {r["code"] for r in second["reasons"]}
+
+
+@pytest.mark.parametrize("restart_between", [False, True])
+def test_a_receipt_waiting_for_two_certificates_and_its_po_is_decided_when_the_last_arrives(
+        restart_between: bool) -> None:
+    """The waiting index passes over a receipt while a document it lacked is still absent; it is
+    rebuilt from the state after a restart (``needs`` is stored with the wait)."""
+    two_lots = {**receipt(), "lines": [{**receipt()["lines"][0], "quantity": 500.0, "vendor_lot": "L-1"},
+                                        {**receipt()["lines"][0], "quantity": 500.0, "vendor_lot": "L-2"}]}
+    clock = Clock()
+    run = Run(clock)
+    run.handle(event(topics.RECEIPTS, two_lots, 0))
+    run.handle(event(topics.CERTIFICATES, coa(lot="L-2"), 0))
+    assert run.decisions() == []
+    if restart_between:
+        run = Run(clock, po_state=run.po_state)
+    run.handle(PO())  # the certificate of L-1 is still missing
+    assert run.decisions() == []
+    run.handle(event(topics.CERTIFICATES, coa(lot="L-3"), 1))  # another lot's certificate: nothing changes
+    assert run.decisions() == []
+    run.handle(event(topics.CERTIFICATES, coa(lot="L-1"), 2))
+    [decision] = run.decisions()
+    assert decision["decision"] == "VERIFIED" and sorted(decision["lot_ids"]) == ["L-1", "L-2"]
+    assert run.proc.sweep() == 0 and run.proc._waiting == {}
