@@ -239,6 +239,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                         last_offsets[tp] = m.offset
                         if timestamp_ms > stream_time.get(tp, 0):
                             stream_time[tp] = timestamp_ms
+                    processor.expire(2 * len(events))  # keys are created at about one per event
                     await commit()
                     health.batch_done()
                     batch_timer.observe(time.perf_counter() - started)
