@@ -426,6 +426,20 @@ def test_idle_state_is_forgotten_after_retention() -> None:
     assert run.po_state.get("O|plant.receipts|0") is not None  # input marks are never forgotten
 
 
+def test_expiry_with_a_batch_forgets_at_most_its_limit_of_idle_keys() -> None:
+    clock = Clock()
+    run = Run(clock)
+    run.handle(PO(), COA(), RECEIPT())
+    idle = {k for k in run.po_state._data() if not k.startswith("O|")}
+    assert len(idle) >= 3
+    clock.now += SETTINGS.po_state_retention_s + 1
+    run.proc.expire(1)
+    run.end_batch()
+    assert len({k for k in run.po_state._data() if not k.startswith("O|")}) == len(idle) - 1
+    run.proc.expire(100)
+    assert {k for k in run.po_state._data() if not k.startswith("O|")} == set()
+
+
 def test_of_two_waiting_bookings_of_one_receipt_the_later_is_the_duplicate() -> None:
     run = Run()
     run.handle(RECEIPT(0), RECEIPT(1))  # the same receipt id twice, both before their documents
