@@ -47,7 +47,7 @@ _TABLE = [_zigzag(n) for n in range(-_SMALL, _SMALL)]
 
 
 def _long(n: int) -> bytes:
-    # a float fails here (a float index, or a shift): as in fastavro, a long must be an int (or bool)
+    # a float fails here (a float index, or a shift): stricter than fastavro, which truncates it
     if -_SMALL <= n < _SMALL:
         return _TABLE[n + _SMALL]
     return _zigzag(n)
@@ -96,6 +96,10 @@ _PYTHON_TYPES = {  # how a union picks its branch, like fastavro's validation (t
     "map": "isinstance({v}, Mapping)",
     "record": "isinstance({v}, Mapping)",
 }
+
+
+_FAMILY = {"int": "integer", "long": "integer", "float": "real", "double": "real", "map": "mapping",
+           "record": "mapping"}
 
 
 class _Compiler:
@@ -151,17 +155,19 @@ class _Compiler:
             table = self._fresh("_enum")
             self.constants[table] = {s: _long(i) for i, s in enumerate(schema["symbols"])}
             return [f"{indent}out += {table}[{value}]"]
-        if kind == "array":
-            item = self._fresh("_item")
-            return [f"{indent}if {value}:",
-                    f"{indent}    out += _long(len({value}))",
+        if kind == "array":  # len() first: None or a number is refused, not written as empty
+            item, count = self._fresh("_item"), self._fresh("_n")
+            return [f"{indent}{count} = len({value})",
+                    f"{indent}if {count}:",
+                    f"{indent}    out += _long({count})",
                     f"{indent}    for {item} in {value}:",
                     *self.statements(schema["items"], item, namespace, indent + "        "),
                     f"{indent}out += b'\\x00'"]
         if kind == "map":
-            key, item = self._fresh("_key"), self._fresh("_value")
-            return [f"{indent}if {value}:",
-                    f"{indent}    out += _long(len({value}))",
+            key, item, count = self._fresh("_key"), self._fresh("_value"), self._fresh("_n")
+            return [f"{indent}{count} = len({value}.items())",
+                    f"{indent}if {count}:",
+                    f"{indent}    out += _long({count})",
                     f"{indent}    for {key}, {item} in {value}.items():",
                     f"{indent}        out += _string({key})",
                     *self.statements(schema["values"], item, namespace, indent + "        "),
@@ -171,9 +177,14 @@ class _Compiler:
         raise Unsupported(f"type {kind}")
 
     def _union(self, branches: list[Any], value: str, namespace: str, indent: str) -> list[str]:
+        # Only unions whose branch a value's Python type names without doubt: where fastavro would
+        # choose among look-alikes (int/long, float/double, records and maps), it writes them.
+        kinds = [branch if isinstance(branch, str) else branch.get("type") for branch in branches]
+        families = [_FAMILY.get(kind, kind) for kind in kinds]
+        if len(set(families)) != len(families):
+            raise Unsupported(f"union of look-alike branches {kinds}")
         lines: list[str] = []
-        for index, branch in enumerate(branches):
-            kind = branch if isinstance(branch, str) else branch.get("type")
+        for index, (branch, kind) in enumerate(zip(branches, kinds, strict=True)):
             if kind not in _PYTHON_TYPES:
                 raise Unsupported(f"union branch {kind}")
             test = _PYTHON_TYPES[kind].format(v=value)

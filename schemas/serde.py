@@ -282,7 +282,7 @@ class AvroCodec:
             raise
         except IndexError as exc:
             raise DecodeError("DECODE", f"Avro body of {self.full_name} has a union branch or enum index "
-                                        "out of range (negative, or past the last)") from exc
+                                        "out of range (negative, or past the last), or is cut short") from exc
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError("DECODE", f"Avro body does not decode as {self.full_name}: {exc!r}") from exc
         if body.tell() != len(data):

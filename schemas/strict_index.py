@@ -4,9 +4,13 @@ An Avro union branch or enum symbol is written as a zigzag ``long``; fastavro's 
 reader looks it up with ``schema[index]``, and Python indexing counts a negative index from
 the end, so a corrupt ``-1`` decodes as the last branch or symbol instead of failing. The
 compiled lookup wraps a negative index by adding the sequence's ``len()`` before it reads
-the item. ``strict_schema`` gives a parsed schema whose union and symbol lists report an
-enormous length: a non-negative index reads as before, a negative one lands far past the
-end and raises ``IndexError``.
+the item, and asks for the length only then. ``strict_schema`` gives a parsed schema whose
+union and symbol lists raise ``IndexError`` when asked their length: a non-negative index
+reads as before, any negative one fails.
+
+What the former re-encode check also refused and this does not: a number written with more
+bytes than it needs (it reads as its value), a boolean byte other than 0 or 1 (reads as
+true), and a varint longer than ten bytes (fastavro reads it modulo 2**64).
 
 This leans on how fastavro's extension indexes a list, so ``strict_indexes_work`` probes
 it once per process; where the probe fails (another fastavro build), ``AvroCodec`` falls
@@ -24,21 +28,19 @@ from fastavro import parse_schema, schemaless_reader
 
 __all__ = ["strict_indexes_work", "strict_schema"]
 
-_UNBOUNDED = 1 << 60
-
-
 class _NoWrapList(list[Any]):
-    """A list whose reported length makes a wrapped negative index fall out of range."""
+    """A list that refuses to say its length: the compiled lookup asks for it only to wrap a
+    negative index, which then fails instead of naming a branch or symbol."""
 
     __slots__ = ()
 
     def __len__(self) -> int:
-        return _UNBOUNDED
+        raise IndexError("negative union branch or enum index")
 
 
 def strict_schema(parsed: Any) -> Any:
     """A copy of fastavro's parsed schema that refuses negative indexes (see the module doc).
-    Use the copy for reading only: writers may ask a union its real length."""
+    Use the copy for reading only: writers ask a union its length."""
     strict = copy.deepcopy(parsed)  # the memo keeps named types shared with their references
     _patch(strict, set())
     return strict
@@ -95,7 +97,7 @@ def strict_indexes_work() -> bool:
             return False
     except Exception:
         return False
-    for corrupt in ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0)):
+    for corrupt in ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (-(1 << 60) + 1, 0, 0), (0, -(1 << 63), 0)):
         try:
             read(*corrupt)
         except IndexError:

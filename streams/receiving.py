@@ -303,11 +303,10 @@ class ReceivingProcessor:
         if joined.missing:
             # the original bytes wait with it: a failure when it is decided dead-letters them
             pending["raw"] = base64.b64encode(event.value or b"").decode()
-            pending["needs"] = _needs_record(receipt, joined.missing)
             unit.put(self.po_state, event.partition, wait_key, pending)
             self._commit(unit, [])
             self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
-            self._waiting.setdefault(key, {})[pending_key] = _Needs.of(pending["needs"])
+            self._waiting.setdefault(key, {})[pending_key] = _Needs.of(receipt, joined.missing)
             return
         self._commit(unit, self._decide(unit, key, core or _new_core(), pending, event.partition, joined, now_ms))
 
@@ -347,7 +346,7 @@ class ReceivingProcessor:
                 continue  # decided (or dropped) by an earlier one of this loop
             needs = waiting[pending_key]
             if needs is not None and not everything:
-                if lot is not None and lot not in needs.lots:
+                if lot is not None and lot not in needs.lot_names:
                     continue
                 if not needs.may_be_complete(self.po_state, key, po):
                     continue
@@ -377,6 +376,9 @@ class ReceivingProcessor:
             core = unit.get(self.po_state, key)
             joined = self._join(core["po"] if core else None, pending["receipt"])
             if joined.missing and not late:
+                waiting = self._waiting.get(key)
+                if waiting is not None and pending_key in waiting:  # what it lacks now (specs change)
+                    waiting[pending_key] = _Needs.of(pending["receipt"], joined.missing)
                 return False
             unit.delete(self.po_state, partition, wait_key)
             self._commit(unit, self._decide(unit, key, core or _new_core(), pending, partition, joined, now_ms))
@@ -512,7 +514,8 @@ class ReceivingProcessor:
                 continue
             if key.startswith("W|"):
                 _, po, pending_key = key.split("|", 2)
-                self._waiting.setdefault(_core_key(po), {})[pending_key] = _Needs.of(value.get("needs"))
+                # what it lacks is learnt again at its first attempt (None: always tried)
+                self._waiting.setdefault(_core_key(po), {})[pending_key] = None
                 self._deadlines[self.po_state.partition_of(key)].push(value["deadline"], (_core_key(po), pending_key))
                 continue
             self._expiry.push(value.get("t", 0) + self.retention_ms, key)
@@ -622,33 +625,32 @@ class _Joined:
 
 @dataclass(frozen=True, slots=True)
 class _Needs:
-    """What a waiting receipt lacked when it began to wait: the PO, and certificates of lots
-    (with their PO lines). While one of them is still absent it cannot be complete; when all
-    are present it may be (a split certificate may still lack a property: the full join decides)."""
+    """What a waiting receipt lacked at its last full attempt: the PO, and certificates of lots
+    (each with the receipt's PO lines that carry it). While one of them is still absent it cannot
+    be complete; when all are present it may be (a split certificate may still lack a property:
+    the full join decides, and records what it still lacks). Held in memory only: after a
+    recovery every waiting receipt is tried in full once."""
 
     po: bool
-    lines: tuple[tuple[str, str], ...]  # (PO line, vendor lot)
-    lots: frozenset[str]
+    lots: tuple[tuple[str, tuple[str, ...]], ...]  # (vendor lot, its PO lines on this receipt)
+    lot_names: frozenset[str]
 
     @classmethod
-    def of(cls, record: Any) -> _Needs | None:
-        if not isinstance(record, dict):
-            return None  # waiting since before this index existed: always tried
-        lines = tuple((str(line), str(lot)) for line, lot in record.get("coa", ()))
-        return cls(bool(record.get("po")), lines, frozenset(lot for _, lot in lines))
+    def of(cls, receipt: Record, missing: list[str]) -> _Needs:
+        needed = {m[4:] for m in missing if m.startswith("COA:")}
+        lines: dict[str, list[str]] = {}
+        for line in receipt["lines"]:
+            if line["vendor_lot"] in needed:
+                lines.setdefault(line["vendor_lot"], []).append(str(line["po_line"]))
+        return cls("PO" in missing, tuple((lot, tuple(ls)) for lot, ls in lines.items()), frozenset(lines))
 
     def may_be_complete(self, state: ChangelogTable, key: str, po: str) -> bool:
         if self.po and key not in state:
             return False
-        # a lot needs its certificate unless another receipt of this PO line took it (a duplicate)
-        return all(f"C|{po}|{lot}" in state or f"L|{po}|{line}|{lot}" in state for line, lot in self.lines)
-
-
-def _needs_record(receipt: Record, missing: list[str]) -> Record:
-    """``_Needs`` as stored with the waiting receipt (so recovery rebuilds the index)."""
-    lots = {m[4:] for m in missing if m.startswith("COA:")}
-    return {"po": "PO" in missing,
-            "coa": [[str(ln["po_line"]), ln["vendor_lot"]] for ln in receipt["lines"] if ln["vendor_lot"] in lots]}
+        # a lot needs its certificate unless this PO already received it on one of the receipt's
+        # lines (the receipt is then a duplicate, decided without one)
+        return all(f"C|{po}|{lot}" in state or any(f"L|{po}|{line}|{lot}" in state for line in lines)
+                   for lot, lines in self.lots)
 
 
 def _arrival(pending_key: str) -> int:

@@ -144,6 +144,7 @@ def test_a_missing_field_takes_its_default_or_null_like_fastavro() -> None:
 @pytest.mark.parametrize("overrides", [
     {"l": 1 << 63}, {"i": 1 << 31}, {"l": 1.5}, {"l": "7"}, {"s": 7}, {"s": None}, {"b": "text"},
     {"e": "BLUE"}, {"d": "x"}, {"opt": 1.5}, {"nested": None}, {"a": [{"k": "v"}]},
+    {"a": None}, {"a": 0}, {"a": False}, {"a": [None]}, {"more": None}, {"a": [[]]},
 ])
 def test_values_that_do_not_fit_are_refused(overrides: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error)):
@@ -159,6 +160,11 @@ def test_a_record_without_a_required_field_is_refused_by_the_codec() -> None:
 
 @pytest.mark.parametrize("schema", [
     {"type": "record", "name": "F", "fields": [{"name": "f", "type": {"type": "fixed", "name": "H", "size": 4}}]},
+    {"type": "record", "name": "U", "fields": [{"name": "u", "type": ["null", "float", "double"]}]},
+    {"type": "record", "name": "V", "fields": [{"name": "u", "type": ["int", "long"]}]},
+    {"type": "record", "name": "W", "fields": [{"name": "u", "type": [
+        {"type": "record", "name": "P", "fields": [{"name": "x", "type": "long"}]},
+        {"type": "map", "values": "string"}]}]},
     {"type": "record", "name": "T", "fields": [{"name": "t", "type": {"type": "long",
                                                                       "logicalType": "timestamp-millis"}}]},
 ])

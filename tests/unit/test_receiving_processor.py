@@ -471,3 +471,37 @@ def test_a_receipt_waiting_for_two_certificates_and_its_po_is_decided_when_the_l
     [decision] = run.decisions()
     assert decision["decision"] == "VERIFIED" and sorted(decision["lot_ids"]) == ["L-1", "L-2"]
     assert run.proc.sweep() == 0 and run.proc._waiting == {}
+
+
+def test_a_receipt_that_waited_for_a_spec_is_decided_when_its_certificate_then_arrives() -> None:
+    """What a waiting receipt lacks is learnt again at each full attempt: a spec that appears
+    later (``recheck_waiting``) can make it lack a certificate it did not lack before."""
+    run = Run()
+    specs = dict(SPECS)
+    later_spec = {**SPECS["MAT-1"], "material_id": "MAT-3"}
+    run.proc.specs = specs
+    new_material = {**receipt(), "lines": [{**receipt()["lines"][0], "material_id": "MAT-3"}]}
+    run.handle(PO(), event(topics.RECEIPTS, new_material, 0))
+    assert run.decisions() == []  # waits for the spec of MAT-3
+    specs["MAT-3"] = later_spec
+    run.proc.recheck_waiting()
+    run.end_batch()
+    assert run.decisions() == []  # now it lacks the certificate of L-1
+    run.handle(event(topics.CERTIFICATES, {**coa(), "material_id": "MAT-3"}, 0))
+    [decision] = run.decisions()
+    assert decision["subject_id"] == "R-1"
+
+
+def test_a_lot_received_on_another_line_of_the_receipt_is_not_waited_for() -> None:
+    run = Run()
+    two_line_po = {**po(), "lines": [po()["lines"][0], {**po()["lines"][0], "line_no": 2}]}
+    line = receipt()["lines"][0]
+    r2 = {**receipt(rid="R-2"), "lines": [{**line, "quantity": 100.0}, {**line, "po_line": 2, "quantity": 100.0},
+                                          {**line, "vendor_lot": "L-2", "quantity": 100.0}]}
+    run.handle(event(topics.RECEIPTS, r2, 0))  # waits for its PO and both certificates
+    run.handle(COA())
+    r1 = {**receipt(rid="R-1"), "lines": [{**line, "po_line": 2, "quantity": 100.0}]}
+    run.handle(event(topics.PURCHASE_ORDERS, two_line_po, 0), event(topics.RECEIPTS, r1, 1))
+    assert [d["subject_id"] for d in run.decisions()] == ["R-1"]  # R-1 took the certificate of L-1
+    run.handle(event(topics.CERTIFICATES, coa(lot="L-2"), 1))
+    assert [d["subject_id"] for d in run.decisions()] == ["R-1", "R-2"]

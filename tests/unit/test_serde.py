@@ -161,3 +161,16 @@ def test_negative_enum_and_union_indexes_are_decode_errors(strict: bool, monkeyp
         with pytest.raises(DecodeError, match="index"):  # -2 reads as a valid branch if not refused
             codec.decode(_with_index(codec, None, offset, 0x03))
     assert codec.decode(codec.encode(receipt())) == receipt()
+
+
+@pytest.mark.parametrize("index", [-1, -2, -11, -(1 << 60) + 1, -(1 << 63)])
+def test_any_negative_enum_index_is_refused_by_the_strict_schema(index: int) -> None:
+    """Not only the small ones: a length-based trick would let ``-2**60 + 1`` wrap onto a symbol."""
+    from lotflow.schemas.strict_index import _zigzag
+
+    codec = AvroCodec(schema_source(None), "x", "lotflow.plant.Receipt")
+    value = bytearray(_with_index(codec, None, -2, 0x00))
+    at = bytes(value).index(b"L-1") - 2
+    value[at:at + 1] = _zigzag(index)
+    with pytest.raises(DecodeError, match="index"):
+        codec.decode(bytes(value))
