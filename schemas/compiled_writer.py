@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Unsupported", "Writer", "compile_writer"]
+__all__ = ["Unsupported", "Writer", "avro_long", "compile_writer"]
 
 Writer = Callable[[Mapping[str, Any], bytearray], None]
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -46,11 +46,15 @@ def _zigzag(n: int) -> bytes:
 _TABLE = [_zigzag(n) for n in range(-_SMALL, _SMALL)]
 
 
-def _long(n: int) -> bytes:
+def avro_long(n: int) -> bytes:
+    """An Avro ``long`` (zigzag, then base-128 little-endian); the one encoder the project uses."""
     # a float fails here (a float index, or a shift): stricter than fastavro, which truncates it
     if -_SMALL <= n < _SMALL:
         return _TABLE[n + _SMALL]
     return _zigzag(n)
+
+
+_long = avro_long  # the generated code's name for it
 
 
 def _int(n: int) -> bytes:

@@ -26,6 +26,8 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_reader
 
+from lotflow.schemas.compiled_writer import avro_long
+
 __all__ = ["strict_indexes_work", "strict_schema"]
 
 class _NoWrapList(list[Any]):
@@ -68,16 +70,6 @@ def _patch(node: Any, seen: set[int]) -> None:
                         _patch(named, seen)
 
 
-def _zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 @cache
 def strict_indexes_work() -> bool:
     """Does this fastavro build refuse a negative index through ``strict_schema``? Also checks
@@ -90,7 +82,7 @@ def strict_indexes_work() -> bool:
         ]}))
 
     def read(*indexes: int) -> Any:
-        return schemaless_reader(BytesIO(b"".join(_zigzag(i) for i in indexes)), probe, None)
+        return schemaless_reader(BytesIO(b"".join(avro_long(i) for i in indexes)), probe, None)
 
     try:
         if read(2, 0, 1) != {"unit": "c", "price": None, "again": "b"}:

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from lotflow.schemas.compiled_writer import avro_long
+
 __all__ = [
     "CONFLUENT_HEADER",
     "avro_container",
@@ -27,7 +29,6 @@ __all__ = [
 
 CONFLUENT_HEADER = struct.Struct(">bI")  # magic byte 0, schema id
 
-_SMALL_LONGS = [bytes((n,)) for n in range(0x80)]
 
 _KAFKA_FIELDS = [
     {"name": "kafka_topic", "type": "string"},
@@ -40,23 +41,6 @@ _HEADER_FIELD = {
     "name": "confluent_header",
     "type": {"type": "fixed", "name": "ConfluentHeader", "namespace": "lotflow.sink", "size": 5},
 }
-
-
-def avro_long(n: int) -> bytes:
-    """Avro ``long``: zig-zag, then base-128 little-endian."""
-    n = (n << 1) ^ (n >> 63)
-    if n < 0x80:
-        return _SMALL_LONGS[n]
-    if n < 0x4000:
-        return bytes((n & 0x7F | 0x80, n >> 7))
-    if n < 0x200000:
-        return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def avro_string(text: str) -> bytes:
