@@ -281,20 +281,27 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
             raise
         except BaseException as exc:
             unrecoverable(exc)
-        lag = 0
-        for tp in app.consumer.assignment():
-            if tp.topic not in input_topics:
-                continue
-            highwater = app.consumer.highwater(tp)
-            if highwater is not None:
-                behind = max(0, highwater - next_offset(tp))
-                lag += behind
-                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
-        health.observe_lag(lag)
 
     @app.timer(MEMBERSHIP_CHECK_S)
-    async def membership() -> None:
-        health.observe_assignment(sum(1 for tp in app.consumer.assignment() if tp.topic in input_topics))
+    async def progress() -> None:
+        # Its own timer, not the sweep's, which may wait for the lock behind a long batch.
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in input_topics]
+        health.observe_assignment(len(assigned))
+        committed_offsets: Any = app.consumer._committed_offset  # type: ignore[attr-defined]
+        lag = handled = committed = 0
+        for tp in assigned:
+            position = next_offset(tp)
+            done = int(committed_offsets.get(tp) or 0)
+            handled += max(position, done)
+            committed += done
+            highwater = app.consumer.highwater(tp)
+            if highwater is not None:
+                behind = max(0, highwater - position)
+                lag += behind
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
+        if owns_recovered_state():  # input waits while the tables recover: not a stall
+            health.observe_lag(lag)
+        health.observe_offsets(handled, committed)
 
     def membership_watchdog() -> None:
         # A thread, not a timer: a worker stuck outside its group may never run its timers.

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ class WorkerProcess:
             return scrape_metrics(self.settings.worker_web_port, timeout=1)
         except OSError:
             return None
+
+    def health(self) -> str:
+        """The worker's /healthz answer (status and body) as text, for failure messages."""
+        url = f"http://127.0.0.1:{self.settings.worker_web_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return f"{answer.status} {answer.read().decode()}"
+        except urllib.error.HTTPError as error:
+            return f"{error.code} {error.read().decode()}"
+        except OSError as error:
+            return f"no answer: {error}"
 
     def records_in(self) -> float:
         return metric_value(self.metrics() or [], "lotflow_records_in_total")

@@ -238,7 +238,8 @@ def test_crash_then_restart_decides_every_receipt_exactly_once(
     before.close()
 
     restarted = time.monotonic()
-    workers.append(WorkerProcess(settings, logs[1]).start())  # same instance id, no fault injection
+    restart = WorkerProcess(settings, logs[1]).start()  # same instance id, no fault injection
+    workers.append(restart)
     out = OutputLog(settings)
     deadline = time.monotonic() + DECIDED_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -246,6 +247,7 @@ def test_crash_then_restart_decides_every_receipt_exactly_once(
         if len(out.truths) >= report.receipts and not out.undecided():
             break
     decided_after = time.monotonic() - restarted
+    restart_health = restart.health()
     out.poll(3.0)  # anything decided twice would show up by now
 
     # 2: the worker group commits every input partition up to its end once it is idle
@@ -266,7 +268,8 @@ def test_crash_then_restart_decides_every_receipt_exactly_once(
 
     assert len(out.truths) == report.receipts
     undecided = out.undecided()
-    assert not undecided, f"{len(undecided)} receipts lost, e.g. {sorted(undecided)[:5]}"
+    assert not undecided, f"{len(undecided)} receipts lost, e.g. {sorted(undecided)[:5]}; the restarted " \
+                          f"worker's /healthz: {restart_health}\n{format_offsets(offsets)}"
     twice = {ref: n for ref, n in out.decisions.items() if n != 1}
     assert not twice, f"{len(twice)} receipts decided more than once, e.g. {sorted(twice.items())[:5]}"
     assert set(out.decisions) == out.truths  # no decision about a receipt the simulator did not send

@@ -61,6 +61,28 @@ def test_health_fails_when_no_partition_is_assigned_for_the_stall_timeout() -> N
     assert health.check(None)[0]
 
 
+def test_health_fails_when_handled_input_stays_uncommitted_for_the_stall_timeout() -> None:
+    now = [100.0]
+    health = Health(stall_timeout_s=60, clock=lambda: now[0])
+    health.observe_assignment(4)
+    health.observe_offsets(handled=500, committed=300)
+    now[0] += 50
+    health.observe_offsets(handled=900, committed=700)  # commits move: the clock starts again
+    now[0] += 50
+    assert health.check(None)[0] and health.uncommitted_for() == 50
+    health.observe_offsets(handled=900, committed=900)  # caught up
+    now[0] += 500
+    assert health.check(None)[0] and health.uncommitted_for() == 0
+    health.observe_offsets(handled=1200, committed=900)
+    now[0] += 30
+    health.observe_offsets(handled=1500, committed=900)  # handled moves on, commits do not
+    now[0] += 31
+    ok, detail = health.check(None)
+    assert not ok and detail["uncommitted_inputs"] == 600
+    assert "600 handled input records not committed" in detail["problems"][0]
+    assert "not moved for 61s" in detail["problems"][0]
+
+
 def test_fault_injection_names_a_known_point() -> None:
     assert crash_injector(None) is None
     with pytest.raises(ValueError, match="not one of"):
