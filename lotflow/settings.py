@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(default=10.0, gt=0, description="consumer group session timeout")
     fault_inject: str | None = Field(default=None, description="testing only: POINT[:N] kills the worker at "
                                      "the Nth batch reaching after_produce|before_commit|after_commit")
+    fault_seek_delay_s: float = Field(default=0.0, ge=0, le=30, description="testing only: delay before the "
+                                      "seek to the committed offsets when input partitions are resumed")
 
     # --- sink -----------------------------------------------------------------------
     sink_group: str = "lotflow-clickhouse-sink"

@@ -22,10 +22,22 @@ Faust's own fix-up (moving on once the consumer position passed the end) runs on
 exactly-once mode, so recovery never completes and the worker never starts. ``MarkerAwareRecovery``
 applies the same fix-up under at-least-once: when a partition's consumer position has passed
 its target and nothing is queued (seen twice in a row), the partition is recovered.
+
+Resuming the inputs after recovery: Faust's ``on_recovery_completed`` resumes the input
+partitions, then awaits ``perform_seek`` (one committed-offset lookup per partition, in turn),
+then resumes flow control, which empties every stream queue. A fetch that lands in that window
+moves records past the fetch position into the agent's queue, and the clear discards them: up to
+the queue's size (4,096 records) silently lost, never acked, so Faust never commits an input
+offset again (a CI run of the crash test lost 763 receipts that way, found in its Kafka logs).
+``MarkerAwareRecovery`` holds the inputs paused until Faust's method has returned, so nothing is
+read before the seek and the clear are done. The consumer also hands aiokafka a copy of the active
+partitions per fetch: the live set can become empty while a fetch waits, which aiokafka reads as
+"every partition", and Faust then drops the paused partitions' records it gets back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -90,8 +102,35 @@ class _Resumed:
 
 
 class _ReadCommittedConsumer(faust_aiokafka.Consumer):
+    _held: set[Any] | None = None  # partitions to resume once recovery has finished (see the module doc)
+    seek_delay_s = 0.0  # testing only: widens the window between resuming the inputs and the seek
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
+
+    def hold_resumes(self) -> None:
+        """From now on ``resume_partitions`` only notes its partitions, until ``release_resumes``."""
+        self._held = set()
+
+    def release_resumes(self, resume: bool) -> None:
+        held, self._held = self._held or set(), None
+        if resume and held:
+            super().resume_partitions(held)
+
+    def resume_partitions(self, tps: Any) -> None:
+        if self._held is not None:
+            self._held.update(tps)
+        else:
+            super().resume_partitions(tps)
+
+    async def perform_seek(self) -> None:
+        if self.seek_delay_s:
+            await asyncio.sleep(self.seek_delay_s)
+        await super().perform_seek()
+
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        # a copy: pausing must not change the partitions of a fetch already waiting
+        return await super()._getmany(None if active_partitions is None else set(active_partitions), timeout)
 
     async def wait_first(self, *coros: WaitArgT, timeout: Any = None) -> WaitResults:
         if (len(coros) == 2 and timeout is None and inspect.iscoroutine(coros[0])
@@ -113,11 +152,26 @@ class ReadCommittedTransport(faust_aiokafka.Transport):
     Consumer = _ReadCommittedConsumer
 
 
-def register() -> None:
+def register(seek_delay_s: float = 0.0) -> None:
+    """Make ``lotflow-kafka://`` URLs use this transport (``seek_delay_s``: testing only)."""
     drivers.TRANSPORTS[SCHEME] = f"{__name__}:ReadCommittedTransport"
+    _ReadCommittedConsumer.seek_delay_s = seek_delay_s
 
 
 class MarkerAwareRecovery(Recovery):
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        consumer = self.app.consumer
+        if not isinstance(consumer, _ReadCommittedConsumer):
+            await super().on_recovery_completed(generation_id)
+            return
+        consumer.hold_resumes()
+        resume = False
+        try:
+            await super().on_recovery_completed(generation_id)
+            resume = self.app.consumer_generation_id == generation_id  # else a new rebalance owns them
+        finally:
+            consumer.release_resumes(resume)
+
     @Service.task
     async def _skip_trailing_markers(self) -> None:
         seen: dict[Any, int] = {}  # partition -> position at the previous look

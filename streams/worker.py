@@ -107,7 +107,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
     source = schema_source(settings.schema_registry_url)
     datadir = (settings.var_dir / "faust" / settings.app_id).resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    transport.register()
+    transport.register(settings.fault_seek_delay_s)
     member = instance_id(settings)
     app = faust.App(
         settings.app_id,
