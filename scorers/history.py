@@ -7,16 +7,23 @@ lists rather than objects; these functions are the only code that reads or chang
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "EXCEPTION_RATE_ALPHA",
     "PRIOR_EXCEPTION_RATE",
+    "RESOLUTIONS",
+    "PatternCounts",
     "empty_profile",
     "exception_rate",
     "merge_stats",
     "observe_decision",
+    "observe_person_decision",
+    "observe_reasons",
     "observe_value",
+    "pattern_counts",
     "pooled",
     "stat_summary",
     "zscore",
@@ -24,6 +31,10 @@ __all__ = [
 
 Profile = dict[str, Any]
 Stat = list[float]  # [count, mean, M2] (Welford)
+# Per material (key "m"): {"n": receipts decided, "r": {reason code: receipts with it},
+# "p": {reason code: [decided by a person, accepted, conditionally accepted, rejected]}}
+MaterialHistory = dict[str, Any]
+RESOLUTIONS = ("ACCEPT", "CONDITIONAL_ACCEPT", "REJECT")
 
 PRIOR_EXCEPTION_RATE = 0.05
 EXCEPTION_RATE_ALPHA = 0.02  # EWMA weight: about the last 50 receipts of a vendor count
@@ -81,8 +92,9 @@ def merge_stats(stats: list[Stat]) -> Stat | None:
     return merged
 
 
-def pooled(profiles: list[Profile], keys: list[str]) -> Profile:
-    """One read-only view of a vendor's history kept in several partitions' profiles."""
+def pooled(profiles: list[Profile], keys: list[str], materials: Sequence[str] = ()) -> Profile:
+    """One read-only view of a vendor's history kept in several partitions' profiles (the CoA
+    statistics ``keys`` and the reason counts of ``materials``)."""
     if len(profiles) == 1:
         return profiles[0]
     n = sum(p["n"] for p in profiles)
@@ -93,7 +105,76 @@ def pooled(profiles: list[Profile], keys: list[str]) -> Profile:
         merged = merge_stats(found)
         if merged is not None:
             stats[key] = merged
-    return {"n": n, "exc": exc, "stats": stats}
+    by_material: dict[str, MaterialHistory] = {}
+    for material in materials:
+        parts = [p["m"][material] for p in profiles if material in p.get("m", {})]
+        if parts:
+            by_material[material] = _merge_material(parts)
+    return {"n": n, "exc": exc, "stats": stats, "m": by_material}
+
+
+def _merge_material(parts: list[MaterialHistory]) -> MaterialHistory:
+    reasons: dict[str, int] = {}
+    people: dict[str, list[int]] = {}
+    for part in parts:
+        for code, count in part["r"].items():
+            reasons[code] = reasons.get(code, 0) + count
+        for code, counts in part["p"].items():
+            total = people.setdefault(code, [0] * (1 + len(RESOLUTIONS)))
+            for i, count in enumerate(counts):
+                total[i] += count
+    return {"n": sum(part["n"] for part in parts), "r": reasons, "p": people}
+
+
+def _material(profile: Profile, material: str) -> MaterialHistory:
+    return profile.setdefault("m", {}).setdefault(material, {"n": 0, "r": {}, "p": {}})
+
+
+def observe_reasons(profile: Profile, materials: list[str], codes: list[str]) -> None:
+    """One decided receipt of these materials, with these (non-INFO) reason codes."""
+    for material in dict.fromkeys(materials):
+        history = _material(profile, material)
+        history["n"] += 1
+        for code in dict.fromkeys(codes):
+            history["r"][code] = history["r"].get(code, 0) + 1
+
+
+def observe_person_decision(profile: Profile, material: str, code: str, resolution: str) -> None:
+    """A person resolved an exception with this reason (``resolution`` one of ``RESOLUTIONS``)."""
+    counts = _material(profile, material)["p"].setdefault(code, [0] * (1 + len(RESOLUTIONS)))
+    counts[0] += 1
+    counts[1 + RESOLUTIONS.index(resolution)] += 1
+
+
+@dataclass(frozen=True, slots=True)
+class PatternCounts:
+    """Vendor V, material M: ``prior_receipts`` earlier receipts, ``with_reason`` of them with the
+    reason; people decided ``decided`` such exceptions: ``accepted`` / ``conditional`` / ``rejected``."""
+
+    material_id: str
+    reason_code: str
+    prior_receipts: int
+    with_reason: int
+    decided: int
+    accepted: int
+    conditional: int
+    rejected: int
+
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``HistoricalPattern`` record of an exception."""
+        return {"material_id": self.material_id, "reason_code": self.reason_code,
+                "prior_receipts": self.prior_receipts, "with_reason": self.with_reason,
+                "decided_by_person": self.decided, "accepted_by_person": self.accepted + self.conditional}
+
+
+def pattern_counts(profile: Profile, material: str, code: str) -> PatternCounts:
+    history = profile.get("m", {}).get(material)
+    if history is None:
+        return PatternCounts(material, code, 0, 0, 0, 0, 0, 0)
+    decided, accepted, conditional, rejected = history["p"].get(code, (0, 0, 0, 0))
+    return PatternCounts(material, code, history["n"], history["r"].get(code, 0), decided, accepted,
+                         conditional, rejected)
 
 
 def stat_summary(stat: Stat | None) -> tuple[int, float, float]:

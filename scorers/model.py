@@ -44,6 +44,23 @@ class OnlineConfidence:
             p = (1.0 - w) * p + w * self.model.predict_proba_one(x).get(True, 0.5)
         return {True: p, False: 1.0 - p}
 
+    def contributions(self, x: Features) -> dict[str, float]:
+        """Signed logit shares: the prior's, blended with the learnt model's (weight times standardised
+        value) in the same proportion as the probabilities. The blend is of probabilities, so these
+        shares explain the direction and relative size of each pull, not the exact logit."""
+        shares = self.prior.contributions(x)
+        w = self._weight()
+        if w <= 0.0:
+            return shares
+        scaled = self.model["StandardScaler"].transform_one(x)
+        weights = self.model["LogisticRegression"].weights
+        blended = {name: (1.0 - w) * value for name, value in shares.items()}
+        for name, value in scaled.items():
+            share = w * weights.get(name, 0.0) * value
+            if share:
+                blended[name] = blended.get(name, 0.0) + share
+        return blended
+
     def learn_one(self, x: Features, y: bool) -> None:
         self.model.learn_one(x, y)
         self.n_labels += 1

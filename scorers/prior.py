@@ -50,15 +50,20 @@ class CheckPrior:
         self.vendor_free = vendor_free
         self.no_history_weight = no_history_weight
 
+    def contributions(self, x: Features) -> dict[str, float]:
+        """Each feature's signed share of the logit (the base logit is not one); zero terms left out."""
+        terms = {
+            "n_block": -self.block_weight * x.get("n_block", 0.0),
+            "n_warn": -self.warn_weight * x.get("n_warn", 0.0),
+            "coa_max_abs_z": -self.z_weight * max(0.0, x.get("coa_max_abs_z", 0.0) - self.z_free),
+            "vendor_exception_rate": -self.vendor_weight * max(0.0, x.get("vendor_exception_rate", 0.0)
+                                                               - self.vendor_free),
+            "coa_history_missing": -self.no_history_weight * x.get("coa_history_missing", 0.0),
+        }
+        return {name: value for name, value in terms.items() if value}
+
     def logit(self, x: Features) -> float:
-        return (
-            self.base_logit
-            - self.block_weight * x.get("n_block", 0.0)
-            - self.warn_weight * x.get("n_warn", 0.0)
-            - self.z_weight * max(0.0, x.get("coa_max_abs_z", 0.0) - self.z_free)
-            - self.vendor_weight * max(0.0, x.get("vendor_exception_rate", 0.0) - self.vendor_free)
-            - self.no_history_weight * x.get("coa_history_missing", 0.0)
-        )
+        return self.base_logit + sum(self.contributions(x).values())
 
     def predict_proba_one(self, x: Features) -> dict[bool, float]:
         p = 1.0 / (1.0 + math.exp(-self.logit(x)))

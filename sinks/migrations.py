@@ -20,7 +20,8 @@ decision tables by ``subject_key`` ("why was this PO/lot approved?"), ``lot_even
 sink's Avro ingestion path: ``<table>_avro`` (Null engine, shaped like the Avro record) and
 ``<table>_avro_mv`` mapping it into ``<table>`` exactly as ``sinks/rows.py`` does in Python.
 ``v4`` adds ``dead_letters.original_size`` (``ALTER ... ADD COLUMN IF NOT EXISTS``, and the
-view's query replaced in place).
+view's query replaced in place); ``v5`` adds ``exceptions.contributions`` and ``.pattern`` the
+same way.
 """
 
 from __future__ import annotations
@@ -304,11 +305,28 @@ _V4 = (
 FROM {DB}.dead_letters_avro AS src""",
 )
 
+# v5: ExceptionRecord.contributions and .pattern (what pulled confidence down; the historical
+# pattern in numbers), stored as JSON like the other nested fields.
+_V5 = (
+    f"ALTER TABLE {DB}.exceptions ADD COLUMN IF NOT EXISTS contributions String DEFAULT '[]' AFTER features",
+    f"ALTER TABLE {DB}.exceptions ADD COLUMN IF NOT EXISTS pattern String DEFAULT '{{}}' AFTER contributions",
+    f"ALTER TABLE {DB}.exceptions_avro ADD COLUMN IF NOT EXISTS contributions "
+    "Array(Tuple(feature String, logit Float64, text String)) AFTER features",
+    f"ALTER TABLE {DB}.exceptions_avro ADD COLUMN IF NOT EXISTS pattern "
+    "Tuple(material_id String, reason_code String, prior_receipts Int64, with_reason Int64, "
+    "decided_by_person Int64, accepted_by_person Int64) AFTER contributions",
+    f"""ALTER TABLE {DB}.exceptions_avro_mv MODIFY QUERY SELECT{_MV_DECISION_COMMON}
+    priority, route_to, recommended_action, historical_pattern, features,
+    toJSONString(src.contributions) AS contributions, toJSONString(src.pattern) AS pattern,{_MV_KAFKA}
+FROM {DB}.exceptions_avro AS src""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "output, decision and reject tables", _V1),
     Migration(2, "skip indexes for lot ids inside arrays (traceability lookups)", _V2),
     Migration(3, "Avro ingestion: <table>_avro Null tables and <table>_avro_mv views", _V3),
     Migration(4, "dead_letters.original_size", _V4),
+    Migration(5, "exceptions.contributions and exceptions.pattern", _V5),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DB}.schema_migrations (

@@ -27,6 +27,7 @@ from lotflow.streams.topics import (
     VERIFIED,
     TopicSpec,
 )
+from lotflow.verification.outputs import EMPTY_PATTERN
 
 __all__ = [
     "AUDIT_COLUMNS",
@@ -84,6 +85,8 @@ EXCEPTION_COLUMNS = (
     "recommended_action",
     "historical_pattern",
     "features",
+    "contributions",
+    "pattern",
     *KAFKA_COLUMNS,
 )
 AUDIT_COLUMNS = (*_DECISION_COMMON, "actor", "output_topic", "output_id", *KAFKA_COLUMNS)
@@ -194,6 +197,8 @@ def exception_row(r: Record, topic: str, partition: int, offset: int, ingested_a
         r["recommended_action"],
         r.get("historical_pattern", ""),
         dict(r.get("features", {})),
+        _json(r.get("contributions", ())),
+        _json(r.get("pattern", EMPTY_PATTERN)),
         topic,
         partition,
         offset,

@@ -68,6 +68,7 @@ def build_node(settings: Settings) -> VerificationNode[rules.ReceivingContext]:
         checks=rules.CHECKS,
         features=rules.features,
         scorer=OnlineConfidence(min_labels=settings.min_labels_for_model),
+        describe=rules.DESCRIBE,
     )
 
 
@@ -410,7 +411,8 @@ class ReceivingProcessor:
         profile_key = f"{vendor}@{partition}"
         profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
         keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
-        view = history.pooled([profile, *self._other_slices(vendor, partition)], keys)
+        materials = [ln["material_id"] for ln in receipt["lines"]]
+        view = history.pooled([profile, *self._other_slices(vendor, partition)], keys, materials)
         seen = self.po_state.get(f"R|{po}|{rid}")
         duplicate = seen is not None and seen["o"] != ref[2]
         ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
@@ -436,8 +438,12 @@ class ReceivingProcessor:
                              "quantity": f.qty_in_po_unit or 0.0,
                              "unit": f.po_line["unit"] if f.po_line else f.line["unit"],
                              "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines] if verified else [],
-            historical_pattern="" if verified else _historical_pattern(ctx),
         )
+        if not verified:
+            pattern = rules.pattern_of(ctx, verdict.reason)
+            subject.pattern = pattern.to_record()
+            subject.historical_pattern = rules.pattern_text(ctx, pattern)
+            subject.recommended_action = rules.recommendation(pattern, verdict)
         outputs = outputs_for(subject, evaluation, now_ms)
         self._latencies.append(max(0.0, (now_ms - pending["ts"]) / 1000.0))
         self._confidences[verdict.decision].append(verdict.confidence)
@@ -462,7 +468,7 @@ class ReceivingProcessor:
         unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would
         # feed the confidence penalty back into itself.
-        self._learn_history(profile, ctx, any(r.severity is Severity.BLOCK for r in evaluation.reasons))
+        self._learn_history(profile, ctx, evaluation)
         unit.put(self.vendor_state, partition, profile_key, profile)
         return outputs
 
@@ -491,8 +497,14 @@ class ReceivingProcessor:
         return cached[1]
 
     @staticmethod
-    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, failed: bool) -> None:
+    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation) -> None:
+        reasons = evaluation.reasons
+        failed = any(r.severity is Severity.BLOCK for r in reasons)
         history.observe_decision(profile, failed)
+        codes = [r.code for r in reasons if r.severity is not Severity.INFO]
+        if evaluation.verdict.decision == "EXCEPTION" and evaluation.verdict.reason is None:
+            codes.append(rules.LOW_CONFIDENCE_CODE)  # the pattern key of an exception no rule raised
+        history.observe_reasons(profile, [f.line["material_id"] for f in ctx.lines], codes)
         if failed:
             return  # only lots that passed the rules shape what "normal" looks like for this vendor
         stats = profile["stats"]
@@ -659,16 +671,3 @@ def _arrival(pending_key: str) -> int:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, DecodeError | InvalidRecord) else f"{type(exc).__name__}: {exc}"
-
-
-def _historical_pattern(ctx: rules.ReceivingContext) -> str:
-    profile = ctx.vendor_profile
-    parts = [f"vendor {ctx.receipt['vendor_id']}: {profile['n']} earlier receipts, "
-             f"{100 * history.exception_rate(profile):.0f}% recent exceptions"]
-    for f in ctx.lines:
-        for c in f.coa_facts:
-            n, mean, std = c.history
-            if n and c.z is not None and abs(c.z) >= rules.ATYPICAL_Z and c.value is not None:
-                parts.append(f"{c.prop} of {f.line['material_id']}: {mean:.4g} +/- {std:.2g} over {n} lots, "
-                             f"this lot {c.value:.4g}")
-    return "; ".join(parts)

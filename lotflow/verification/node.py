@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
+from lotflow.verification.explain import Contribution, Describe, explain
+
 __all__ = [
     "Evaluation",
     "NodeConfig",
@@ -72,6 +74,10 @@ class Scorer(Protocol):
 
     def learn_one(self, x: Features, y: bool) -> None: ...
 
+    def contributions(self, x: Features) -> dict[str, float]:
+        """Each feature's signed share of the score's logit (negative: pulled confidence down)."""
+        ...
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -81,12 +87,16 @@ class NodeConfig:
     routes: Mapping[str, Route]
     default_route: Route
 
-    def route_for(self, reasons: Sequence[Reason]) -> Route:
-        """The route of the most severe reason that has one (ties: first reason wins)."""
+    def routed_reason(self, reasons: Sequence[Reason]) -> Reason | None:
+        """The most severe reason that has a route (ties: first reason wins); None: the default route."""
         for reason in sorted(reasons, key=lambda r: _SEVERITY_RANK[r.severity]):
             if reason.severity is not Severity.INFO and reason.code in self.routes:
-                return self.routes[reason.code]
-        return self.default_route
+                return reason
+        return None
+
+    def route_for(self, reasons: Sequence[Reason]) -> Route:
+        reason = self.routed_reason(reasons)
+        return self.default_route if reason is None else self.routes[reason.code]
 
 
 @dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
@@ -95,6 +105,7 @@ class Verdict:
     confidence: float
     priority: str  # "HIGH" | "NORMAL"
     route: Route | None
+    reason: Reason | None = None  # the reason an exception is routed by (None: no rule, low confidence)
 
 
 def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason]) -> Verdict:
@@ -112,7 +123,9 @@ def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason]) -> 
     if not blocked and confidence >= config.verify_threshold:
         return Verdict("VERIFIED", confidence, "NORMAL", None)
     priority = "HIGH" if confidence < config.high_priority_threshold else "NORMAL"
-    return Verdict("EXCEPTION", confidence, priority, config.route_for(reasons))
+    reason = config.routed_reason(reasons)
+    route = config.default_route if reason is None else config.routes[reason.code]
+    return Verdict("EXCEPTION", confidence, priority, route, reason)
 
 
 @dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build
@@ -121,6 +134,7 @@ class Evaluation:
     features: Features
     verdict: Verdict
     model_version: str
+    contributions: list[Contribution] = field(default_factory=list)  # exceptions only: what pulled it down
 
 
 @dataclass
@@ -131,6 +145,7 @@ class VerificationNode(Generic[Context]):
     checks: Sequence[Callable[[Context], list[Reason]]]
     features: Callable[[Context, Sequence[Reason]], Features]
     scorer: Scorer
+    describe: Describe[Context] = field(default_factory=lambda: Describe({}))
 
     def evaluate(self, context: Context) -> Evaluation:
         reasons: list[Reason] = []
@@ -139,7 +154,10 @@ class VerificationNode(Generic[Context]):
         x = self.features(context, reasons)
         confidence = self.scorer.predict_proba_one(x).get(True, 0.0)
         verdict = decide(self.config, confidence, reasons)
-        return Evaluation(tuple(reasons), x, verdict, self.scorer.version)
+        evaluation = Evaluation(tuple(reasons), x, verdict, self.scorer.version)
+        if verdict.decision == "EXCEPTION":  # explained where a person will read it
+            evaluation.contributions = explain(context, reasons, x, self.scorer.contributions(x), self.describe)
+        return evaluation
 
     def learn(self, features: Features, label_good: bool) -> None:
         self.scorer.learn_one(features, label_good)

@@ -64,8 +64,14 @@ class Subject:
     lot_attributes: Sequence[dict[str, str]] = ()
     verified_lines: Sequence[Record] = ()
     historical_pattern: str = ""
+    pattern: Record | None = None  # HistoricalPattern, exceptions only
+    recommended_action: str = ""  # exceptions only; empty: the route's default action
     id_suffix: str = ""  # when one input decides several subjects (a PO revision, per line)
     extra: Record = field(default_factory=dict)
+
+
+EMPTY_PATTERN: Record = {"material_id": "", "reason_code": "", "prior_receipts": 0, "with_reason": 0,
+                         "decided_by_person": 0, "accepted_by_person": 0}
 
 
 def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int) -> list[Output]:
@@ -97,9 +103,11 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
             SHARED: common,
             "priority": verdict.priority,
             "route_to": verdict.route.queue,
-            "recommended_action": verdict.route.action,
+            "recommended_action": subject.recommended_action or verdict.route.action,
             "historical_pattern": subject.historical_pattern,
             "features": evaluation.features,
+            "contributions": [c.to_record() for c in evaluation.contributions],
+            "pattern": subject.pattern or EMPTY_PATTERN,
         }
     audit = {**common, SHARED: common, "actor": f"node:{subject.node}", "output_topic": main_topic.value,
              "output_id": rid}

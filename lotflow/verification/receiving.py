@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lotflow.scorers import history
-from lotflow.verification.node import NodeConfig, Reason, Route, Severity
+from lotflow.verification.explain import Describe, signed
+from lotflow.verification.node import NodeConfig, Reason, Route, Severity, Verdict
+from lotflow.verification.queues import ReasonClass, route
 from lotflow.verification.units import IncompatibleUnits, conversion_factor, property_factor
 
 __all__ = [
     "CHECKS",
+    "DESCRIBE",
+    "ROUTES",
     "CoaLot",
     "ReceivingContext",
     "ReceivingRules",
@@ -27,6 +31,9 @@ __all__ = [
     "merge_coa",
     "missing_documents",
     "node_config",
+    "pattern_of",
+    "pattern_text",
+    "recommendation",
     "revise_po",
 ]
 
@@ -392,32 +399,39 @@ def check_vendor_history(ctx: ReceivingContext) -> list[Reason]:
 
 CHECKS = (check_documents, check_identity, check_lines, check_certificates, check_vendor_history)
 
-_DOCS = Route("receiving", "Contact the supplier or buyer for the missing document; hold the goods in quarantine.")
+_DOCS = route(ReasonClass.DOCUMENTS, "Contact the supplier or buyer for the missing document; hold the goods in "
+                                     "quarantine.")
 ROUTES: dict[str, Route] = {
     "UNKNOWN_PO": _DOCS,
     "MISSING_COA": _DOCS,
-    "UNKNOWN_PO_LINE": Route("receiving", "Check the packing list against the PO with the buyer."),
-    "DUPLICATE_RECEIPT": Route("receiving", "Compare with the earlier receipt; reverse the double booking."),
-    "VENDOR_MISMATCH": Route("receiving", "Confirm the shipper; re-book against the right PO."),
-    "UNIT_MISMATCH": Route("receiving", "Re-weigh or recount and correct the unit on the receipt."),
-    "UNIT_INCOMPATIBLE": Route("receiving", "Correct the unit of measure on the receipt."),
-    "QUANTITY_OVER": Route("receiving", "Recount; return the excess or ask the buyer to amend the PO."),
-    "QUANTITY_SHORT": Route("receiving", "Recount; open a shortage claim with the supplier."),
-    "PROBABLE_UNIT_MISLABEL": Route("receiving", "Re-weigh: the quantity matches a lb/kg or gal/L slip."),
-    "UNKNOWN_MATERIAL": Route("supplier_quality", "Identify the material; reject or create a spec."),
-    "MATERIAL_MISMATCH": Route("supplier_quality", "Wrong material delivered: quarantine and contact the supplier."),
-    "COA_OUT_OF_SPEC": Route("supplier_quality", "Quarantine the lot; retest or reject and raise a SCAR."),
-    "COA_INCOMPLETE": Route("supplier_quality", "Request a complete CoA from the supplier."),
-    "COA_ATYPICAL": Route("supplier_quality", "In spec but unusual for this supplier: retest a sample."),
-    "PRICE_ANOMALY": Route("operations_analyst", "Check the price with purchasing before invoice matching."),
-    "PO_LINE_CANCELLED": Route("receiving", "The PO line is cancelled: return the goods or ask the buyer to "
-                                            "reinstate the line."),
-    "PO_REVISED_BELOW_RECEIVED": Route("receiving", "A PO revision left this delivery over the ordered "
-                                                    "quantity: return the excess or amend the PO."),
-    "COA_UNIT_MISMATCH": Route("supplier_quality", "The CoA reports a unit that does not convert to the "
-                                                   "spec's: request a corrected certificate."),
+    "COA_INCOMPLETE": route(ReasonClass.DOCUMENTS, "Request a complete CoA from the supplier."),
+    "UNKNOWN_PO_LINE": route(ReasonClass.PURCHASE_ORDER, "Check the packing list against the PO with the buyer."),
+    "DUPLICATE_RECEIPT": route(ReasonClass.PURCHASE_ORDER, "Compare with the earlier receipt; reverse the double "
+                                                           "booking."),
+    "VENDOR_MISMATCH": route(ReasonClass.PURCHASE_ORDER, "Confirm the shipper; re-book against the right PO."),
+    "QUANTITY_OVER": route(ReasonClass.PURCHASE_ORDER, "Recount; return the excess or ask the buyer to amend the "
+                                                       "PO."),
+    "QUANTITY_SHORT": route(ReasonClass.PURCHASE_ORDER, "Recount; open a shortage claim with the supplier."),
+    "PO_LINE_CANCELLED": route(ReasonClass.PURCHASE_ORDER, "The PO line is cancelled: return the goods or ask the "
+                                                           "buyer to reinstate the line."),
+    "PO_REVISED_BELOW_RECEIVED": route(ReasonClass.PURCHASE_ORDER, "A PO revision left this delivery over the "
+                                                                   "ordered quantity: return the excess or amend "
+                                                                   "the PO."),
+    "UNIT_MISMATCH": route(ReasonClass.MEASUREMENT, "Re-weigh or recount and correct the unit on the receipt."),
+    "UNIT_INCOMPATIBLE": route(ReasonClass.MEASUREMENT, "Correct the unit of measure on the receipt."),
+    "PROBABLE_UNIT_MISLABEL": route(ReasonClass.MEASUREMENT, "Re-weigh: the quantity matches a lb/kg or gal/L "
+                                                             "slip."),
+    "COA_UNIT_MISMATCH": route(ReasonClass.MEASUREMENT, "The CoA reports a unit that does not convert to the "
+                                                        "spec's: request a corrected certificate."),
+    "UNKNOWN_MATERIAL": route(ReasonClass.MATERIAL, "Identify the material; reject or create a spec."),
+    "MATERIAL_MISMATCH": route(ReasonClass.MATERIAL, "Wrong material delivered: quarantine and contact the "
+                                                     "supplier."),
+    "COA_OUT_OF_SPEC": route(ReasonClass.SPEC, "Quarantine the lot; retest or reject and raise a SCAR."),
+    "COA_ATYPICAL": route(ReasonClass.MEASUREMENT, "In spec but unusual for this supplier: retest a sample."),
+    "PRICE_ANOMALY": route(ReasonClass.COST, "Check the price with purchasing before invoice matching."),
 }
-LOW_CONFIDENCE = Route("supplier_quality", "No rule failed but the history makes this unusual: review the lot.")
+# No rule failed but the vendor's history makes it unusual: a supplier question.
+LOW_CONFIDENCE = route(ReasonClass.MATERIAL, "No rule failed but the history makes this unusual: review the lot.")
 
 
 def node_config(verify_threshold: float, high_priority_threshold: float) -> NodeConfig:
@@ -449,3 +463,111 @@ def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, floa
     if prices:
         x["price_max_abs_dev"] = max(prices)
     return x
+
+
+# --- explanations ----------------------------------------------------------------------------
+def _codes(reasons: Sequence[Reason], severity: Severity) -> str:
+    codes = sorted({r.code for r in reasons if r.severity is severity})
+    return ", ".join(codes) if codes else "none"
+
+
+def _describe_blocks(ctx: ReceivingContext, reasons: Sequence[Reason], value: float) -> str:
+    return f"{value:.0f} rule{'s' if value != 1 else ''} failed ({_codes(reasons, Severity.BLOCK)})"
+
+
+def _describe_warnings(ctx: ReceivingContext, reasons: Sequence[Reason], value: float) -> str:
+    return f"{value:.0f} warning{'s' if value != 1 else ''} ({_codes(reasons, Severity.WARN)})"
+
+
+def _describe_coa_distance(ctx: ReceivingContext, reasons: Sequence[Reason], value: float) -> str:
+    facts = [(abs(c.z), c, f) for f in ctx.lines for c in f.coa_facts if c.z is not None]
+    if not facts:
+        return f"a CoA value {value:.1f} \u03c3 from this vendor's history"
+    _, fact, line = max(facts, key=lambda item: item[0])
+    return (f"CoA {fact.prop} of lot {line.line['vendor_lot']} {signed(fact.z or 0.0)} \u03c3 from this vendor's last "
+            f"{fact.history[0]} lots of {line.line['material_id']}")
+
+
+def _describe_vendor_rate(ctx: ReceivingContext, reasons: Sequence[Reason], value: float) -> str:
+    return (f"vendor {ctx.receipt['vendor_id']}: {100 * value:.0f} % of recent receipts failed a rule "
+            f"({ctx.vendor_profile['n']} receipts seen)")
+
+
+def _describe_no_history(ctx: ReceivingContext, reasons: Sequence[Reason], value: float) -> str:
+    missing = sorted({f"{f.line['material_id']} {c.prop}" for f in ctx.lines for c in f.coa_facts
+                      if c.z is None and c.value is not None})
+    what = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "") if missing else "its CoA values"
+    return f"too little history of this vendor to judge {what}"
+
+
+DESCRIBE: Describe[ReceivingContext] = Describe({
+    "n_block": _describe_blocks,
+    "n_warn": _describe_warnings,
+    "coa_max_abs_z": _describe_coa_distance,
+    "vendor_exception_rate": _describe_vendor_rate,
+    "coa_history_missing": _describe_no_history,
+    "quantity_max_abs_dev": lambda ctx, reasons, v: f"quantity {100 * v:.1f} % off the PO",
+    "price_max_abs_dev": lambda ctx, reasons, v: f"price {100 * v:.1f} % off the PO",
+})
+
+
+# --- the historical pattern and the recommended next step -------------------------------------
+LOW_CONFIDENCE_CODE = "LOW_CONFIDENCE"  # the pattern key of an exception no rule raised
+MIN_DECISIONS_FOR_ADVICE = 3  # fewer person decisions than this: the route's default step
+_RESOLUTION_VERBS = {"ACCEPT": ("Accept", "accepted"), "CONDITIONAL_ACCEPT": ("Accept with a condition",
+                     "accepted with a condition"), "REJECT": ("Reject", "rejected")}
+
+
+def _material_of(ctx: ReceivingContext, reason: Reason | None) -> str:
+    """The material a reason is about: named in its evidence, or the line its lot or PO line names."""
+    if reason is not None:
+        evidence = reason.evidence
+        for name in ("material_id", "received"):
+            if evidence.get(name):
+                return evidence[name]
+        for f in ctx.lines:
+            if evidence.get("vendor_lot") == f.line["vendor_lot"] or evidence.get("po_line") == str(f.line["po_line"]):
+                return str(f.line["material_id"])
+    return str(ctx.lines[0].line["material_id"]) if ctx.lines else ""
+
+
+def pattern_of(ctx: ReceivingContext, reason: Reason | None) -> history.PatternCounts:
+    """How often this vendor's receipts of the material had the routed reason, and what people did."""
+    code = reason.code if reason is not None else LOW_CONFIDENCE_CODE
+    return history.pattern_counts(ctx.vendor_profile, _material_of(ctx, reason), code)
+
+
+def pattern_text(ctx: ReceivingContext, pattern: history.PatternCounts) -> str:
+    """In the form "Vendor V, material M: 212 prior receipts; this reason in 6 % of them; accepted by a
+    person in 71 % of those", then what is unusual about its CoA values."""
+    vendor = ctx.receipt["vendor_id"]
+    head = f"Vendor {vendor}, material {pattern.material_id}: {pattern.prior_receipts} prior receipts"
+    parts = [head]
+    if pattern.prior_receipts:
+        share = 100 * pattern.with_reason / pattern.prior_receipts
+        parts.append(f"{pattern.reason_code} in {share:.0f} % of them ({pattern.with_reason})")
+    if pattern.decided:
+        accepted = pattern.accepted + pattern.conditional
+        parts.append(f"accepted by a person in {100 * accepted / pattern.decided:.0f} % of those "
+                     f"({accepted} of {pattern.decided} decided)")
+    else:
+        parts.append("no person has decided one yet")
+    for f in ctx.lines:
+        for c in f.coa_facts:
+            n, mean, std = c.history
+            if n and c.z is not None and abs(c.z) >= ATYPICAL_Z and c.value is not None:
+                parts.append(f"{c.prop} of {f.line['material_id']}: {mean:.4g} +/- {std:.2g} over {n} lots, "
+                             f"this lot {c.value:.4g}")
+    return "; ".join(parts)
+
+
+def recommendation(pattern: history.PatternCounts, verdict: Verdict) -> str:
+    """What people did most often in similar cases, and how often; the route's step until enough did."""
+    default = verdict.route.action if verdict.route is not None else ""
+    if pattern.decided < MIN_DECISIONS_FOR_ADVICE:
+        return default
+    counts = {"ACCEPT": pattern.accepted, "CONDITIONAL_ACCEPT": pattern.conditional, "REJECT": pattern.rejected}
+    resolution = max(counts, key=lambda name: counts[name])
+    verb, done = _RESOLUTION_VERBS[resolution]
+    return (f"{verb}: people {done} {counts[resolution]} of {pattern.decided} similar exceptions "
+            f"({100 * counts[resolution] / pattern.decided:.0f} %). Otherwise: {default}")

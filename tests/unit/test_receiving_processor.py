@@ -505,3 +505,23 @@ def test_a_lot_received_on_another_line_of_the_receipt_is_not_waited_for() -> No
     assert [d["subject_id"] for d in run.decisions()] == ["R-1"]  # R-1 took the certificate of L-1
     run.handle(event(topics.CERTIFICATES, coa(lot="L-2"), 1))
     assert [d["subject_id"] for d in run.decisions()] == ["R-1", "R-2"]
+
+
+def test_an_exception_carries_its_contributions_and_the_vendors_pattern_for_the_material() -> None:
+    run = Run()
+    run.handle(PO(0, number="PO-1", quantity=10_000.0))
+    for i in range(4):  # four good receipts, then one out of spec
+        run.handle(COA(10 + i, lot=f"L-{i}"), RECEIPT(20 + i, rid=f"R-{i}", lot=f"L-{i}", quantity=100.0, partial=True))
+    run.handle(COA(30, lot="L-9", purity=97.0), RECEIPT(31, rid="R-9", lot="L-9", quantity=100.0, partial=True))
+    decisions = run.decisions()
+    assert [d["decision"] for d in decisions] == ["VERIFIED"] * 4 + ["EXCEPTION"]
+    exception = decisions[-1]
+    assert exception["route_to"] == "supplier_quality"
+    pull = exception["contributions"][0]  # the failed rule first; then too little CoA history
+    assert pull["feature"] == "n_block" and pull["logit"] == -6.0
+    assert pull["text"] == "1 rule failed (COA_OUT_OF_SPEC): \u22126.0 logit"
+    assert exception["pattern"] == {"material_id": "MAT-1", "reason_code": "COA_OUT_OF_SPEC", "prior_receipts": 4,
+                                    "with_reason": 0, "decided_by_person": 0, "accepted_by_person": 0}
+    assert exception["historical_pattern"].startswith("Vendor V-1, material MAT-1: 4 prior receipts; "
+                                                      "COA_OUT_OF_SPEC in 0 % of them (0); no person has decided")
+    assert exception["recommended_action"].startswith("Quarantine the lot")
