@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lotflow.settings import get_settings
 
@@ -85,6 +86,63 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(get_settings(), seed=args.seed, count=args.count, faults=args.faults, rate=args.rate)
 
 
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise ValueError("--password-stdin: no password on standard input")
+        return line.rstrip("\r\n")
+    import getpass
+
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != password:
+        raise ValueError("the passwords do not match")
+    return password
+
+
+def _users(args: argparse.Namespace) -> int:
+    from lotflow.review.users import UserStore
+
+    store = UserStore(get_settings().users_file)
+    name: str = getattr(args, "name", "")  # every action but list names a user
+    if args.action == "add":
+        user = store.add(name, args.role, _read_password(args.password_stdin))
+        print(f"user {user.username} added to {store.path} (roles: {', '.join(sorted(user.roles))})")
+    elif args.action in ("disable", "enable"):
+        getattr(store, args.action)(name)
+        print(f"user {name} {args.action}d")
+    elif args.action == "passwd":
+        if store.get(name) is None:  # before asking for a password
+            raise ValueError(f"no user {name!r}")
+        store.set_password(name, _read_password(args.password_stdin))
+        print(f"password of {name} changed")
+    elif args.action == "token":
+        print(store.issue_token(name, args.label))
+        # On stderr: stdout carries the token alone, for a script to capture.
+        print(f"lotflow users: API token for {name}: it cannot be shown again, store it now", file=sys.stderr)
+    elif args.action == "revoke-tokens":
+        print(f"revoked {store.revoke_tokens(name)} API tokens of {name}")
+    else:
+        users = store.list()
+        if not users:
+            print(f"no users in {store.path}")
+            return 0
+        rows = [("USERNAME", "ROLES", "DISABLED", "TOKENS")]
+        rows += [(u.username, ",".join(sorted(u.roles)), "yes" if u.disabled else "no",
+                  str(len(store.tokens(u.username)))) for u in users]
+        widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from lotflow.review.server import run_review
+
+    run_review(get_settings(), host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotflow", description=__doc__,
                                      epilog="Configuration: LOTFLOW_* environment variables (see README).")
@@ -105,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the verification worker (Faust)")
     worker.add_argument("--loglevel", default="warn", choices=["debug", "info", "warn", "error"])
     worker.set_defaults(func=_worker)
+    review = sub.add_parser("review", help="run the review service (queues, exception detail, decisions)")
+    review.add_argument("--host", default=None, help="listen address (default LOTFLOW_REVIEW_HOST)")
+    review.add_argument("--port", type=int, default=None, help="listen port (default LOTFLOW_REVIEW_PORT)")
+    review.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM): serve HTTPS")
+    review.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
+    review.set_defaults(func=_review)
     sink = sub.add_parser("sink", help="run the ClickHouse sink")
     sink.set_defaults(func=_sink)
     for name, helptext, rate in (("simulate", "publish simulated plant traffic", 0.0),
@@ -115,6 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rate", type=float, default=rate, help="receipts per second (0: as fast as possible)")
         p.add_argument("--faults", default="default", help="'default', 'none' or name=rate,... per receipt")
         p.set_defaults(func=_simulate if name == "simulate" else _demo)
+    users = sub.add_parser("users", help="manage the users, roles and API tokens of the review service",
+                           epilog="The users file: LOTFLOW_REVIEW_USERS_FILE (default LOTFLOW_VAR_DIR/"
+                                  "review-users.json). Safe to use while the service runs.")
+    users.set_defaults(func=_users)
+    actions = users.add_subparsers(dest="action", required=True)
+    from_stdin = "read the password from one line of standard input (default: prompt twice)"
+    add = actions.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument("--role", action="append", required=True,
+                     help="repeatable: receiving, supplier_quality, qc_technician, operations_analyst, "
+                          "manufacturing_engineering or admin (every queue)")
+    add.add_argument("--password-stdin", action="store_true", help=from_stdin)
+    for action, helptext in (("disable", "disable a user (their API tokens stop working too)"),
+                             ("enable", "enable a disabled user"),
+                             ("revoke-tokens", "revoke every API token of a user")):
+        actions.add_parser(action, help=helptext).add_argument("name")
+    passwd = actions.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help=from_stdin)
+    token = actions.add_parser("token", help="issue an API token (printed once)")
+    token.add_argument("name")
+    token.add_argument("--label", default="", help="what the token is for")
+    actions.add_parser("list", help="list the users (never a password hash or token)")
     return parser
 
 

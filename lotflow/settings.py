@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     sink_metrics_host: str = "127.0.0.1"
     sink_max_retry_s: float = Field(default=30.0, gt=0)
 
+    # --- review service -------------------------------------------------------------
+    review_users_file: Path | None = Field(default=None, description="users, roles and API-token digests of "
+                                           "the review service (JSON); unset: var_dir/review-users.json")
+    review_host: str = Field(default="127.0.0.1", description="address the review service listens on")
+    review_port: int = Field(default=8700, ge=1, le=65535)
+    review_secure_cookies: bool = Field(default=False, description="mark session cookies Secure: set it when a "
+                                        "TLS-terminating proxy serves the review service")
+
     @model_validator(mode="after")
     def _check_kafka_security(self) -> Settings:
         needs_credentials = self.kafka_security_protocol.startswith("SASL_") or self.kafka_sasl_port > 0
@@ -124,6 +132,10 @@ class Settings(BaseSettings):
         if self.clickhouse_dsn is None:
             return f"chdb://{(self.var_dir / 'clickhouse').resolve()}"
         return self.clickhouse_dsn.get_secret_value()
+
+    @property
+    def users_file(self) -> Path:
+        return self.review_users_file or self.var_dir / "review-users.json"
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ sink's Avro ingestion path: ``<table>_avro`` (Null engine, shaped like the Avro 
 ``<table>_avro_mv`` mapping it into ``<table>`` exactly as ``sinks/rows.py`` does in Python.
 ``v4`` adds ``dead_letters.original_size`` (``ALTER ... ADD COLUMN IF NOT EXISTS``, and the
 view's query replaced in place); ``v5`` adds ``exceptions.contributions`` and ``.pattern`` the
-same way.
+same way; ``v6`` the review service's decision fields.
 """
 
 from __future__ import annotations
@@ -321,12 +321,26 @@ _V5 = (
 FROM {DB}.exceptions_avro AS src""",
 )
 
+# v6: HumanDecision.role, .condition, .reassign_to, .confidence_shown (the review service's decisions).
+_DECISION_V6 = (("role", "String DEFAULT ''", "certainty"), ("condition", "String DEFAULT ''", "role"),
+                ("reassign_to", "String DEFAULT ''", "condition"),
+                ("confidence_shown", "Float64 DEFAULT -1", "reassign_to"))
+_V6 = (
+    *(f"ALTER TABLE {DB}.{table} ADD COLUMN IF NOT EXISTS {name} {kind} AFTER {after}"
+      for table in ("decisions", "decisions_avro") for name, kind, after in _DECISION_V6),
+    f"""ALTER TABLE {DB}.decisions_avro_mv MODIFY QUERY SELECT
+    decision_id, exception_id, node, subject_key, resolution, decided_by, decided_at,
+    reasoning, certainty, role, condition, reassign_to, confidence_shown,{_MV_KAFKA}
+FROM {DB}.decisions_avro AS src""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "output, decision and reject tables", _V1),
     Migration(2, "skip indexes for lot ids inside arrays (traceability lookups)", _V2),
     Migration(3, "Avro ingestion: <table>_avro Null tables and <table>_avro_mv views", _V3),
     Migration(4, "dead_letters.original_size", _V4),
     Migration(5, "exceptions.contributions and exceptions.pattern", _V5),
+    Migration(6, "decisions.role, condition, reassign_to, confidence_shown", _V6),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DB}.schema_migrations (

@@ -128,6 +128,10 @@ DECISION_COLUMNS = (
     "decided_at",
     "reasoning",
     "certainty",
+    "role",
+    "condition",
+    "reassign_to",
+    "confidence_shown",
     *KAFKA_COLUMNS,
 )
 REJECT_COLUMNS = (
@@ -270,6 +274,10 @@ def decision_row(r: Record, topic: str, partition: int, offset: int, ingested_at
         r["decided_at"],
         r.get("reasoning", ""),
         r.get("certainty", 1.0),
+        r.get("role", ""),
+        r.get("condition", ""),
+        r.get("reassign_to", ""),
+        r.get("confidence_shown", -1.0),
         topic,
         partition,
         offset,

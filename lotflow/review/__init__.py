@@ -1,0 +1,1 @@
+"""The review service: people resolve verification exceptions in a web app."""
