@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := var/.apt-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps demo test lint unit integration bench kafka-start kafka-stop clean
+.PHONY: help install system-deps demo review-demo test lint unit integration bench kafka-start kafka-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml
 
 demo: install ## run the whole pipeline on a local broker + embedded ClickHouse and print a summary
 	$(BIN)/lotflow demo $(DEMO_ARGS)
+
+review-demo: install ## the demo, then the review service on its data with a demo user per role (Ctrl-C stops)
+	$(BIN)/lotflow demo --review $(DEMO_ARGS)
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check .

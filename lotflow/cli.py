@@ -83,7 +83,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lotflow.demo import run_demo
 
-    return run_demo(get_settings(), seed=args.seed, count=args.count, faults=args.faults, rate=args.rate)
+    return run_demo(get_settings(), seed=args.seed, count=args.count, faults=args.faults, rate=args.rate,
+                    review=args.review)
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -143,6 +144,46 @@ def _review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from lotflow.audit import verify_chain
+    from lotflow.sinks.clickhouse import connect
+
+    settings = get_settings()
+    checked, broken = verify_chain(connect(settings), settings.clickhouse_database, progress=print)
+    if broken is None:
+        print(f"audit chain intact: {checked} records in {settings.clickhouse_database}.audit")
+        return 0
+    print(f"audit chain BROKEN at partition {broken.partition}, offset {broken.offset} (record {broken.id}): "
+          f"{broken.problem}; {checked} records read", file=sys.stderr)
+    return 1
+
+
+def _why(args: argparse.Namespace) -> int:
+    from lotflow.audit import why
+    from lotflow.sinks.clickhouse import connect
+
+    settings = get_settings()
+    print("\n".join(why(connect(settings), settings.clickhouse_database, args.id)))
+    return 0
+
+
+def _holds(args: argparse.Namespace) -> int:
+    import time
+
+    from lotflow.audit import holds
+    from lotflow.sinks.clickhouse import connect
+
+    settings = get_settings()
+    held = holds(connect(settings), settings.clickhouse_database)
+    print(f"{'lot':<24} {'exception':<52} {'queue':<26} {'priority':<8} age")
+    now = time.time()
+    for h in held:
+        age_h = (now - h["since"].timestamp()) / 3600
+        print(f"{h['lot_id']:<24} {h['exception_id']:<52} {h['queue']:<26} {h['priority']:<8} {age_h:.1f} h")
+    print(f"{len(held)} lots held")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotflow", description=__doc__,
                                      epilog="Configuration: LOTFLOW_* environment variables (see README).")
@@ -169,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM): serve HTTPS")
     review.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
     review.set_defaults(func=_review)
+    audit = sub.add_parser("audit", help="check the audit trail")
+    audit.add_argument("action", choices=["verify"], help="recompute the hash chain; exit 1 at the first broken link")
+    audit.set_defaults(func=_audit)
+    why_cmd = sub.add_parser("why", help="the story of a receipt, lot, exception or PO, in order")
+    why_cmd.add_argument("id", help="receipt id, lot id, exception id or PO number")
+    why_cmd.set_defaults(func=_why)
+    holds_cmd = sub.add_parser("holds", help="lots held by an open exception, with its queue and age")
+    holds_cmd.set_defaults(func=_holds)
     sink = sub.add_parser("sink", help="run the ClickHouse sink")
     sink.set_defaults(func=_sink)
     for name, helptext, rate in (("simulate", "publish simulated plant traffic", 0.0),
@@ -178,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--count", type=int, default=20000, help="receipts to publish")
         p.add_argument("--rate", type=float, default=rate, help="receipts per second (0: as fast as possible)")
         p.add_argument("--faults", default="default", help="'default', 'none' or name=rate,... per receipt")
+        if name == "demo":
+            p.add_argument("--review", action="store_true",
+                           help="then leave the worker and the review service running on the demo data, with a "
+                                "demo user per role (credentials printed), until Ctrl-C")
         p.set_defaults(func=_simulate if name == "simulate" else _demo)
     users = sub.add_parser("users", help="manage the users, roles and API tokens of the review service",
                            epilog="The users file: LOTFLOW_REVIEW_USERS_FILE (default LOTFLOW_VAR_DIR/"

@@ -175,8 +175,54 @@ def _sink_caught_up(settings: Settings) -> bool:
     return True
 
 
+DEMO_USERS = (("rita", "receiving"), ("sam", "supplier_quality"), ("quinn", "qc_technician"),
+              ("olga", "operations_analyst"), ("max", "manufacturing_engineering"), ("admin", "admin"))
+
+
+def _seed_review_users(settings: Settings) -> list[tuple[str, str, str]]:
+    """One demo user per role with a fresh random password each run: (user, role, password)."""
+    import secrets
+
+    from lotflow.review.users import UserStore
+
+    users = UserStore(settings.users_file)
+    seeded = []
+    for name, role in DEMO_USERS:
+        password = secrets.token_urlsafe(9)
+        if users.get(name) is None:
+            users.add(name, [role], password)
+        else:
+            users.set_password(name, password)
+            users.enable(name)
+        seeded.append((name, role, password))
+    return seeded
+
+
+def _serve_review(settings: Settings, log_dir: Path, worker: subprocess.Popen[bytes]) -> int:
+    """The review service on the demo's data (it runs the sink itself: one process owns the
+    embedded engine), the worker still running to apply decisions, until Ctrl-C."""
+    seeded = _seed_review_users(settings)
+    review = _spawn("review", settings, log_dir)
+    try:
+        url = f"http://{settings.review_host}:{settings.review_port}"
+        _wait_http(f"{url}/healthz", review, log_dir / "review.log")
+        print(f"== review service: {url}/  (API: {url}/docs; log {log_dir / 'review.log'})")
+        print("   demo users (passwords are new each run):")
+        for name, role, password in seeded:
+            print(f"     {name:<6} {role:<26} {password}")
+        print("   Ctrl-C stops the review service and the worker")
+        while review.poll() is None and worker.poll() is None:
+            time.sleep(1.0)
+        raise RuntimeError(f"{'review' if review.poll() is not None else 'worker'} exited; see {log_dir}")
+    except KeyboardInterrupt:
+        print("\n== stopping the review service and the worker")
+        return 0
+    finally:
+        _stop(review)
+
+
 def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default",
-             rate: float = DEMO_RATE) -> int:
+             rate: float = DEMO_RATE, review: bool = False) -> int:
     from lotflow.simulator.faults import parse_fault_spec
     from lotflow.simulator.publish import publish
 
@@ -240,7 +286,8 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
             if sink.poll() is not None:
                 raise RuntimeError(f"sink exited with {sink.returncode}; see {log_dir / 'sink.log'}")
             time.sleep(0.5)
-        _stop(worker)
+        if not review:
+            _stop(worker)
         _stop(sink)
         print("== reading decisions and ground truth back from Kafka")
         reader = OutputReader(settings)
@@ -254,6 +301,9 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
         out = var / "demo-summary.json"
         out.write_text(json.dumps(summary, indent=2, default=str))
         print(f"== summary written to {out}")
+        if review:
+            assert worker is not None
+            return _serve_review(settings, log_dir, worker)
         return 0 if summary["reconciled"] else 1
     except KeyboardInterrupt:
         print("\n== interrupted: stopping what the demo started")

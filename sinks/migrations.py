@@ -21,7 +21,8 @@ sink's Avro ingestion path: ``<table>_avro`` (Null engine, shaped like the Avro 
 ``<table>_avro_mv`` mapping it into ``<table>`` exactly as ``sinks/rows.py`` does in Python.
 ``v4`` adds ``dead_letters.original_size`` (``ALTER ... ADD COLUMN IF NOT EXISTS``, and the
 view's query replaced in place); ``v5`` adds ``exceptions.contributions`` and ``.pattern`` the
-same way; ``v6`` the review service's decision fields.
+same way; ``v6`` the review service's decision fields; ``v7`` person decisions on
+verified and audit records and the audit hash chain.
 """
 
 from __future__ import annotations
@@ -334,6 +335,26 @@ _V6 = (
 FROM {DB}.decisions_avro AS src""",
 )
 
+# v7: person decisions on the verified and audit records, and the audit hash chain.
+_VERIFIED_V7 = (("decision_source", "String DEFAULT 'MACHINE'", "lines"), ("decided_by", "String DEFAULT ''",
+                                                                           "decision_source"),
+                ("condition", "String DEFAULT ''", "decided_by"), ("exception_id", "String DEFAULT ''", "condition"))
+_AUDIT_V7 = (("role", "String DEFAULT ''", "output_id"), ("resolution", "String DEFAULT ''", "role"),
+             ("reasoning", "String DEFAULT ''", "resolution"), ("certainty", "Float64 DEFAULT -1", "reasoning"),
+             ("prev_hash", "String DEFAULT ''", "certainty"), ("hash", "String DEFAULT ''", "prev_hash"))
+_V7 = (
+    *(f"ALTER TABLE {DB}.{table} ADD COLUMN IF NOT EXISTS {name} {kind} AFTER {after}"
+      for table, columns in (("verified", _VERIFIED_V7), ("verified_avro", _VERIFIED_V7), ("audit", _AUDIT_V7),
+                             ("audit_avro", _AUDIT_V7))
+      for name, kind, after in columns),
+    f"""ALTER TABLE {DB}.verified_avro_mv MODIFY QUERY SELECT{_MV_DECISION_COMMON}
+    toJSONString(src.lines) AS lines, decision_source, decided_by, condition, exception_id,{_MV_KAFKA}
+FROM {DB}.verified_avro AS src""",
+    f"""ALTER TABLE {DB}.audit_avro_mv MODIFY QUERY SELECT{_MV_DECISION_COMMON}
+    actor, output_topic, output_id, role, resolution, reasoning, certainty, prev_hash, hash,{_MV_KAFKA}
+FROM {DB}.audit_avro AS src""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "output, decision and reject tables", _V1),
     Migration(2, "skip indexes for lot ids inside arrays (traceability lookups)", _V2),
@@ -341,6 +362,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "dead_letters.original_size", _V4),
     Migration(5, "exceptions.contributions and exceptions.pattern", _V5),
     Migration(6, "decisions.role, condition, reassign_to, confidence_shown", _V6),
+    Migration(7, "person decisions on verified and audit records; the audit hash chain", _V7),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DB}.schema_migrations (

@@ -77,7 +77,8 @@ _DECISION_COMMON = (
     "lot_ids",
 )
 
-VERIFIED_COLUMNS = (*_DECISION_COMMON, "lines", *KAFKA_COLUMNS)
+VERIFIED_COLUMNS = (*_DECISION_COMMON, "lines", "decision_source", "decided_by", "condition", "exception_id",
+                    *KAFKA_COLUMNS)
 EXCEPTION_COLUMNS = (
     *_DECISION_COMMON,
     "priority",
@@ -89,7 +90,8 @@ EXCEPTION_COLUMNS = (
     "pattern",
     *KAFKA_COLUMNS,
 )
-AUDIT_COLUMNS = (*_DECISION_COMMON, "actor", "output_topic", "output_id", *KAFKA_COLUMNS)
+AUDIT_COLUMNS = (*_DECISION_COMMON, "actor", "output_topic", "output_id", "role", "resolution", "reasoning",
+                 "certainty", "prev_hash", "hash", *KAFKA_COLUMNS)
 LOT_EVENT_COLUMNS = (
     "id",
     "lot_id",
@@ -186,6 +188,10 @@ def verified_row(r: Record, topic: str, partition: int, offset: int, ingested_at
     return (
         *_decision_common(r),
         _json(r.get("lines", ())),
+        r.get("decision_source", "MACHINE"),
+        r.get("decided_by", ""),
+        r.get("condition", ""),
+        r.get("exception_id", ""),
         topic,
         partition,
         offset,
@@ -216,6 +222,12 @@ def audit_row(r: Record, topic: str, partition: int, offset: int, ingested_at: d
         r["actor"],
         r["output_topic"],
         r["output_id"],
+        r.get("role", ""),
+        r.get("resolution", ""),
+        r.get("reasoning", ""),
+        r.get("certainty", -1.0),
+        r.get("prev_hash", ""),
+        r.get("hash", ""),
         topic,
         partition,
         offset,

@@ -40,9 +40,20 @@ from lotflow.streams import topics
 from lotflow.streams.producer import Encoder, Message, MessageTooLarge
 from lotflow.streams.state import ChangelogTable, StateTooLarge, StateUnit, encode_value
 from lotflow.streams.timers import DueIndex
+from lotflow.verification import chain
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Evaluation, Reason, Severity, VerificationNode, decide
-from lotflow.verification.outputs import InputRef, Output, Subject, dead_letter, outputs_for
+from lotflow.verification.outputs import (
+    InputRef,
+    Output,
+    OutputKind,
+    PersonDecision,
+    Subject,
+    dead_letter,
+    outputs_for,
+    person_outputs,
+)
+from lotflow.verification.queues import Queue
 from lotflow.verification.validation import InvalidRecord, normalize_coa, normalize_po, normalize_receipt
 
 __all__ = ["InputEvent", "ReceivingProcessor", "build_node"]
@@ -72,6 +83,9 @@ def build_node(settings: Settings) -> VerificationNode[rules.ReceivingContext]:
     )
 
 
+QUEUES = frozenset(q.value for q in Queue)
+
+
 def _core_key(po: str) -> str:
     return f"P|{po}"
 
@@ -80,8 +94,16 @@ def _new_core() -> Record:
     return {"po": None, "po_ref": None, "received": {}, "last": {}, "t": 0}
 
 
+class RejectedDecision(ValueError):
+    """A person's decision the worker does not apply (unknown exception, second decision, malformed)."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
 def error_class(exc: BaseException) -> str:
-    if isinstance(exc, DecodeError):
+    if isinstance(exc, DecodeError | RejectedDecision):
         return exc.error_class
     if isinstance(exc, InvalidRecord):
         return "INVALID_VALUE"
@@ -130,12 +152,14 @@ class ReceivingProcessor:
         self._max_state_bytes = self.encoder.max_bytes
         self._codecs = {spec.full_name(settings): AvroCodec(source, f"{spec.full_name(settings)}-value", spec.schema,
                                                              epoch_millis=True)
-                        for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES)}
+                        for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS, topics.CERTIFICATES, topics.DECISIONS)}
         self._po_topic = topics.PURCHASE_ORDERS.full_name(settings)
+        self._audit_topic = topics.AUDIT.full_name(settings)
         self._handlers: dict[str, Callable[[InputEvent, Record, int], None]] = {
             self._po_topic: self._on_purchase_order,
             topics.RECEIPTS.full_name(settings): self._on_receipt,
             topics.CERTIFICATES.full_name(settings): self._on_certificate,
+            topics.DECISIONS.full_name(settings): self._on_decision,
         }
         # per partition: (PO key, pending key) by document-wait deadline
         self._deadlines: collections.defaultdict[int, DueIndex] = collections.defaultdict(DueIndex)
@@ -194,14 +218,30 @@ class ReceivingProcessor:
         self._send([self.encoder.encode(kind, out_key, record)])
         self._dead[(ref.topic, error_class)] += 1
 
-    def _commit(self, unit: StateUnit, outputs: list[Output]) -> None:
-        """Encode outputs and state first; apply both only if everything fits."""
+    def _commit(self, unit: StateUnit, outputs: list[Output], partition: int | None = None) -> None:
+        """Encode outputs and state first; apply both only if everything fits. Audit records are
+        linked into ``partition``'s hash chain and written to that partition of the audit topic."""
+        audit = [record for kind, _, record in outputs if kind is OutputKind.AUDIT]
+        if audit:
+            if partition is None:
+                raise ValueError("audit records need the partition of their chain")
+            head_key = f"A|{partition}"
+            head = unit.get(self.po_state, head_key)
+            prev = head["h"] if head else ""
+            for record in audit:
+                record["prev_hash"] = prev
+                record["hash"] = prev = chain.link(prev, record)
+            unit.put(self.po_state, partition, head_key, {"h": prev})
         messages = self.encoder.encode_all(outputs)
+        if audit:
+            for message in messages:
+                if message.topic == self._audit_topic:
+                    message.partition = partition
         staged = unit.encode()
         now_ms = int(self.clock() * 1000)
         for table, _, key, value, _ in staged:
-            # waiting receipts leave by their deadline, input marks never
-            if value is not None and table is self.po_state and key[0] not in "WO" and key not in table:
+            # waiting receipts leave by their deadline; input marks and chain heads never
+            if value is not None and table is self.po_state and key[0] not in "WOA" and key not in table:
                 self._expiry.push(now_ms + self.retention_ms, key)
         unit.apply(staged)
         self._send(messages)
@@ -243,11 +283,17 @@ class ReceivingProcessor:
         for line in over:
             last = core["last"].get(str(line.line_no))
             if last is not None and last["verified"]:
-                outputs.extend(self._revised_below_received(po, ref, line, last, now_ms))
+                revised = self._revised_below_received(po, ref, line, last, now_ms)
+                outputs.extend(revised)
+                self._keep_open(unit, event.partition, revised, po["po_number"], last["rid"], lines=[],
+                                material=next((str(ln["material_id"]) for ln in po["lines"]
+                                               if ln["line_no"] == line.line_no), ""),
+                                code="PO_REVISED_BELOW_RECEIVED",
+                                event_time=po["event_time"])
                 last["verified"] = False
         core.update(po=po, po_ref=ref, received=received, t=now_ms)
         unit.put(self.po_state, event.partition, key, core)
-        self._commit(unit, outputs)
+        self._commit(unit, outputs, event.partition)
         self._decide_ready(key, event.partition, now_ms)
 
     def _revised_below_received(self, po: Record, ref: list[Any], line: rules.OverReceived, last: Record,
@@ -309,7 +355,8 @@ class ReceivingProcessor:
             self._deadlines[event.partition].push(pending["deadline"], (key, pending_key))
             self._waiting.setdefault(key, {})[pending_key] = _Needs.of(receipt, joined.missing)
             return
-        self._commit(unit, self._decide(unit, key, core or _new_core(), pending, event.partition, joined, now_ms))
+        self._commit(unit, self._decide(unit, key, core or _new_core(), pending, event.partition, joined, now_ms),
+                     event.partition)
 
     # --- deciding ---------------------------------------------------------------
     def _join(self, po_doc: Record | None, receipt: Record) -> _Joined:
@@ -382,7 +429,8 @@ class ReceivingProcessor:
                     waiting[pending_key] = _Needs.of(pending["receipt"], joined.missing)
                 return False
             unit.delete(self.po_state, partition, wait_key)
-            self._commit(unit, self._decide(unit, key, core or _new_core(), pending, partition, joined, now_ms))
+            self._commit(unit, self._decide(unit, key, core or _new_core(), pending, partition, joined, now_ms),
+                         partition)
         except Exception as exc:
             # The receipt goes to the dead letters (with its original bytes) and stops waiting.
             drop = self._unit()
@@ -427,6 +475,10 @@ class ReceivingProcessor:
             # every certificate that went into the decision (split and reissued ones too)
             certs = {tuple(entry[4]) for entry in coa.values()}
             refs.extend(InputRef(*c) for c in sorted(certs))
+        # in the PO's unit: what a verified record (or a person's release) carries
+        lines = [{"po_line": f.line["po_line"], "material_id": f.line["material_id"],
+                  "quantity": f.qty_in_po_unit or 0.0, "unit": f.po_line["unit"] if f.po_line else f.line["unit"],
+                  "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines]
         subject = Subject(
             node=NODE, key=po, subject_id=rid, refs=refs, event_time_ms=receipt["event_time"], vendor_id=vendor,
             lot_ids=[ln["vendor_lot"] for ln in receipt["lines"]],
@@ -434,10 +486,7 @@ class ReceivingProcessor:
                              "quantity": f"{ln['quantity']:g}", "unit": ln["unit"], "po_number": po,
                              "receipt_id": rid} for ln in receipt["lines"]],
             # each only on the record that carries it: lines on verified, the pattern on exceptions
-            verified_lines=[{"po_line": f.line["po_line"], "material_id": f.line["material_id"],
-                             "quantity": f.qty_in_po_unit or 0.0,
-                             "unit": f.po_line["unit"] if f.po_line else f.line["unit"],
-                             "vendor_lot": f.line["vendor_lot"]} for f in ctx.lines] if verified else [],
+            verified_lines=lines if verified else [],
         )
         if not verified:
             pattern = rules.pattern_of(ctx, verdict.reason)
@@ -445,6 +494,10 @@ class ReceivingProcessor:
             subject.historical_pattern = rules.pattern_text(ctx, pattern)
             subject.recommended_action = rules.recommendation(pattern, verdict)
         outputs = outputs_for(subject, evaluation, now_ms)
+        if not verified:
+            assert subject.pattern is not None
+            self._keep_open(unit, partition, outputs, po, rid, lines=lines, material=subject.pattern["material_id"],
+                            code=subject.pattern["reason_code"], event_time=receipt["event_time"])
         self._latencies.append(max(0.0, (now_ms - pending["ts"]) / 1000.0))
         self._confidences[verdict.decision].append(verdict.confidence)
         # --- state: this receipt is decided ---
@@ -471,6 +524,60 @@ class ReceivingProcessor:
         self._learn_history(profile, ctx, evaluation)
         unit.put(self.vendor_state, partition, profile_key, profile)
         return outputs
+
+    def _keep_open(self, unit: StateUnit, partition: int, outputs: list[Output], po: str, rid: str, *,
+                   lines: list[Record], material: str, code: str, event_time: int) -> None:
+        """What a person's decision on this exception needs (``X|<exception id>``), kept while it is
+        open: its lots are held until then."""
+        exception = next(record for kind, _, record in outputs if kind is OutputKind.EXCEPTIONS)
+        lot_attributes = [record["attributes"] for kind, _, record in outputs if kind is OutputKind.LOT_EVENTS]
+        unit.put(self.po_state, partition, f"X|{exception['id']}", {
+            "open": True, "id": exception["id"], "node": exception["node"], "po": po, "rid": rid,
+            "vendor": exception["vendor_id"], "lots": list(exception["lot_ids"]), "attrs": lot_attributes,
+            "lines": lines, "queue": exception["route_to"], "material": material, "code": code,
+            "confidence": exception["confidence"],
+            "refs": [[r["topic"], r["partition"], r["offset"]] for r in exception["input_refs"]],
+            "event_time": event_time, "t": int(self.clock() * 1000)})
+
+    def _on_decision(self, event: InputEvent, raw: Record, now_ms: int) -> None:
+        """A person's decision: applied once, to an exception this worker raised and keeps open."""
+        resolution = raw["resolution"]
+        if resolution not in ("ACCEPT", "CONDITIONAL_ACCEPT", "REJECT", "REASSIGN"):
+            raise RejectedDecision("UNSUPPORTED_RESOLUTION", f"resolution {resolution} is not applied by the worker")
+        if resolution == "CONDITIONAL_ACCEPT" and not raw.get("condition", "").strip():
+            raise RejectedDecision("INVALID_DECISION", "a conditional accept without its condition")
+        if resolution == "REASSIGN" and raw.get("reassign_to", "") not in QUEUES:
+            raise RejectedDecision("INVALID_DECISION", f"reassign_to {raw.get('reassign_to')!r} is not a queue")
+        if not raw["decided_by"] or not 0.0 <= raw["certainty"] <= 1.0:
+            raise RejectedDecision("INVALID_DECISION", "a decision needs who decided and a certainty in 0..1")
+        key = f"X|{raw['exception_id']}"
+        unit = self._unit()
+        exception = unit.get(self.po_state, key)
+        if exception is None:
+            raise RejectedDecision("UNKNOWN_EXCEPTION", f"no open exception {raw['exception_id']} on this partition")
+        if not exception["open"]:
+            raise RejectedDecision("ALREADY_DECIDED", f"exception {raw['exception_id']} was decided by "
+                                   f"{exception['decided_by']} ({exception['decision_id']})")
+        if exception["po"] != raw["subject_key"]:
+            raise RejectedDecision("INVALID_DECISION", f"subject {raw['subject_key']!r} is not the exception's "
+                                   f"{exception['po']!r}")
+        decision = PersonDecision(raw["decision_id"], resolution, raw["decided_by"], raw.get("role", ""),
+                                  raw["decided_at"], raw.get("reasoning", ""), raw["certainty"],
+                                  raw.get("condition", ""), raw.get("reassign_to", ""),
+                                  InputRef(event.topic, event.partition, event.offset))
+        outputs = person_outputs(exception, decision, now_ms)
+        if resolution == "REASSIGN":
+            exception["queue"] = decision.reassign_to
+        else:
+            exception.update(open=False, decision_id=decision.decision_id, decided_by=decision.decided_by,
+                             resolution=resolution)
+            profile_key = f"{exception['vendor']}@{event.partition}"
+            profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
+            history.observe_person_decision(profile, exception["material"], exception["code"], resolution)
+            unit.put(self.vendor_state, event.partition, profile_key, profile)
+        exception["t"] = now_ms
+        unit.put(self.po_state, event.partition, key, exception)
+        self._commit(unit, outputs, event.partition)
 
     def _other_slices(self, vendor: str, partition: int) -> list[history.Profile]:
         """This vendor's history from every other partition: own ones from the table, the rest as read."""
@@ -590,7 +697,8 @@ class ReceivingProcessor:
             if value is None:
                 continue
             touched = value.get("t", 0)
-            if touched + self.retention_ms > now_ms or key in self._waiting:
+            if touched + self.retention_ms > now_ms or key in self._waiting or (key[0] == "X" and value["open"]):
+                # (an open exception is kept until a person decides it: its lots are held)
                 self._expiry.push(max(touched + self.retention_ms, now_ms + 1000), key)
                 continue
             forget.delete(self.po_state, self.po_state.partition_of(key), key)

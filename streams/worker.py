@@ -157,6 +157,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
     input_topics = [spec.full_name(settings) for spec in (topics.PURCHASE_ORDERS, topics.RECEIPTS,
                                                          topics.CERTIFICATES)]
     document_topics = [input_topics[0], input_topics[2]]
+    decisions_topic = topics.DECISIONS.full_name(settings)
+    input_topics.append(decisions_topic)  # watched for progress like the others
 
     def next_offset(tp: faust.types.TP) -> int:
         if (tp.topic, tp.partition) in last_offsets:
@@ -219,8 +221,8 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                                      crash_at=crash_injector(settings.fault_inject))
         tune_garbage_collector()
 
-    @app.agent(inputs)
-    async def receiving(stream: Any) -> None:
+    async def handle_batches(stream: Any) -> None:
+        """The body of both agents: a batch is handled and committed under the lock, in one transaction."""
         async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
             try:
                 async with lock:
@@ -247,6 +249,16 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                 raise
             except BaseException as exc:
                 unrecoverable(exc)
+
+    @app.agent(inputs)
+    async def receiving(stream: Any) -> None:
+        await handle_batches(stream)
+
+    # People's decisions on the exceptions: keyed by PO like the inputs, so co-partitioned with
+    # them; applied under the same lock, in the same kind of transaction, with their own marks.
+    @app.agent(app.topic(decisions_topic, partitions=settings.partitions, schema=transport.RawSchema()))
+    async def decisions(stream: Any) -> None:
+        await handle_batches(stream)
 
     @faust_po_table.on_recover
     async def rebuild_indexes() -> None:

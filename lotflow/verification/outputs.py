@@ -13,7 +13,8 @@ from typing import Any
 
 from lotflow.verification.node import Evaluation
 
-__all__ = ["SHARED", "InputRef", "Output", "OutputKind", "Subject", "dead_letter", "outputs_for", "record_id"]
+__all__ = ["SHARED", "InputRef", "Output", "OutputKind", "PersonDecision", "Subject", "dead_letter", "outputs_for",
+           "person_outputs", "record_id"]
 
 Record = dict[str, Any]
 DEAD_LETTER_KEEP_BYTES = 64 * 1024  # of the original value; the size is recorded
@@ -126,6 +127,72 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
             "event_time": subject.event_time_ms,
             "decision_time": decision_time_ms,
         }))
+    return out
+
+
+@dataclass(slots=True)
+class PersonDecision:
+    """A person's decision on an open exception, as the worker applies it."""
+
+    decision_id: str
+    resolution: str  # ACCEPT | CONDITIONAL_ACCEPT | REJECT | REASSIGN
+    decided_by: str
+    role: str
+    decided_at_ms: int
+    reasoning: str
+    certainty: float
+    condition: str
+    reassign_to: str
+    ref: InputRef  # the decision record on the decisions topic
+
+
+LOT_EVENT_OF = {"ACCEPT": "RELEASED", "CONDITIONAL_ACCEPT": "CONDITIONALLY_RELEASED", "REJECT": "REJECTED"}
+
+
+def person_outputs(exception: Record, decision: PersonDecision, now_ms: int) -> list[Output]:
+    """What a person's decision releases: accept -> a verified record (HUMAN) and RELEASED lot
+    events, conditional -> the same with its condition and CONDITIONALLY_RELEASED, reject ->
+    REJECTED lot events (the lots stay held), reassign -> nothing but the audit record. Each writes
+    an audit record with who, her role, when, the decision, her reasoning and certainty and the
+    model's confidence at the time. ``exception`` is what the worker kept of the open exception."""
+    xid = exception["id"]
+    refs = [decision.ref.to_record(), *({"topic": t, "partition": p, "offset": o} for t, p, o in exception["refs"])]
+    released = decision.resolution in ("ACCEPT", "CONDITIONAL_ACCEPT")
+    common: Record = {
+        "node": exception["node"],
+        "subject_key": exception["po"],
+        "subject_id": exception["rid"],
+        "decision": "VERIFIED" if released else "EXCEPTION",
+        "confidence": exception["confidence"],
+        "reasons": [],
+        "model_version": f"person:{decision.decided_by}",
+        "input_refs": refs,
+        "event_time": exception["event_time"],
+        "decision_time": now_ms,
+        "vendor_id": exception["vendor"],
+        "lot_ids": list(exception["lots"]),
+    }
+    out: list[Output] = []
+    output_topic, output_id = OutputKind.EXCEPTIONS.value, xid
+    if released:
+        output_topic, output_id = OutputKind.VERIFIED.value, f"{xid}:released"
+        out.append((OutputKind.VERIFIED, exception["po"], {
+            **common, "id": output_id, "lines": list(exception["lines"]), "decision_source": "HUMAN",
+            "decided_by": decision.decided_by, "condition": decision.condition, "exception_id": xid}))
+    event_type = LOT_EVENT_OF.get(decision.resolution)
+    if event_type is not None:
+        for lot, attributes in zip(exception["lots"], exception["attrs"], strict=True):
+            out.append((OutputKind.LOT_EVENTS, lot, {
+                "id": f"{xid}:{decision.resolution.lower()}:{lot}", "lot_id": lot, "node": exception["node"],
+                "event_type": event_type, "subject_key": exception["po"], "decision": common["decision"],
+                "confidence": exception["confidence"], "parent_lots": [],
+                "attributes": {**attributes, "decided_by": decision.decided_by, "exception_id": xid,
+                               **({"condition": decision.condition} if decision.condition else {})},
+                "event_time": exception["event_time"], "decision_time": now_ms}))
+    out.append((OutputKind.AUDIT, exception["po"], {
+        **common, "id": f"{xid}:{decision.decision_id}", "actor": f"person:{decision.decided_by}",
+        "output_topic": output_topic, "output_id": output_id, "role": decision.role,
+        "resolution": decision.resolution, "reasoning": decision.reasoning, "certainty": decision.certainty}))
     return out
 
 

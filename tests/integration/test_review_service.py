@@ -220,7 +220,8 @@ def _login(page: httpx.Client, user: str, password: str = PASSWORD) -> httpx.Res
 
 def test_pages_need_a_session_and_csrf_and_escape_record_text(service: Service) -> None:
     # an exception whose vendor id is a script: it must render as text
-    hostile = {"id": f"receiving:hostile:{uuid.uuid4().hex[:6]}", "node": "receiving", "subject_key": "PO-X",
+    hostile: dict[str, Any] = {
+               "id": f"receiving:hostile:{uuid.uuid4().hex[:6]}", "node": "receiving", "subject_key": "PO-X",
                "subject_id": "R-X", "decision": "EXCEPTION", "confidence": 0.2,
                "reasons": [{"code": "UNKNOWN_PO", "message": "<b>bold</b>", "severity": "BLOCK", "evidence": {}}],
                "model_version": "prior-1", "input_refs": [], "event_time": 0, "decision_time": 0,
@@ -264,3 +265,49 @@ def test_login_attempts_are_rate_limited(service: Service) -> None:
     with httpx.Client(base_url=service.url, timeout=30) as page:
         codes = [_login(page, "sam", f"guess {i}").status_code for i in range(7)]
     assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+
+
+def test_a_decision_takes_effect_and_the_audit_chain_shows_tampering(service: Service) -> None:
+    from lotflow.audit import verify_chain, why
+
+    db = service.settings.clickhouse_database
+    target, rejected = service.open_in("receiving", "rita")[:2]
+    with service.api("rita") as rita:
+        assert rita.post(f"/api/exceptions/{target['id']}/decision",
+                         json={"resolution": "ACCEPT", "reasoning": "slip checked with the buyer",
+                               "certainty": 0.95}).status_code == 201
+        assert rita.post(f"/api/exceptions/{rejected['id']}/decision",
+                         json={"resolution": "REJECT", "reasoning": "not ours", "certainty": 1.0}).status_code == 201
+
+    def one(sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return list(service.client.query(sql, parameters=params).result_rows)
+
+    _wait("the person's release in ClickHouse", lambda: bool(one(
+        f"SELECT 1 FROM {db}.verified FINAL WHERE exception_id = {{x:String}} AND decision_source = 'HUMAN'",
+        x=target["id"])) and bool(one(f"SELECT 1 FROM {db}.lot_events FINAL WHERE event_type = 'REJECTED' "
+                                      "AND attributes['exception_id'] = {x:String}", x=rejected["id"])))
+    [(decided_by, lines)] = one(f"SELECT decided_by, lines FROM {db}.verified FINAL WHERE exception_id = {{x:String}}",
+                                x=target["id"])
+    assert decided_by == "rita" and target["lot_ids"][0] in lines
+    released = one(f"SELECT lot_id FROM {db}.lot_events FINAL WHERE event_type = 'RELEASED' "
+                   "AND attributes['exception_id'] = {x:String}", x=target["id"])
+    assert sorted(r[0] for r in released) == sorted(target["lot_ids"])
+    [(role, reasoning, certainty)] = one(f"SELECT role, reasoning, certainty FROM {db}.audit FINAL "
+                                         "WHERE output_id = {o:String} AND actor = 'person:rita'",
+                                         o=f"{target['id']}:released")
+    assert (role, reasoning, certainty) == ("receiving", "slip checked with the buyer", 0.95)
+
+    story = "\n".join(why(service.client, db, target["subject_id"]))
+    assert "PERSON person:rita" in story and "RELEASED (by rita)" in story and "check " in story
+
+    checked, broken = verify_chain(service.client, db)
+    assert broken is None and checked >= 400
+    victim = one(f"SELECT id, kafka_partition, kafka_offset FROM {db}.audit FINAL "
+                 "ORDER BY kafka_partition, kafka_offset LIMIT 1 OFFSET 5")[0]
+    service.client.command(f"ALTER TABLE {db}.audit UPDATE reasoning = 'edited afterwards' WHERE id = '{victim[0]}'",
+                           settings={"mutations_sync": 2})
+    _, broken = verify_chain(service.client, db)
+    assert broken is not None and broken.id == victim[0] and "altered" in broken.problem
+    service.client.command(f"ALTER TABLE {db}.audit DELETE WHERE id = '{victim[0]}'", settings={"mutations_sync": 2})
+    _, broken = verify_chain(service.client, db)
+    assert broken is not None and broken.partition == victim[1] and "deleted or inserted" in broken.problem

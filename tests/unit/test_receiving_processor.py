@@ -430,14 +430,17 @@ def test_expiry_with_a_batch_forgets_at_most_its_limit_of_idle_keys() -> None:
     clock = Clock()
     run = Run(clock)
     run.handle(PO(), COA(), RECEIPT())
-    idle = {k for k in run.po_state._data() if not k.startswith("O|")}
+    def kept() -> set[str]:  # input marks and audit chain heads are never forgotten
+        return {k for k in run.po_state._data() if k[0] not in "OA"}
+
+    idle = kept()
     assert len(idle) >= 3
     clock.now += SETTINGS.po_state_retention_s + 1
     run.proc.expire(1)
     run.end_batch()
-    assert len({k for k in run.po_state._data() if not k.startswith("O|")}) == len(idle) - 1
+    assert len(kept()) == len(idle) - 1
     run.proc.expire(100)
-    assert {k for k in run.po_state._data() if not k.startswith("O|")} == set()
+    assert kept() == set() and "A|0" in run.po_state._data()
 
 
 def test_of_two_waiting_bookings_of_one_receipt_the_later_is_the_duplicate() -> None:
@@ -525,3 +528,74 @@ def test_an_exception_carries_its_contributions_and_the_vendors_pattern_for_the_
     assert exception["historical_pattern"].startswith("Vendor V-1, material MAT-1: 4 prior receipts; "
                                                       "COA_OUT_OF_SPEC in 0 % of them (0); no person has decided")
     assert exception["recommended_action"].startswith("Quarantine the lot")
+
+
+def DECISION(offset: int, exception_id: str, resolution: str = "ACCEPT", po: str = "PO-1", **kw: Any) -> InputEvent:
+    record = {"decision_id": f"d-{offset}", "exception_id": exception_id, "node": "receiving", "subject_key": po,
+              "resolution": resolution, "decided_by": "rita", "decided_at": NOW_MS, "reasoning": "recounted",
+              "certainty": 0.9, "role": "receiving", "condition": "", "reassign_to": "", "confidence_shown": 0.2,
+              **kw}
+    return event(topics.DECISIONS, record, offset, key=po.encode())
+
+
+def _out_of_spec_exception(run: Run) -> dict[str, Any]:
+    run.handle(PO(0), COA(1, purity=97.0), RECEIPT(2))
+    [exception] = [r for name, _, r in run.sent if name == "lotflow.exceptions"]
+    return exception
+
+
+def test_a_persons_accept_releases_the_receipt_once() -> None:
+    run = Run()
+    exception = _out_of_spec_exception(run)
+    run.sent.clear()
+    run.handle(DECISION(0, exception["id"]))
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for name, _, record in run.sent:
+        by_topic.setdefault(name, []).append(record)
+    [verified] = by_topic["lotflow.verified"]
+    assert verified["decision_source"] == "HUMAN" and verified["decided_by"] == "rita"
+    assert verified["exception_id"] == exception["id"] and verified["id"] == f"{exception['id']}:released"
+    assert verified["lines"] and verified["lines"][0]["vendor_lot"] == "L-1"
+    assert [e["event_type"] for e in by_topic["lotflow.lot-events"]] == ["RELEASED"]
+    [audit] = by_topic["lotflow.audit"]
+    assert (audit["actor"], audit["role"], audit["resolution"], audit["certainty"]) == ("person:rita", "receiving",
+                                                                                       "ACCEPT", 0.9)
+    assert audit["reasoning"] == "recounted" and audit["confidence"] == exception["confidence"]
+    # a second decision on it, one on an unknown exception, and a malformed one are dead letters
+    run.sent.clear()
+    run.handle(DECISION(1, exception["id"], "REJECT"), DECISION(2, "receiving:nope"),
+               DECISION(3, exception["id"], "CONDITIONAL_ACCEPT"))
+    assert [d["error_class"] for d in run.dead()] == ["ALREADY_DECIDED", "UNKNOWN_EXCEPTION", "INVALID_DECISION"]
+    assert not [name for name, _, _ in run.sent if name != "lotflow.dead-letters"]
+
+
+def test_reject_keeps_the_lot_held_and_reassign_keeps_the_exception_open() -> None:
+    run = Run()
+    exception = _out_of_spec_exception(run)
+    run.sent.clear()
+    run.handle(DECISION(0, exception["id"], "REASSIGN", reassign_to="qc_technician"))
+    assert [name for name, _, _ in run.sent] == ["lotflow.audit"]
+    run.handle(DECISION(1, exception["id"], "REJECT", reasoning="wrong grade"))
+    lot_events = [r for name, _, r in run.sent if name == "lotflow.lot-events"]
+    assert [e["event_type"] for e in lot_events] == ["REJECTED"]
+    assert not [r for name, _, r in run.sent if name == "lotflow.verified"]
+    state = run.po_state.get(f"X|{exception['id']}")
+    assert state is not None and not state["open"] and state["queue"] == "qc_technician"
+
+
+def test_audit_records_form_one_hash_chain_per_partition() -> None:
+    from lotflow.verification import chain
+
+    run = Run()
+    exception = _out_of_spec_exception(run)
+    run.handle(PO(10, number="PO-2"), COA(11, number="PO-2", lot="L-2"), RECEIPT(12, rid="R-2", number="PO-2",
+                                                                                  lot="L-2"))
+    run.handle(DECISION(0, exception["id"]))
+    audits = [r for name, _, r in run.sent if name == "lotflow.audit"]
+    assert len(audits) == 3
+    prev = ""
+    for record in audits:
+        assert record["prev_hash"] == prev and record["hash"] == chain.link(prev, record)
+        prev = record["hash"]
+    tampered = {**audits[1], "reasoning": "edited"}
+    assert chain.link(audits[1]["prev_hash"], tampered) != audits[1]["hash"]
