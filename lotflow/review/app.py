@@ -6,7 +6,6 @@ tokens issued with ``lotflow users token``. A user sees and decides only the que
 roles (403 otherwise); admin sees all. Templates autoescape everything they print.
 """
 
-from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable

@@ -301,7 +301,7 @@ def test_a_decision_takes_effect_and_the_audit_chain_shows_tampering(service: Se
     assert "PERSON person:rita" in story and "RELEASED (by rita)" in story and "check " in story
 
     checked, broken = verify_chain(service.client, db)
-    assert broken is None and checked >= 400
+    assert broken is None and checked >= 300  # one per decided receipt, plus the two decisions
     victim = one(f"SELECT id, kafka_partition, kafka_offset FROM {db}.audit FINAL "
                  "ORDER BY kafka_partition, kafka_offset LIMIT 1 OFFSET 5")[0]
     service.client.command(f"ALTER TABLE {db}.audit UPDATE reasoning = 'edited afterwards' WHERE id = '{victim[0]}'",
