@@ -7,17 +7,18 @@ STAMP := $(VENV)/.installed
 APT_STAMP := var/.apt-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps demo review-demo test lint unit integration bench kafka-start kafka-stop clean
+.PHONY: help install system-deps demo review-demo review-timing test lint unit integration bench kafka-start kafka-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-system-deps: $(APT_STAMP) ## Java 17, ZooKeeper 3.8 jars (for the local broker), promtool
-$(APT_STAMP):
+system-deps: $(APT_STAMP) ## Java 17, ZooKeeper 3.8 jars (for the local broker), promtool, chromium (browser test)
+$(APT_STAMP): Makefile
 	@missing=""; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	[ -f /usr/share/java/zookeeper-3.8.0.jar ] || missing="$$missing libzookeeper-java"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -53,6 +54,9 @@ integration: install ## only the integration tests
 
 bench: install ## raw vs Faust vs pipeline throughput, latency at 1,000/s, sink rows/s -> var/bench.json
 	$(BIN)/python load-tests/bench.py $(BENCH_ARGS)
+
+review-timing: install ## decision -> release p95 and queue page p95 with 10k open exceptions -> var/review-timing.json
+	$(BIN)/python load-tests/review_timing.py $(REVIEW_TIMING_ARGS)
 
 kafka-start: install ## start the local broker (var/kafka)
 	$(BIN)/lotflow kafka start

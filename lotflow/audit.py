@@ -69,6 +69,11 @@ def verify_chain(client: Client, database: str,
                 checked += 1
                 if progress is not None and checked % 100_000 == 0:
                     progress(f"{checked} audit records checked")
+                if not stored and partition not in previous:
+                    continue  # written before the chain existed (an upgraded database): nothing to check
+                if not stored:
+                    return checked, Break(partition, offset, record["id"],
+                                          "a record without a hash after the chain began (inserted afterwards)")
                 expected_prev = previous.get(partition, "")
                 if prev_hash != expected_prev:
                     what = "the first record of its partition names a predecessor" if not expected_prev else \

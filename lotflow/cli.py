@@ -163,7 +163,9 @@ def _why(args: argparse.Namespace) -> int:
     from lotflow.sinks.clickhouse import connect
 
     settings = get_settings()
-    print("\n".join(why(connect(settings), settings.clickhouse_database, args.id)))
+    text = "\n".join(why(connect(settings), settings.clickhouse_database, args.id))
+    # reviewers' text is printed: control characters must not drive the terminal
+    print("".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text))
     return 0
 
 

@@ -558,6 +558,10 @@ class ReceivingProcessor:
         if not exception["open"]:
             raise RejectedDecision("ALREADY_DECIDED", f"exception {raw['exception_id']} was decided by "
                                    f"{exception['decided_by']} ({exception['decision_id']})")
+        role = raw.get("role", "")
+        if role not in ("admin", exception["queue"]):
+            raise RejectedDecision("WRONG_QUEUE", f"a decision in role {role!r} on an exception in the "
+                                   f"{exception['queue']} queue")
         if exception["po"] != raw["subject_key"]:
             raise RejectedDecision("INVALID_DECISION", f"subject {raw['subject_key']!r} is not the exception's "
                                    f"{exception['po']!r}")
@@ -629,7 +633,7 @@ class ReceivingProcessor:
         self._waiting.clear()
         self._marks.clear()
         for key, value in self.po_state.items():
-            if not value or key.startswith("O|"):
+            if not value or key[0] in "OA":  # input marks and audit chain heads are never forgotten
                 continue
             if key.startswith("W|"):
                 _, po, pending_key = key.split("|", 2)
@@ -694,11 +698,15 @@ class ReceivingProcessor:
         for item in due:
             key = str(item)
             value = self.po_state.get(key)
-            if value is None:
+            if value is None or key[0] in "OA":
+                continue
+            if key[0] == "X" and value["open"]:
+                # an open exception is kept until a person decides it (its lots are held): looked at
+                # again a retention later, not every second
+                self._expiry.push(now_ms + self.retention_ms, key)
                 continue
             touched = value.get("t", 0)
-            if touched + self.retention_ms > now_ms or key in self._waiting or (key[0] == "X" and value["open"]):
-                # (an open exception is kept until a person decides it: its lots are held)
+            if touched + self.retention_ms > now_ms or key in self._waiting:
                 self._expiry.push(max(touched + self.retention_ms, now_ms + 1000), key)
                 continue
             forget.delete(self.po_state, self.po_state.partition_of(key), key)

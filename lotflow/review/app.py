@@ -4,16 +4,23 @@ Pages authenticate with a session cookie (``lotflow/review/security.py``) and ev
 carries a CSRF token; the JSON API (``/api/...``, described by ``/openapi.json``) takes bearer
 tokens issued with ``lotflow users token``. A user sees and decides only the queues of her
 roles (403 otherwise); admin sees all. Templates autoescape everything they print.
+
+No ``from __future__ import annotations`` here: FastAPI must evaluate the endpoints' annotations,
+which name dependencies local to ``create_app`` (as strings they resolve to nothing and turn into
+required query parameters).
 """
 
 
+import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
@@ -30,6 +37,7 @@ from lotflow.verification.queues import Queue
 __all__ = ["ReviewServices", "create_app"]
 
 SESSION_COOKIE = "lotflow_session"
+PASSWORD_CHECKS_AT_ONCE = 4
 LOGIN_CSRF_COOKIE = "lotflow_login_csrf"
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -141,6 +149,7 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
     templates = Jinja2Templates(directory=str(TEMPLATES))  # autoescape on for .html
     sessions = Sessions()
     limiter = LoginLimiter()
+    hashing = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
     bearer = HTTPBearer(auto_error=False, description="an API token from `lotflow users token NAME`")
     store, users, writer = services.store, services.users, services.decisions
 
@@ -173,9 +182,34 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
     def load(exception_id: str, user: User) -> ExceptionRow:
         row = store.exception(exception_id)
         if row is None:
-            raise HTTPException(404, f"no exception {exception_id}")
+            raise HTTPException(404, "no such exception")
+        moved = writer.moved_to(row.id)  # reassigned here, not stored yet: it is in its new queue already
+        if moved is not None and moved != row.queue:
+            row = dataclasses.replace(row, queue=moved)
         visible(user, row.queue)
         return row
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input back: it cannot render NaN, 1e400 or a lone
+        # surrogate (a 500), and it would echo a password. Where and what, never the value.
+        errors = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
+                   "type": str(error.get("type", ""))} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if not request.url.path.startswith(("/docs", "/redoc")):  # FastAPI's docs page loads its assets
+            response.headers.setdefault("Content-Security-Policy",
+                                        "default-src 'self'; style-src 'self' 'unsafe-inline'; form-action 'self'; "
+                                        "frame-ancestors 'none'")
+        if request.url.path != "/login" and request.method == "GET":
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     @app.exception_handler(_NeedsLogin)
     async def to_login(request: Request, exc: _NeedsLogin) -> Response:
@@ -204,16 +238,16 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         if not same_token(csrf_token, request.cookies.get(LOGIN_CSRF_COOKIE)):
             raise HTTPException(403, "missing or wrong CSRF token")
         client = request.client.host if request.client else "?"
-        wait = limiter.retry_after(username, client)
+        wait = limiter.attempt(username, client)  # counted as a failure until it succeeds
         if wait > 0:
             return render(request, "login.html", 429, csrf=csrf_token, next=_safe_next(next),
                           error=f"Too many failed attempts: try again in {math.ceil(wait)} s.")
-        user = users.authenticate_password(username, password)
+        with hashing:  # argon2 takes 64 MiB a check: a burst of logins must not take the memory
+            user = users.authenticate_password(username, password)
         if user is None:
-            limiter.failed(username, client)
             return render(request, "login.html", 401, csrf=csrf_token, next=_safe_next(next),
                           error="Wrong user name or password.")
-        limiter.succeeded(username)
+        limiter.succeeded(username, client)
         token, _ = sessions.create(user.username)
         response = RedirectResponse(_safe_next(next), status_code=303)
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies)
@@ -245,8 +279,9 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         rows = store.open_exceptions([queue.value], f, exclude())
         mine = sorted(user.queues, key=list(Queue).index)
         counts = store.queue_counts([q.value for q in mine], exclude())
+        recorded = decided if decided in set(writer.decided_ids()) else ""
         return render(request, "queue.html", user=user, queue=queue, rows=rows, counts=counts, my_queues=mine,
-                      filters=f, decided=decided[:200], now=now(), csrf=request.state.csrf)
+                      filters=f, decided=recorded, now=now(), csrf=request.state.csrf)
 
     @app.get("/exceptions/{exception_id}", response_class=HTMLResponse, include_in_schema=False)
     def detail_page(request: Request, exception_id: str, user: Annotated[User, Depends(page_user)]) -> Response:

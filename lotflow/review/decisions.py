@@ -32,6 +32,8 @@ from lotflow.verification.queues import Queue
 __all__ = ["AlreadyDecided", "Decision", "DecisionWriter", "Resolution"]
 
 MAX_TEXT = 4000
+RECENT_S = 600.0  # the sink stores a decision within seconds; until then this process remembers it
+MAX_REMEMBERED = 100_000
 
 
 class Resolution(StrEnum):
@@ -84,11 +86,25 @@ class DecisionWriter:
         self._stored_first = stored_first
         self._lock = threading.Lock()
         self._first: dict[str, dict[str, Any]] = {}  # exception id -> its resolving decision (this process)
+        self._recent: dict[str, float] = {}  # exception id -> when this process resolved it
+        self._moved: dict[str, tuple[str, float]] = {}  # exception id -> (queue it was reassigned to, when)
         self.timeout_s = settings.transaction_timeout_s
 
     def decided_ids(self) -> list[str]:
-        """Exceptions this process resolved: out of every queue at once, before the sink stores them."""
-        return list(self._first)
+        """Exceptions this process resolved lately: out of every queue at once, before the sink stores
+        them (after ``RECENT_S`` the stored decisions keep them out; the list stays short)."""
+        cutoff = time.monotonic() - RECENT_S
+        with self._lock:
+            for xid in [x for x, when in self._recent.items() if when < cutoff]:
+                del self._recent[xid]
+            return list(self._recent)
+
+    def moved_to(self, exception_id: str) -> str | None:
+        """The queue a reassignment from this process moved the exception to, until the sink stored it."""
+        moved = self._moved.get(exception_id)
+        if moved is None or moved[1] < time.monotonic() - RECENT_S:
+            return None
+        return moved[0]
 
     def first_decision(self, exception_id: str) -> dict[str, Any] | None:
         return self._first.get(exception_id) or self._stored_first(exception_id)
@@ -122,6 +138,14 @@ class DecisionWriter:
             if self._producer.flush(self.timeout_s) or failure:
                 raise RuntimeError(f"the decision could not be written to {self.topic}: "
                                    f"{failure[0] if failure else 'not acknowledged in time'}")
-            if decision.resolution is not Resolution.REASSIGN:
+            if decision.resolution is Resolution.REASSIGN:
+                self._moved[exception_id] = (decision.reassign_to, time.monotonic())
+            else:
                 self._first[exception_id] = record
+                self._recent[exception_id] = time.monotonic()
+            if len(self._first) > MAX_REMEMBERED:  # the stored decisions answer for older ones
+                for xid in list(self._first)[: len(self._first) // 2]:
+                    del self._first[xid]
+                for xid in [x for x, (_, when) in self._moved.items() if when < time.monotonic() - RECENT_S]:
+                    del self._moved[xid]
             return record

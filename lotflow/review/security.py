@@ -90,31 +90,55 @@ class LoginLimiter:
         self._lock = threading.Lock()
 
     def _recent(self, key: tuple[str, str]) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
+        failures = self._failures.get(key)
+        if failures is None:
+            return deque()  # reading never creates an entry: made-up names cost no memory
         cutoff = self._clock() - self._window_s
         while failures and failures[0] < cutoff:
             failures.popleft()
+        if not failures:
+            del self._failures[key]
         return failures
 
-    def retry_after(self, username: str, client: str) -> float:
-        """Seconds until another attempt is allowed (0: allowed now)."""
+    def _wait(self, keys: list[tuple[str, str]]) -> float:
+        wait = 0.0
+        for key in keys:
+            failures = self._recent(key)
+            if len(failures) >= self._limits[key[0]]:
+                wait = max(wait, failures[0] + self._window_s - self._clock())
+        return wait
+
+    def attempt(self, username: str, client: str) -> float:
+        """Reserve one attempt, counted as a failure until ``succeeded``: parallel guesses are
+        counted before any is checked. Returns 0, or the seconds to wait (nothing reserved)."""
+        keys = [("user", username.lower()), ("client", client)]
         with self._lock:
-            wait = 0.0
-            for kind, value in (("user", username.lower()), ("client", client)):
-                failures = self._recent((kind, value))
-                if len(failures) >= self._limits[kind]:
-                    wait = max(wait, failures[0] + self._window_s - self._clock())
-            return wait
+            wait = self._wait(keys)
+            if wait > 0:
+                return wait
+            now = self._clock()
+            for key in keys:
+                self._failures.setdefault(key, deque()).append(now)
+            if len(self._failures) > 100_000:  # a flood of made-up names: drop the oldest entries
+                for key in list(self._failures)[:50_000]:
+                    del self._failures[key]
+            return 0.0
+
+    def retry_after(self, username: str, client: str) -> float:
+        """Seconds until another attempt is allowed (0: allowed now); reserves nothing."""
+        with self._lock:
+            return self._wait([("user", username.lower()), ("client", client)])
 
     def failed(self, username: str, client: str) -> None:
+        """A failure outside ``attempt`` (an attempt already counts as one)."""
         with self._lock:
             now = self._clock()
             for key in (("user", username.lower()), ("client", client)):
-                self._recent(key).append(now)
-            if len(self._failures) > 100_000:  # a flood of made-up names: keep memory bounded
-                for key in [k for k, v in self._failures.items() if not v]:
-                    del self._failures[key]
+                self._failures.setdefault(key, deque()).append(now)
 
-    def succeeded(self, username: str) -> None:
+    def succeeded(self, username: str, client: str = "") -> None:
         with self._lock:
             self._failures.pop(("user", username.lower()), None)
+            failures = self._failures.get(("client", client))
+            if failures:
+                failures.pop()  # the reserved attempt was not a failure

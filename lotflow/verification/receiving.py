@@ -522,9 +522,10 @@ def _material_of(ctx: ReceivingContext, reason: Reason | None) -> str:
     """The material a reason is about: named in its evidence, or the line its lot or PO line names."""
     if reason is not None:
         evidence = reason.evidence
-        for name in ("material_id", "received"):
-            if evidence.get(name):
-                return evidence[name]
+        if evidence.get("material_id"):
+            return evidence["material_id"]
+        if reason.code in ("MATERIAL_MISMATCH", "UNKNOWN_MATERIAL") and evidence.get("received"):
+            return evidence["received"]  # the material delivered (elsewhere "received" is a quantity)
         for f in ctx.lines:
             if evidence.get("vendor_lot") == f.line["vendor_lot"] or evidence.get("po_line") == str(f.line["po_line"]):
                 return str(f.line["material_id"])

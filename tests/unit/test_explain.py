@@ -148,3 +148,10 @@ def test_low_confidence_without_a_rule_goes_to_supplier_quality_with_its_own_pat
     assert verdict.reason is None and verdict.route is rv.LOW_CONFIDENCE
     ctx = context(receipt(), state())
     assert rv.pattern_of(ctx, None).reason_code == "LOW_CONFIDENCE"
+
+
+def test_the_pattern_of_a_quantity_reason_is_about_the_lines_material() -> None:
+    ctx = context(receipt(quantity=1200.0), state())
+    verdict = decide(rv.node_config(0.9, 0.75), 0.01, rv.check_lines(ctx))
+    assert verdict.reason is not None and verdict.reason.code == "QUANTITY_OVER"
+    assert rv.pattern_of(ctx, verdict.reason).material_id == "MAT-1"  # not the received quantity

@@ -533,7 +533,8 @@ def test_an_exception_carries_its_contributions_and_the_vendors_pattern_for_the_
 def DECISION(offset: int, exception_id: str, resolution: str = "ACCEPT", po: str = "PO-1", **kw: Any) -> InputEvent:
     record = {"decision_id": f"d-{offset}", "exception_id": exception_id, "node": "receiving", "subject_key": po,
               "resolution": resolution, "decided_by": "rita", "decided_at": NOW_MS, "reasoning": "recounted",
-              "certainty": 0.9, "role": "receiving", "condition": "", "reassign_to": "", "confidence_shown": 0.2,
+              "certainty": 0.9, "role": "supplier_quality", "condition": "", "reassign_to": "",
+              "confidence_shown": 0.2,
               **kw}
     return event(topics.DECISIONS, record, offset, key=po.encode())
 
@@ -558,8 +559,8 @@ def test_a_persons_accept_releases_the_receipt_once() -> None:
     assert verified["lines"] and verified["lines"][0]["vendor_lot"] == "L-1"
     assert [e["event_type"] for e in by_topic["lotflow.lot-events"]] == ["RELEASED"]
     [audit] = by_topic["lotflow.audit"]
-    assert (audit["actor"], audit["role"], audit["resolution"], audit["certainty"]) == ("person:rita", "receiving",
-                                                                                       "ACCEPT", 0.9)
+    assert (audit["actor"], audit["role"], audit["resolution"], audit["certainty"]) == (
+        "person:rita", "supplier_quality", "ACCEPT", 0.9)
     assert audit["reasoning"] == "recounted" and audit["confidence"] == exception["confidence"]
     # a second decision on it, one on an unknown exception, and a malformed one are dead letters
     run.sent.clear()
@@ -575,7 +576,7 @@ def test_reject_keeps_the_lot_held_and_reassign_keeps_the_exception_open() -> No
     run.sent.clear()
     run.handle(DECISION(0, exception["id"], "REASSIGN", reassign_to="qc_technician"))
     assert [name for name, _, _ in run.sent] == ["lotflow.audit"]
-    run.handle(DECISION(1, exception["id"], "REJECT", reasoning="wrong grade"))
+    run.handle(DECISION(1, exception["id"], "REJECT", reasoning="wrong grade", role="qc_technician"))
     lot_events = [r for name, _, r in run.sent if name == "lotflow.lot-events"]
     assert [e["event_type"] for e in lot_events] == ["REJECTED"]
     assert not [r for name, _, r in run.sent if name == "lotflow.verified"]
@@ -599,3 +600,29 @@ def test_audit_records_form_one_hash_chain_per_partition() -> None:
         prev = record["hash"]
     tampered = {**audits[1], "reasoning": "edited"}
     assert chain.link(audits[1]["prev_hash"], tampered) != audits[1]["hash"]
+
+
+def test_the_audit_chain_head_survives_a_restart_and_expiry() -> None:
+    clock = Clock()
+    run = Run(clock)
+    _out_of_spec_exception(run)
+    head = run.po_state.get("A|0")
+    assert head is not None
+    run.proc.rebuild_indexes()  # a restart over the same state
+    clock.now += SETTINGS.po_state_retention_s + 1
+    run.proc.expire(10_000)
+    run.end_batch()
+    assert run.po_state.get("A|0") == head
+
+
+def test_a_decision_must_come_from_the_exceptions_current_queue() -> None:
+    run = Run()
+    exception = _out_of_spec_exception(run)  # routed to supplier_quality
+    run.sent.clear()
+    run.handle(DECISION(0, exception["id"], role="receiving"))
+    assert [d["error_class"] for d in run.dead()] == ["WRONG_QUEUE"]
+    run.handle(DECISION(1, exception["id"], "REASSIGN", role="supplier_quality", reassign_to="qc_technician"))
+    run.handle(DECISION(2, exception["id"], role="supplier_quality"))  # moved away: no longer hers
+    assert [d["error_class"] for d in run.dead()] == ["WRONG_QUEUE", "WRONG_QUEUE"]
+    run.handle(DECISION(3, exception["id"], role="qc_technician"))
+    assert [r["decision_source"] for name, _, r in run.sent if name == "lotflow.verified"] == ["HUMAN"]
