@@ -75,8 +75,10 @@ class DecisionRow:
     confidence_shown: float
 
 
-_LIST_COLUMNS = """id, subject_key, subject_id, queue, priority, confidence, reason_codes, vendor_id,
+_LIST_COLUMNS = """id, subject_key, subject_id, route_to, priority, confidence, reason_codes, vendor_id,
     JSONExtractString(pattern, 'material_id') AS material_id, lot_ids, event_time, decision_time"""
+# the queue an exception is in now: its last reassignment's, else the one it was routed to
+_QUEUE = "transform(id, {moved:Array(String)}, {moved_to:Array(String)}, route_to)"
 _DETAIL_COLUMNS = f"""{_LIST_COLUMNS}, recommended_action, historical_pattern, reasons, contributions, pattern,
     features, input_refs, model_version"""
 _DECISION_COLUMNS = """decision_id, exception_id, resolution, decided_by, role, decided_at, reasoning, certainty,
@@ -89,21 +91,23 @@ class ReviewStore:
     def __init__(self, client: Client, database: str) -> None:
         self.client = client
         self.db = quote_identifier(database)
-        # Exceptions with the queue they are in now: the last reassignment's, else the routed one.
-        self.exceptions = (
-            f"(SELECT e.*, if(m.moved_to != '', m.moved_to, e.route_to) AS queue FROM {self.db}.exceptions AS e "
-            "FINAL LEFT JOIN (SELECT exception_id, argMax(reassign_to, decided_at) AS moved_to "
-            f"FROM {self.db}.decisions FINAL WHERE resolution = 'REASSIGN' GROUP BY exception_id) AS m "
-            "ON m.exception_id = e.id)")
 
     # --- queues -------------------------------------------------------------------------
-    def _open_where(self, queues: Iterable[str], f: QueueFilter, exclude: Iterable[str]) -> tuple[str, dict[str, Any]]:
-        where = [f"id NOT IN (SELECT exception_id FROM {self.db}.decisions FINAL "
-                 "WHERE resolution IN {resolving:Array(String)})", "NOT has({exclude:Array(String)}, id)"]
-        params: dict[str, Any] = {"resolving": list(RESOLVING), "exclude": list(exclude)}
+    def moves(self) -> dict[str, str]:
+        """Exception id -> the queue its last reassignment moved it to. Reassignments are few, so
+        they are read once per request and applied as two small arrays, not joined to every row."""
+        rows = self.client.query(f"SELECT exception_id, argMax(reassign_to, decided_at) FROM {self.db}.decisions "
+                                 "FINAL WHERE resolution = 'REASSIGN' GROUP BY exception_id").result_rows
+        return {str(xid): str(queue) for xid, queue in rows}
+
+    def _open_where(self, queues: Iterable[str], f: QueueFilter, exclude: Iterable[str],
+                    moves: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
         queue_list = list(queues)
-        where.append("queue IN {queues:Array(String)}")
-        params["queues"] = queue_list
+        where = [f"id NOT IN (SELECT exception_id FROM {self.db}.decisions FINAL "
+                 "WHERE resolution IN {resolving:Array(String)})", "NOT has({exclude:Array(String)}, id)",
+                 "queue IN {queues:Array(String)}"]
+        params: dict[str, Any] = {"resolving": list(RESOLVING), "exclude": list(exclude), "queues": queue_list,
+                                  "moved": list(moves), "moved_to": list(moves.values())}
         if f.vendor:
             where.append("vendor_id = {vendor:String}")
             params["vendor"] = f.vendor
@@ -124,18 +128,20 @@ class ReviewStore:
     def open_exceptions(self, queues: Iterable[str], f: QueueFilter = QueueFilter(),
                         exclude: Iterable[str] = ()) -> list[ExceptionRow]:
         """Open exceptions of ``queues``: HIGH priority first, then oldest first."""
-        where, params = self._open_where(queues, f, exclude)
+        moves = self.moves()
+        where, params = self._open_where(queues, f, exclude, moves)
         params.update(limit=max(1, min(f.limit, MAX_PAGE)), offset=max(0, f.offset))
         rows = self.client.query(
-            f"SELECT {_LIST_COLUMNS} FROM {self.exceptions} WHERE {where} "
+            f"SELECT {_LIST_COLUMNS}, {_QUEUE} AS queue FROM {self.db}.exceptions FINAL WHERE {where} "
             "ORDER BY priority = 'HIGH' DESC, decision_time ASC, id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
             parameters=params).result_rows
-        return [_list_row(r) for r in rows]
+        return [_moved(_list_row(r), moves) for r in rows]
 
     def queue_counts(self, queues: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, int]:
         queue_list = list(queues)
-        where, params = self._open_where(queue_list, QueueFilter(), exclude)
-        rows = self.client.query(f"SELECT queue, count() FROM {self.exceptions} WHERE {where} "
+        moves = self.moves()
+        where, params = self._open_where(queue_list, QueueFilter(), exclude, moves)
+        rows = self.client.query(f"SELECT {_QUEUE} AS queue, count() FROM {self.db}.exceptions FINAL WHERE {where} "
                                  "GROUP BY queue", parameters=params).result_rows
         counts = dict.fromkeys(queue_list, 0)
         counts.update({str(q): int(n) for q, n in rows})
@@ -143,9 +149,9 @@ class ReviewStore:
 
     # --- one exception -------------------------------------------------------------------
     def exception(self, exception_id: str) -> ExceptionRow | None:
-        rows = self.client.query(f"SELECT {_DETAIL_COLUMNS} FROM {self.exceptions} "
+        rows = self.client.query(f"SELECT {_DETAIL_COLUMNS} FROM {self.db}.exceptions FINAL "
                                  "WHERE id = {id:String} LIMIT 1", parameters={"id": exception_id}).result_rows
-        return _detail_row(rows[0]) if rows else None
+        return _moved(_detail_row(rows[0]), self.moves()) if rows else None
 
     def decisions_on(self, exception_id: str) -> list[DecisionRow]:
         rows = self.client.query(f"SELECT {_DECISION_COLUMNS} FROM {self.db}.decisions FINAL "
@@ -194,6 +200,11 @@ class ReviewStore:
         exceptions, with_reason, decided, accepted = (int(v) for v in row)
         return {"prior_receipts": int(receipts) + exceptions, "with_reason": with_reason, "decided_by_person": decided,
                 "accepted_by_person": accepted}
+
+
+def _moved(row: ExceptionRow, moves: Mapping[str, str]) -> ExceptionRow:
+    queue = moves.get(row.id)
+    return row if queue is None or queue == row.queue else dataclasses.replace(row, queue=queue)
 
 
 def _json_field(value: Any, default: Any) -> Any:
