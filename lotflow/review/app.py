@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from lotflow.review.decisions import AlreadyDecided, Decision, DecisionWriter, Resolution
 from lotflow.review.evidence import side_by_side
@@ -58,17 +58,39 @@ class _NeedsLogin(Exception):
 
 
 # --- API models ---------------------------------------------------------------------------
+NOT_BLANK = r"\S"  # at least one character that is not white space
+
+
 class DecisionIn(BaseModel):
     resolution: Literal["ACCEPT", "CONDITIONAL_ACCEPT", "REJECT"]
-    reasoning: str = Field(min_length=1, max_length=4000)
+    reasoning: str = Field(min_length=1, max_length=4000, pattern=NOT_BLANK)
     certainty: float = Field(ge=0.0, le=1.0, description="how sure the person is, 0..1")
-    condition: str = Field(default="", max_length=4000, description="required for CONDITIONAL_ACCEPT")
+    condition: str = Field(default="", max_length=4000,
+                           description="required (not blank) for CONDITIONAL_ACCEPT: rework, or use-as-is with "
+                                       "deviation number")
+
+    @model_validator(mode="after")
+    def _condition_when_conditional(self) -> "DecisionIn":
+        if self.resolution == "CONDITIONAL_ACCEPT" and not self.condition.strip():
+            raise ValueError("a conditional accept needs its condition")
+        return self
 
 
 class ReassignIn(BaseModel):
     queue: Literal["receiving", "supplier_quality", "qc_technician", "operations_analyst",
                    "manufacturing_engineering"]
-    note: str = Field(min_length=1, max_length=4000, description="why it moves")
+    note: str = Field(min_length=1, max_length=4000, pattern=NOT_BLANK, description="why it moves")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+Responses = dict[int | str, dict[str, Any]]
+_AUTH: Responses = {401: {"model": ErrorOut, "description": "no valid API token"},
+         403: {"model": ErrorOut, "description": "the caller has no role for the exception's queue"}}
+_FOUND: Responses = {404: {"model": ErrorOut, "description": "no such exception"}}
+_WRITE: Responses = {**_AUTH, **_FOUND, 400: {"model": ErrorOut, "description": "the body could not be parsed"}}
 
 
 class ExceptionOut(BaseModel):
@@ -117,6 +139,11 @@ class DecisionOut(BaseModel):
 class ConflictOut(BaseModel):
     detail: str
     first_decision: DecisionOut
+
+
+_write_responses: Responses = {**_WRITE, 409: {"model": ConflictOut,
+                                                                    "description": "already decided: the first "
+                                                                                   "decision"}}
 
 
 def _finite(value: float) -> float:
@@ -309,12 +336,12 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         return RedirectResponse(f"/queue/{row.queue}?decided={row.id}", status_code=303)
 
     # --- JSON API ---------------------------------------------------------------------------
-    @app.get("/api/queues", tags=["queues"])
+    @app.get("/api/queues", tags=["queues"], responses={401: _AUTH[401]})
     def api_queues(user: Annotated[User, Depends(api_user)]) -> dict[str, int]:
         """Open exceptions per queue of the caller's roles."""
         return store.queue_counts([q.value for q in sorted(user.queues, key=list(Queue).index)], exclude())
 
-    @app.get("/api/exceptions", tags=["exceptions"], response_model=list[ExceptionOut])
+    @app.get("/api/exceptions", tags=["exceptions"], response_model=list[ExceptionOut], responses=_AUTH)
     def api_list(user: Annotated[User, Depends(api_user)], queue: Queue,
                  vendor: Annotated[str, Query(max_length=64)] = "",
                  material: Annotated[str, Query(max_length=64)] = "",
@@ -329,7 +356,8 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         t = now()
         return [_summary(r, t) for r in store.open_exceptions([queue.value], f, exclude())]
 
-    @app.get("/api/exceptions/{exception_id}", tags=["exceptions"], response_model=ExceptionDetailOut)
+    @app.get("/api/exceptions/{exception_id}", tags=["exceptions"], response_model=ExceptionDetailOut,
+             responses={**_AUTH, **_FOUND})
     def api_detail(exception_id: str, user: Annotated[User, Depends(api_user)]) -> dict[str, Any]:
         """One exception with its reasons, contributions, historical pattern and decisions."""
         row = load(exception_id, user)
@@ -343,25 +371,25 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
                 "decisions": [_decision_out(d) for d in ctx["decisions"]]}
 
     @app.post("/api/exceptions/{exception_id}/decision", tags=["decisions"], status_code=201,
-              response_model=DecisionOut, responses={409: {"model": ConflictOut}, 403: {}, 404: {}})
+              response_model=DecisionOut, responses=_write_responses)
     def api_decide(exception_id: str, body: DecisionIn, user: Annotated[User, Depends(api_user)]) -> Any:
         """Accept, conditionally accept or reject; 409 with the first decision if it was decided."""
         row = load(exception_id, user)
         try:
             decision = Decision(Resolution(body.resolution), body.reasoning, body.certainty, body.condition)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
+        except ValueError as exc:  # the model already checked these: in the validation errors' shape anyway
+            return _invalid("body", str(exc))
         return _api_write(writer, row, decision, user)
 
     @app.post("/api/exceptions/{exception_id}/reassign", tags=["decisions"], status_code=201,
-              response_model=DecisionOut, responses={409: {"model": ConflictOut}, 403: {}, 404: {}})
+              response_model=DecisionOut, responses=_write_responses)
     def api_reassign(exception_id: str, body: ReassignIn, user: Annotated[User, Depends(api_user)]) -> Any:
         """Move an open exception to another queue, with a note (it stays open there)."""
         row = load(exception_id, user)
         try:
             decision = Decision(Resolution.REASSIGN, body.note, 1.0, reassign_to=body.queue)
         except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
+            return _invalid("body", str(exc))
         return _api_write(writer, row, decision, user)
 
     @app.get("/healthz", include_in_schema=False)
@@ -369,6 +397,11 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         return {"ok": True}
 
     return app
+
+
+def _invalid(where: str, message: str) -> JSONResponse:
+    """A 422 in the shape of FastAPI's validation errors (what the OpenAPI document promises)."""
+    return JSONResponse({"detail": [{"loc": [where], "msg": message, "type": "value_error"}]}, status_code=422)
 
 
 def _api_write(writer: DecisionWriter, row: ExceptionRow, decision: Decision, user: User) -> Any:

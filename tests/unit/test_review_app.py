@@ -38,7 +38,7 @@ class StandInStore:
     rows: dict[str, ExceptionRow]
     decisions: list[DecisionRow] = field(default_factory=list)
 
-    def open_exceptions(self, queues: Any, f: QueueFilter = QueueFilter(), exclude: Any = ()) -> list[ExceptionRow]:
+    def open_exceptions(self, queues: Any, f: QueueFilter | None = None, exclude: Any = ()) -> list[ExceptionRow]:
         return [r for r in self.rows.values() if r.queue in set(queues) and r.id not in set(exclude)]
 
     def queue_counts(self, queues: Any, exclude: Any = ()) -> dict[str, int]:
