@@ -198,27 +198,24 @@ def _seed_review_users(settings: Settings) -> list[tuple[str, str, str]]:
     return seeded
 
 
-def _serve_review(settings: Settings, log_dir: Path, worker: subprocess.Popen[bytes]) -> int:
-    """The review service on the demo's data (it runs the sink itself: one process owns the
-    embedded engine), the worker still running to apply decisions, until Ctrl-C."""
+def _serve_review(settings: Settings, worker: subprocess.Popen[bytes]) -> int:
+    """The review service on the demo's data, in this process: it already holds the embedded
+    engine (one process per engine), and runs the sink in a thread, while the worker keeps
+    running to apply the decisions. Until Ctrl-C."""
+    from lotflow.review.server import run_review
+
     seeded = _seed_review_users(settings)
-    review = _spawn("review", settings, log_dir)
-    try:
-        url = f"http://{settings.review_host}:{settings.review_port}"
-        _wait_http(f"{url}/healthz", review, log_dir / "review.log")
-        print(f"== review service: {url}/  (API: {url}/docs; log {log_dir / 'review.log'})")
-        print("   demo users (passwords are new each run):")
-        for name, role, password in seeded:
-            print(f"     {name:<6} {role:<26} {password}")
-        print("   Ctrl-C stops the review service and the worker")
-        while review.poll() is None and worker.poll() is None:
-            time.sleep(1.0)
-        raise RuntimeError(f"{'review' if review.poll() is not None else 'worker'} exited; see {log_dir}")
-    except KeyboardInterrupt:
-        print("\n== stopping the review service and the worker")
-        return 0
-    finally:
-        _stop(review)
+    url = f"http://{settings.review_host}:{settings.review_port}"
+    print(f"== review service: {url}/  (API: {url}/docs)")
+    print("   demo users (passwords are new each run):")
+    for name, role, password in seeded:
+        print(f"     {name:<6} {role:<26} {password}")
+    print("   Ctrl-C stops the review service and the worker", flush=True)
+    run_review(settings)
+    if worker.poll() is not None:
+        raise RuntimeError(f"the worker exited with {worker.returncode}")
+    print("\n== review service stopped; stopping the worker")
+    return 0
 
 
 def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default",
@@ -303,7 +300,7 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
         print(f"== summary written to {out}")
         if review:
             assert worker is not None
-            return _serve_review(settings, log_dir, worker)
+            return _serve_review(settings, worker)
         return 0 if summary["reconciled"] else 1
     except KeyboardInterrupt:
         print("\n== interrupted: stopping what the demo started")
