@@ -148,13 +148,16 @@ def test_a_decision_takes_effect_and_the_audit_chain_shows_tampering(service: Se
     from lotflow.audit import verify_chain, why
 
     db = service.settings.clickhouse_database
-    target, rejected = service.open_in("receiving", "rita")[:2]
+    target, rejected, conditional = service.open_in("receiving", "rita")[:3]
     with service.api("rita") as rita:
         assert rita.post(f"/api/exceptions/{target['id']}/decision",
                          json={"resolution": "ACCEPT", "reasoning": "slip checked with the buyer",
                                "certainty": 0.95}).status_code == 201
         assert rita.post(f"/api/exceptions/{rejected['id']}/decision",
                          json={"resolution": "REJECT", "reasoning": "not ours", "certainty": 1.0}).status_code == 201
+        assert rita.post(f"/api/exceptions/{conditional['id']}/decision",
+                         json={"resolution": "CONDITIONAL_ACCEPT", "reasoning": "usable after rework",
+                               "certainty": 0.7, "condition": "rework, deviation DV-17"}).status_code == 201
 
     def one(sql: str, **params: Any) -> list[tuple[Any, ...]]:
         return list(service.client.query(sql, parameters=params).result_rows)
@@ -163,6 +166,12 @@ def test_a_decision_takes_effect_and_the_audit_chain_shows_tampering(service: Se
         f"SELECT 1 FROM {db}.verified FINAL WHERE exception_id = {{x:String}} AND decision_source = 'HUMAN'",
         x=target["id"])) and bool(one(f"SELECT 1 FROM {db}.lot_events FINAL WHERE event_type = 'REJECTED' "
                                       "AND attributes['exception_id'] = {x:String}", x=rejected["id"])))
+    wait_until("the conditional release in ClickHouse", lambda: bool(one(
+        f"SELECT 1 FROM {db}.lot_events FINAL WHERE event_type = 'CONDITIONALLY_RELEASED' "
+        "AND attributes['exception_id'] = {x:String}", x=conditional["id"])))
+    [(condition,)] = one(f"SELECT condition FROM {db}.verified FINAL WHERE exception_id = {{x:String}}",
+                         x=conditional["id"])
+    assert condition == "rework, deviation DV-17"
     [(decided_by, lines)] = one(f"SELECT decided_by, lines FROM {db}.verified FINAL WHERE exception_id = {{x:String}}",
                                 x=target["id"])
     assert decided_by == "rita" and target["lot_ids"][0] in lines

@@ -626,3 +626,14 @@ def test_a_decision_must_come_from_the_exceptions_current_queue() -> None:
     assert [d["error_class"] for d in run.dead()] == ["WRONG_QUEUE", "WRONG_QUEUE"]
     run.handle(DECISION(3, exception["id"], role="qc_technician"))
     assert [r["decision_source"] for name, _, r in run.sent if name == "lotflow.verified"] == ["HUMAN"]
+
+
+def test_a_conditional_accept_releases_with_its_condition() -> None:
+    run = Run()
+    exception = _out_of_spec_exception(run)
+    run.sent.clear()
+    run.handle(DECISION(0, exception["id"], "CONDITIONAL_ACCEPT", condition="use as is, deviation DV-3"))
+    [verified] = [r for name, _, r in run.sent if name == "lotflow.verified"]
+    assert verified["condition"] == "use as is, deviation DV-3" and verified["decision_source"] == "HUMAN"
+    [event] = [r for name, _, r in run.sent if name == "lotflow.lot-events"]
+    assert event["event_type"] == "CONDITIONALLY_RELEASED" and event["attributes"]["condition"].endswith("DV-3")
