@@ -1,0 +1,114 @@
+"""Control charts against their textbook run lengths (Montgomery, Introduction to Statistical
+Quality Control, tables 9.3 and 9.11), and the chart state's behaviour on a drifting vendor."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lotflow.scorers.spc import ChartConfig, cusum_step, empty_chart, ewma_limit, observe, rebaseline
+
+
+def _cusum_run_length(rng: random.Random, shift: float, k: float = 0.5, h: float = 5.0) -> int:
+    high = low = 0.0
+    n = 0
+    while True:
+        n += 1
+        high, low = cusum_step(high, low, rng.gauss(shift, 1.0), k)
+        if high > h or low > h:
+            return n
+
+
+def _ewma_run_length(rng: random.Random, shift: float, lam: float, width: float) -> int:
+    ewma, n = 0.0, 0
+    while True:
+        n += 1
+        ewma = lam * rng.gauss(shift, 1.0) + (1 - lam) * ewma
+        if abs(ewma) > ewma_limit(lam, width, 10_000):  # the asymptotic limit, as the tables use
+            return n
+
+
+@pytest.mark.parametrize(("shift", "arl", "runs", "tolerance"), [(0.0, 465.0, 1500, 0.08), (1.0, 10.4, 4000, 0.05),
+                                                                 (2.0, 4.01, 4000, 0.05)])
+def test_tabular_cusum_has_the_textbook_average_run_lengths(shift: float, arl: float, runs: int,
+                                                             tolerance: float) -> None:
+    rng = random.Random(7)
+    measured = sum(_cusum_run_length(rng, shift) for _ in range(runs)) / runs
+    assert measured == pytest.approx(arl, rel=tolerance)
+
+
+@pytest.mark.parametrize(("shift", "arl", "runs", "tolerance"), [(0.0, 500.0, 1500, 0.08), (1.0, 10.2, 4000, 0.06)])
+def test_ewma_has_the_textbook_average_run_lengths(shift: float, arl: float, runs: int, tolerance: float) -> None:
+    rng = random.Random(11)
+    measured = sum(_ewma_run_length(rng, shift, 0.2, 2.962) for _ in range(runs)) / runs
+    assert measured == pytest.approx(arl, rel=tolerance)
+
+
+def test_a_drift_cannot_drag_the_frozen_reference_along() -> None:
+    rng = random.Random(3)
+    config = ChartConfig(reference_n=30)
+    chart = empty_chart()
+    for _ in range(30):
+        assert observe(chart, rng.gauss(50.0, 1.0), config) == []  # the reference fills
+    assert chart["frozen"]
+    reference = list(chart["ref"])
+    signals = []
+    lots = 0
+    while not signals and lots < 200:  # a slow drift: +0.05 sigma a lot, always inside any spec
+        lots += 1
+        signals = observe(chart, rng.gauss(50.0 + 0.05 * lots, 1.0), config)
+    assert signals and lots < 60
+    assert chart["ref"] == reference  # the baseline did not move with the drift
+    first = signals[0]
+    assert first.evidence["reference_n"] == "30" and float(first.evidence["reference_mean"]) == pytest.approx(50, abs=1)
+    rebaseline(chart)  # a person accepts the new level: a new reference window
+    assert not chart["frozen"] and chart["ref"] == [0, 0.0, 0.0]
+
+
+def test_a_doubled_spread_is_seen_by_the_variance_chart() -> None:
+    rng = random.Random(5)
+    config = ChartConfig(reference_n=30)
+    chart = empty_chart()
+    for _ in range(30):
+        observe(chart, rng.gauss(0.0, 1.0), config)
+    hits: list[str] = []
+    lots = 0
+    while "CUSUM_VARIANCE" not in hits and lots < 300:
+        lots += 1
+        hits = [s.chart for s in observe(chart, rng.gauss(0.0, 2.0), config)]
+    assert "CUSUM_VARIANCE" in hits and lots < 40
+
+
+def test_run_rules_and_the_message_a_reviewer_reads() -> None:
+    config = ChartConfig(reference_n=4)
+    chart = empty_chart()
+    for value in (9.0, 11.0, 9.0, 11.0):  # mean 10, sigma ~1.15
+        observe(chart, value, config)
+    signals = observe(chart, 15.0, config)
+    assert {s.chart for s in signals} >= {"NELSON_1"}
+    chart2 = empty_chart()
+    for value in (9.0, 11.0, 9.0, 11.0):
+        observe(chart2, value, config)
+    seen: set[str] = set()
+    for value in (10.2, 10.3, 10.4, 10.5, 10.6, 10.7, 10.8):  # steadily rising, small steps
+        seen |= {s.chart for s in observe(chart2, value, config)}
+    assert "NELSON_3" in seen
+    assert observe(empty_chart(), float("nan")) == []
+
+
+@pytest.mark.parametrize(("scale", "arl", "runs"), [(1.0, 500.0, 1500), (2.0, 6.7, 4000)])
+def test_the_variance_cusum_has_the_run_lengths_its_docstring_gives(scale: float, arl: float, runs: int) -> None:
+    rng = random.Random(13)
+    config = ChartConfig()
+
+    def run_length() -> int:
+        s, n = 0.0, 0
+        while True:
+            n += 1
+            z = rng.gauss(0.0, scale)
+            s = max(0.0, z * z - config.variance_k + s)
+            if s > config.variance_h:
+                return n
+
+    assert sum(run_length() for _ in range(runs)) / runs == pytest.approx(arl, rel=0.1)
