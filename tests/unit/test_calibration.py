@@ -1,0 +1,69 @@
+"""Calibration against scikit-learn's isotonic regression; ECE and the Wilson interval by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from lotflow.scorers.calibration import IsotonicCalibrator, expected_calibration_error, reliability, wilson
+
+
+def _labelled(rng: random.Random, n: int) -> tuple[list[float], list[bool]]:
+    """An over-confident model: the true rate of good is score ** 3."""
+    scores = [rng.random() for _ in range(n)]
+    return scores, [rng.random() < s ** 3 for s in scores]
+
+
+def test_isotonic_calibration_matches_scikit_learn() -> None:
+    sklearn_isotonic = pytest.importorskip("sklearn.isotonic")
+    rng = random.Random(1)
+    scores, outcomes = _labelled(rng, 800)
+    ours = IsotonicCalibrator()
+    for s, good in zip(scores, outcomes, strict=True):
+        ours.learn_one(s, good)
+    reference = sklearn_isotonic.IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
+    reference.fit(scores, [1.0 if g else 0.0 for g in outcomes])
+    probes = [i / 200 for i in range(201)] + [-0.5, 1.5] + scores[:50]
+    for probe in probes:
+        assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
+
+
+def test_calibration_lowers_the_error_of_an_overconfident_model() -> None:
+    rng = random.Random(2)
+    train_scores, train_outcomes = _labelled(rng, 3000)
+    calibrator = IsotonicCalibrator()
+    for s, good in zip(train_scores, train_outcomes, strict=True):
+        calibrator.learn_one(s, good)
+    scores, outcomes = _labelled(rng, 3000)
+    before = expected_calibration_error(scores, outcomes)
+    after = expected_calibration_error([calibrator.predict(s) for s in scores], outcomes)
+    assert before > 0.15 and after < 0.03
+
+
+def test_reliability_bins_and_ece_by_hand() -> None:
+    bins = reliability([0.05, 0.15, 0.15, 0.95, 1.0], [False, True, False, True, True])
+    assert [b.count for b in bins] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[1].observed_rate == 0.5 and bins[9].mean_confidence == pytest.approx(0.975)
+    # |0 - .05| * 1/5 + |.5 - .15| * 2/5 + |1 - .975| * 2/5
+    assert expected_calibration_error([0.05, 0.15, 0.15, 0.95, 1.0], [False, True, False, True, True]) == \
+        pytest.approx(0.05 / 5 + 0.35 * 2 / 5 + 0.025 * 2 / 5)
+    assert expected_calibration_error([], []) == 0.0
+
+
+def test_wilson_interval_matches_the_published_example() -> None:
+    # Wilson (1927) via Newcombe (1998), example: 81 of 263 -> 0.2553 to 0.3662
+    low, high = wilson(81, 263)
+    assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
+    assert wilson(0, 0) == (0.0, 1.0)
+    low, high = wilson(500, 500)
+    assert high == 1.0 and low == pytest.approx(1 / (1 + 1.959963984540054 ** 2 / 500), rel=1e-9)
+    assert not math.isnan(wilson(0, 10)[0])
+
+
+def test_no_labels_leave_the_score_as_it_is_and_non_finite_scores_are_ignored() -> None:
+    calibrator = IsotonicCalibrator()
+    assert calibrator.predict(0.42) == 0.42
+    calibrator.learn_one(float("nan"), True)
+    assert len(calibrator) == 0
