@@ -115,6 +115,8 @@ def service(topic_set: TopicSetFactory, workers: list[WorkerProcess], clickhouse
         stop.set()
         sink.join(60)
         specs.close()
+        if services.inputs is not None:
+            services.inputs.close()
         svc.client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
 
 
