@@ -24,20 +24,27 @@ __all__ = ["Bin", "IsotonicCalibrator", "expected_calibration_error", "reliabili
 class IsotonicCalibrator:
     """Score -> calibrated probability, from (score, outcome) pairs."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_labels: int = 20_000) -> None:
+        self.max_labels = max_labels  # the newest labels kept: the map follows the process as it changes
         self._scores: list[float] = []
         self._outcomes: list[float] = []
+        self._weights: list[float] = []
         self._x: list[float] = []  # fitted points: increasing scores
         self._y: list[float] = []  # and their non-decreasing calibrated values
 
     def __len__(self) -> int:
         return len(self._scores)
 
-    def learn_one(self, score: float, good: bool) -> None:
-        if not math.isfinite(score):
+    def learn_one(self, score: float, good: bool, weight: float = 1.0) -> None:
+        """One labelled outcome; ``weight`` > 1 for a label that stands for several (a spot check)."""
+        if not math.isfinite(score) or not weight > 0:
             return
         self._scores.append(score)
-        self._outcomes.append(1.0 if good else 0.0)
+        self._outcomes.append(weight if good else 0.0)
+        self._weights.append(weight)
+        if len(self._scores) > self.max_labels:
+            drop = len(self._scores) - self.max_labels
+            del self._scores[:drop], self._outcomes[:drop], self._weights[:drop]
         self._x, self._y = [], []  # refitted on the next prediction
 
     def fit(self) -> None:
@@ -45,7 +52,7 @@ class IsotonicCalibrator:
         # blocks of (sum of outcomes, weight, first score, last score), merged while they violate
         blocks: list[list[float]] = []
         for i in order:
-            blocks.append([self._outcomes[i], 1.0, self._scores[i], self._scores[i]])
+            blocks.append([self._outcomes[i], self._weights[i], self._scores[i], self._scores[i]])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
                 total, weight, _, last = blocks.pop()
                 blocks[-1][0] += total

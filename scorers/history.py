@@ -12,19 +12,24 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CHART_WINDOW",
     "EXCEPTION_RATE_ALPHA",
     "PRIOR_EXCEPTION_RATE",
     "RESOLUTIONS",
+    "ChartView",
     "PatternCounts",
+    "chart_view",
     "empty_profile",
     "exception_rate",
     "merge_stats",
+    "observe_chart",
     "observe_decision",
     "observe_person_decision",
     "observe_reasons",
     "observe_value",
     "pattern_counts",
     "pooled",
+    "rebaseline_chart",
     "stat_summary",
     "zscore",
 ]
@@ -192,3 +197,54 @@ def observe_decision(profile: Profile, was_exception: bool) -> None:
 
 def exception_rate(profile: Profile) -> float:
     return float(profile["exc"])
+
+
+# --- control-chart slices -------------------------------------------------------------------
+# Per partition slice, key "<material>|<property>" under "spc": {"e": baseline epoch (ms), "ref":
+# Stat of the reference window, "v": [[time ms, value], ...] the newest CHART_WINDOW values after
+# the reference froze, "r": time of the last signal (ms)}. The charts run over the pooled values.
+CHART_WINDOW = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ChartView:
+    """One vendor x material x property chart, pooled over every partition's slice."""
+
+    epoch: int  # the baseline in force: lots before it do not count
+    reference: Stat | None  # the reference window's statistics (of this epoch)
+    values: list[float]  # since the last signal and the baseline, oldest first, at most CHART_WINDOW
+
+    def frozen(self, reference_n: int) -> bool:
+        return self.reference is not None and self.reference[0] >= reference_n
+
+
+def chart_view(profiles: Sequence[Profile], key: str) -> ChartView:
+    slices = [p["spc"][key] for p in profiles if key in p.get("spc", ())]
+    if not slices:
+        return ChartView(0, None, [])
+    epoch = max(s["e"] for s in slices)
+    current = [s for s in slices if s["e"] == epoch]
+    reference = merge_stats([s["ref"] for s in current if s["ref"][0] > 0])
+    since = max([epoch, *(s.get("r", 0) for s in current)])
+    points = sorted(point for s in current for point in s["v"] if point[0] > since)
+    return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]])
+
+
+def observe_chart(profile: Profile, key: str, view: ChartView, value: float, now_ms: int, *, signalled: bool,
+                  reference_n: int) -> None:
+    """One lot's value, after its decision: into the reference window while it fills, then onto the chart."""
+    charts = profile.setdefault("spc", {})
+    part = charts.get(key)
+    if part is None or part["e"] < view.epoch:
+        part = charts[key] = {"e": view.epoch, "ref": [0.0, 0.0, 0.0], "v": [], "r": 0}
+    if not view.frozen(reference_n):
+        part["ref"] = observe_value(part["ref"] if part["ref"][0] > 0 else None, value)
+    else:
+        part["v"] = [*part["v"][-(CHART_WINDOW - 1):], [now_ms, value]]
+    if signalled:
+        part["r"] = now_ms
+
+
+def rebaseline_chart(profile: Profile, key: str, now_ms: int) -> None:
+    """A person accepted a new level (new test method): the reference window is learnt again."""
+    profile.setdefault("spc", {})[key] = {"e": now_ms, "ref": [0.0, 0.0, 0.0], "v": [], "r": now_ms}

@@ -61,6 +61,8 @@ class OnlineConfidence:
                 blended[name] = blended.get(name, 0.0) + share
         return blended
 
-    def learn_one(self, x: Features, y: bool) -> None:
-        self.model.learn_one(x, y)
+    def learn_one(self, x: Features, y: bool, w: float = 1.0) -> None:
+        """One label; ``w`` > 1 for a label that stands for several (a spot check)."""
+        self.model["StandardScaler"].learn_one(x)
+        self.model["LogisticRegression"].learn_one(self.model["StandardScaler"].transform_one(x), y, w=w)
         self.n_labels += 1

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline"]
+__all__ = ["ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline", "scan"]
 
 Chart = dict[str, Any]
 
@@ -151,3 +151,19 @@ def _run_rules(recent: list[float], z: float, config: ChartConfig, base: dict[st
         if len(last5) == 5 and sum(1 for v in last5 if sign * v > 1) >= 4:
             out.append(Signal("NELSON_6", "4 of the last 5 lots beyond 1 sigma on one side", base))
     return out
+
+
+def scan(reference: list[float], values: list[float], config: ChartConfig = ChartConfig()) -> list[Signal]:
+    """The signals of the newest of ``values`` (oldest first) on charts against a frozen reference.
+
+    A worker pools a vendor's lots from every partition, so the charts are run again over the
+    recent values rather than kept as running sums; a signal resets them exactly as ``observe``
+    does, so the newest value signals only on evidence gathered since the last signal.
+    """
+    chart = empty_chart()
+    chart["ref"] = list(reference)
+    chart["frozen"] = True
+    signals: list[Signal] = []
+    for value in values:
+        signals = observe(chart, value, config)
+    return signals

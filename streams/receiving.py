@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 from lotflow.metrics import WorkerMetrics, observe_all
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
 from lotflow.scorers import history
-from lotflow.scorers.model import OnlineConfidence
+from lotflow.scorers.learner import Learner, LearnerConfig
 from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.producer import Encoder, Message, MessageTooLarge
@@ -42,7 +43,7 @@ from lotflow.streams.state import ChangelogTable, StateTooLarge, StateUnit, enco
 from lotflow.streams.timers import DueIndex
 from lotflow.verification import chain
 from lotflow.verification import receiving as rules
-from lotflow.verification.node import Evaluation, Reason, Severity, VerificationNode, decide
+from lotflow.verification.node import SPOT_CHECK, Evaluation, Reason, Severity, Verdict, VerificationNode, decide
 from lotflow.verification.outputs import (
     InputRef,
     Output,
@@ -56,9 +57,10 @@ from lotflow.verification.outputs import (
 from lotflow.verification.queues import Queue
 from lotflow.verification.validation import InvalidRecord, normalize_coa, normalize_po, normalize_receipt
 
-__all__ = ["InputEvent", "ReceivingProcessor", "build_node"]
+__all__ = ["InputEvent", "ReceivingProcessor", "build_node", "learner_config"]
 
 NODE = "receiving"
+NO_CHART = history.ChartView(0, None, [])
 ALL_READ = 2**63 - 1  # documents_read_until when every document published has been read
 Record = dict[str, Any]
 
@@ -73,12 +75,19 @@ class InputEvent:
     timestamp_ms: int
 
 
-def build_node(settings: Settings) -> VerificationNode[rules.ReceivingContext]:
+def learner_config(settings: Settings) -> LearnerConfig:
+    return LearnerConfig(min_labels=settings.min_labels_for_model, accepts_needed=settings.soft_accepts_needed,
+                         spot_check_share=settings.spot_check_share)
+
+
+def build_node(settings: Settings, learner: Learner | None = None) -> VerificationNode[rules.ReceivingContext]:
     return VerificationNode(
         config=rules.node_config(settings.receiving_verify_threshold, settings.receiving_high_priority_threshold),
         checks=rules.CHECKS,
         features=rules.features,
-        scorer=OnlineConfidence(min_labels=settings.min_labels_for_model),
+        learner=learner or Learner(learner_config(settings)),
+        identity=rules.identity,
+        pattern_key=rules.pattern_key,
         describe=rules.DESCRIBE,
     )
 
@@ -283,9 +292,9 @@ class ReceivingProcessor:
         for line in over:
             last = core["last"].get(str(line.line_no))
             if last is not None and last["verified"]:
-                revised = self._revised_below_received(po, ref, line, last, now_ms)
+                revised, evaluation = self._revised_below_received(po, ref, line, last, now_ms)
                 outputs.extend(revised)
-                self._keep_open(unit, event.partition, revised, po["po_number"], last["rid"], lines=[],
+                self._keep_open(unit, event.partition, revised, po["po_number"], last["rid"], evaluation, lines=[],
                                 material=next((str(ln["material_id"]) for ln in po["lines"]
                                                if ln["line_no"] == line.line_no), ""),
                                 code="PO_REVISED_BELOW_RECEIVED",
@@ -297,7 +306,7 @@ class ReceivingProcessor:
         self._decide_ready(key, event.partition, now_ms)
 
     def _revised_below_received(self, po: Record, ref: list[Any], line: rules.OverReceived, last: Record,
-                                now_ms: int) -> list[Output]:
+                                now_ms: int) -> tuple[list[Output], Evaluation]:
         """A revision leaves an already verified receipt over-delivered: an exception for that receipt."""
         reason = Reason("PO_REVISED_BELOW_RECEIVED",
                         f"revision {po['revision']} orders {line.ordered:g} {line.unit} on line {line.line_no}; "
@@ -306,9 +315,10 @@ class ReceivingProcessor:
                          "received": f"{line.received:.6g}", "ordered": f"{line.ordered:.6g}",
                          "tolerance_pct": f"{line.tolerance_pct:g}", "receipt_id": last["rid"]})
         x = {"n_block": 1.0, "reason_po_revised_below_received": 1.0}
-        confidence = self.node.scorer.predict_proba_one(x).get(True, 0.0)
-        evaluation = Evaluation((reason,), x, decide(self.node.config, confidence, [reason]),
-                                self.node.scorer.version)
+        learner = self.node.learner
+        confidence = learner.calibrate(learner.raw_score(x))
+        evaluation = Evaluation((reason,), x, decide(self.node.config, confidence, [reason]), learner.version,
+                                prior_decision="EXCEPTION")
         subject = Subject(
             node=NODE, key=po["po_number"], subject_id=last["rid"], refs=[InputRef(*ref), InputRef(*last["ref"])],
             event_time_ms=po["event_time"], vendor_id=last["vendor"], lot_ids=last["lots"],
@@ -316,7 +326,7 @@ class ReceivingProcessor:
                              "po_revision": str(po["revision"])} for _ in last["lots"]],
             id_suffix=f":line-{line.line_no}",
         )
-        return outputs_for(subject, evaluation, now_ms)
+        return outputs_for(subject, evaluation, now_ms), evaluation
 
     def _on_certificate(self, event: InputEvent, raw: Record, now_ms: int) -> None:
         coa = normalize_coa(raw, event.key, now_ms)
@@ -460,11 +470,14 @@ class ReceivingProcessor:
         profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
         keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
         materials = [ln["material_id"] for ln in receipt["lines"]]
-        view = history.pooled([profile, *self._other_slices(vendor, partition)], keys, materials)
+        slices = [profile, *self._other_slices(vendor, partition)]
+        view = history.pooled(slices, keys, materials)
+        charts = {k: history.chart_view(slices, k) for k in keys}
         seen = self.po_state.get(f"R|{po}|{rid}")
         duplicate = seen is not None and seen["o"] != ref[2]
         ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
-                           duplicate_receipt=duplicate, lot_owners=joined.owners, missing=joined.missing)
+                           duplicate_receipt=duplicate, lot_owners=joined.owners, missing=joined.missing,
+                           charts=charts)
         evaluation = self.node.evaluate(ctx)
         verdict = evaluation.verdict
         verified = verdict.decision == "VERIFIED"
@@ -496,8 +509,11 @@ class ReceivingProcessor:
         outputs = outputs_for(subject, evaluation, now_ms)
         if not verified:
             assert subject.pattern is not None
-            self._keep_open(unit, partition, outputs, po, rid, lines=lines, material=subject.pattern["material_id"],
-                            code=subject.pattern["reason_code"], event_time=receipt["event_time"])
+            self._keep_open(unit, partition, outputs, po, rid, evaluation, lines=lines,
+                            material=subject.pattern["material_id"], code=subject.pattern["reason_code"],
+                            event_time=receipt["event_time"])
+        elif evaluation.spot_check:
+            outputs.extend(self._spot_check(unit, partition, ctx, subject, evaluation, lines, now_ms))
         self._latencies.append(max(0.0, (now_ms - pending["ts"]) / 1000.0))
         self._confidences[verdict.decision].append(verdict.confidence)
         # --- state: this receipt is decided ---
@@ -521,23 +537,53 @@ class ReceivingProcessor:
         unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would
         # feed the confidence penalty back into itself.
-        self._learn_history(profile, ctx, evaluation)
+        self._learn_history(profile, ctx, evaluation, now_ms)
         unit.put(self.vendor_state, partition, profile_key, profile)
         return outputs
 
-    def _keep_open(self, unit: StateUnit, partition: int, outputs: list[Output], po: str, rid: str, *,
-                   lines: list[Record], material: str, code: str, event_time: int) -> None:
+    def _spot_check(self, unit: StateUnit, partition: int, ctx: rules.ReceivingContext, subject: Subject,
+                    evaluation: Evaluation, lines: list[Record], now_ms: int) -> list[Output]:
+        """A verified receipt drawn for a person's unbiased label: an exception record for the review
+        queue (NORMAL priority; no lot is held, the material has proceeded) and its audit record."""
+        spot = rules.ROUTES[SPOT_CHECK]
+        reason = Reason(SPOT_CHECK, f"spot check: {100 * self.node.learner.config.spot_check_share:g} % of "
+                        "automatically verified receipts go to a person", Severity.INFO, {})
+        verdict = Verdict("EXCEPTION", evaluation.verdict.confidence, "NORMAL", spot, reason)
+        review = Evaluation((*evaluation.reasons, reason), evaluation.features, verdict, evaluation.model_version,
+                            prior_decision=evaluation.prior_decision, soft_codes=evaluation.soft_codes)
+        pattern = rules.pattern_of(ctx, reason)
+        spot_subject = Subject(node=NODE, key=subject.key, subject_id=subject.subject_id, refs=subject.refs,
+                               event_time_ms=subject.event_time_ms, vendor_id=subject.vendor_id,
+                               historical_pattern=rules.pattern_text(ctx, pattern), pattern=pattern.to_record(),
+                               recommended_action=spot.action, id_suffix=":spot")
+        outputs = outputs_for(spot_subject, review, now_ms)
+        self._keep_open(unit, partition, outputs, subject.key, subject.subject_id, review, lines=lines,
+                        material=pattern.material_id, code=SPOT_CHECK, event_time=subject.event_time_ms,
+                        lots=list(subject.lot_ids), attrs=list(subject.lot_attributes), spot=True)
+        return outputs
+
+    def _keep_open(self, unit: StateUnit, partition: int, outputs: list[Output], po: str, rid: str,
+                   evaluation: Evaluation, *, lines: list[Record], material: str, code: str, event_time: int,
+                   lots: list[str] | None = None, attrs: list[Record] | None = None, spot: bool = False) -> None:
         """What a person's decision on this exception needs (``X|<exception id>``), kept while it is
-        open: its lots are held until then."""
+        open: its lots are held until then (a spot check's are not: they proceeded). The features it
+        was scored with are kept for the label the decision becomes."""
         exception = next(record for kind, _, record in outputs if kind is OutputKind.EXCEPTIONS)
-        lot_attributes = [record["attributes"] for kind, _, record in outputs if kind is OutputKind.LOT_EVENTS]
+        if attrs is None:
+            attrs = [record["attributes"] for kind, _, record in outputs if kind is OutputKind.LOT_EVENTS]
+        material_of_lot = {ln["vendor_lot"]: ln["material_id"] for ln in lines}
+        # the control charts a re-baselining accept resets
+        charts = sorted({f"{material_of_lot.get(r.evidence.get('vendor_lot', ''), material)}|{r.evidence['property']}"
+                         for r in evaluation.reasons if r.code == "SPC_SIGNAL"})
         unit.put(self.po_state, partition, f"X|{exception['id']}", {
             "open": True, "id": exception["id"], "node": exception["node"], "po": po, "rid": rid,
-            "vendor": exception["vendor_id"], "lots": list(exception["lot_ids"]), "attrs": lot_attributes,
-            "lines": lines, "queue": exception["route_to"], "material": material, "code": code,
+            "vendor": exception["vendor_id"], "lots": list(exception["lot_ids"]) if lots is None else lots,
+            "attrs": attrs, "lines": lines, "queue": exception["route_to"], "material": material, "code": code,
             "confidence": exception["confidence"],
             "refs": [[r["topic"], r["partition"], r["offset"]] for r in exception["input_refs"]],
-            "event_time": event_time, "t": int(self.clock() * 1000)})
+            "event_time": event_time, "t": int(self.clock() * 1000),
+            "features": evaluation.features, "soft": list(evaluation.soft_codes),
+            "codes": [r.code for r in evaluation.reasons], "spot": spot, "charts": charts})
 
     def _on_decision(self, event: InputEvent, raw: Record, now_ms: int) -> None:
         """A person's decision: applied once, to an exception this worker raised and keeps open."""
@@ -578,6 +624,10 @@ class ReceivingProcessor:
             profile_key = f"{exception['vendor']}@{event.partition}"
             profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
             history.observe_person_decision(profile, exception["material"], exception["code"], resolution)
+            if raw.get("rebaseline") and resolution != "REJECT":
+                # "new test method, accept": the charts learn a new reference from the next lots
+                for chart in exception.get("charts", ()):
+                    history.rebaseline_chart(profile, chart, now_ms)
             unit.put(self.vendor_state, event.partition, profile_key, profile)
         exception["t"] = now_ms
         unit.put(self.po_state, event.partition, key, exception)
@@ -608,7 +658,8 @@ class ReceivingProcessor:
         return cached[1]
 
     @staticmethod
-    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation) -> None:
+    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation,
+                       now_ms: int) -> None:
         reasons = evaluation.reasons
         failed = any(r.severity is Severity.BLOCK for r in reasons)
         history.observe_decision(profile, failed)
@@ -621,9 +672,11 @@ class ReceivingProcessor:
         stats = profile["stats"]
         for f in ctx.lines:
             for c in f.coa_facts:
-                if c.value is not None:
+                if c.value is not None and math.isfinite(c.value):
                     name = f"{f.line['material_id']}|{c.prop}"
                     stats[name] = history.observe_value(stats.get(name), c.value)
+                    history.observe_chart(profile, name, c.chart or NO_CHART, c.value, now_ms,
+                                          signalled=bool(c.signals), reference_n=rules.CHART.reference_n)
 
     # --- timers -----------------------------------------------------------------
     def rebuild_indexes(self) -> None:

@@ -68,6 +68,15 @@ DEAD_LETTERS = TopicSpec(
     "lotflow.dead-letters", "original key", "lotflow.verification.DeadLetter", retention_ms=30 * DAY_MS
 )
 
+# What the confidence models learn from (see lotflow.verification.Label): one partition, so every
+# worker replica applies the same labels in the same order; kept forever, because a restarted
+# worker replays the labels after its last checkpoint (retention.ms=-1: no time limit).
+LABELS = TopicSpec("lotflow.labels", "node", "lotflow.verification.Label", retention_ms=-1, co_partitioned=False)
+# A node's learnt state after the labels up to an offset; compacted: the latest per node.
+MODEL_CHECKPOINTS = TopicSpec(
+    "lotflow.model-checkpoints", "node", "lotflow.verification.ModelCheckpoint", Cleanup.COMPACT, co_partitioned=False
+)
+
 GROUND_TRUTH = TopicSpec("sim.ground-truth", "subject_id", "lotflow.sim.GroundTruth", co_partitioned=False)
 
 INPUTS = (
@@ -84,7 +93,8 @@ INPUTS = (
     ASSET_STATUS,
 )
 OUTPUTS = (VERIFIED, EXCEPTIONS, AUDIT, LOT_EVENTS, DEAD_LETTERS)
-TOPICS: tuple[TopicSpec, ...] = (*INPUTS, *OUTPUTS, DECISIONS, GROUND_TRUTH)
+LEARNING = (LABELS, MODEL_CHECKPOINTS)  # the models' labels and checkpoints (not decision outputs)
+TOPICS: tuple[TopicSpec, ...] = (*INPUTS, *OUTPUTS, DECISIONS, *LEARNING, GROUND_TRUTH)
 
 
 def topic_by_name(name: str) -> TopicSpec:

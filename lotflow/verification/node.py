@@ -1,18 +1,27 @@
 """The verification node: one mechanism, configured per pattern.
 
 ``join -> checks -> score -> decide -> emit``. A pattern supplies its checks (pure functions
-returning reasons), its feature function, a scorer and a routing table; this module turns
-them into a verdict. Rules are authoritative: a BLOCK reason always raises an exception, and
-the confidence model can only demote a clean-looking hand-off, never promote a failed one.
+returning reasons), its feature function, its table of soft reasons and a routing table; the
+node's ``Learner`` scores; this module turns them into a verdict.
+
+Rules stay authoritative for safety: a *hard* reason (any WARN or BLOCK reason the pattern's
+soft table does not list, or one outside its documented envelope) always raises an exception.
+A *soft* reason may be verified only once people have accepted its vendor x material x
+reason pattern consistently, the vendor is not tightened by drift and the calibrated
+confidence passes the threshold; and the model may send a hand-off no rule stops to review
+when it resembles rejected ones (low confidence). A share of what would be verified is drawn
+as a spot check: verified all the same, and sent to a person for an unbiased label.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
+from lotflow.scorers.learner import Learner, PatternKey
 from lotflow.verification.explain import Contribution, Describe, explain
 
 __all__ = [
@@ -22,6 +31,7 @@ __all__ = [
     "Route",
     "Scorer",
     "Severity",
+    "SoftEnvelope",
     "Verdict",
     "VerificationNode",
     "decide",
@@ -57,6 +67,23 @@ class Reason:
 
 
 @dataclass(frozen=True, slots=True)
+class SoftEnvelope:
+    """Where a reason is soft: always (``evidence`` empty), or while ``|evidence value| <= limit``."""
+
+    meaning: str
+    evidence: str = ""
+    limit: float = 0.0
+
+    def holds(self, reason: Reason) -> bool:
+        if not self.evidence:
+            return True
+        try:
+            return abs(float(reason.evidence[self.evidence])) <= self.limit
+        except (KeyError, ValueError):
+            return False  # no evidence to judge by: hard
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which specialist queue gets an exception with this reason, and what they should do."""
 
@@ -86,6 +113,20 @@ class NodeConfig:
     high_priority_threshold: float
     routes: Mapping[str, Route]
     default_route: Route
+    soft: Mapping[str, SoftEnvelope] = field(default_factory=dict)
+
+    def is_soft(self, reason: Reason) -> bool:
+        envelope = self.soft.get(reason.code)
+        return envelope is not None and envelope.holds(reason)
+
+    def split(self, reasons: Sequence[Reason]) -> tuple[list[Reason], list[Reason]]:
+        """(hard, soft) among the reasons that count (INFO reasons only explain)."""
+        hard: list[Reason] = []
+        soft: list[Reason] = []
+        for r in reasons:
+            if r.severity is not Severity.INFO:
+                (soft if self.is_soft(r) else hard).append(r)
+        return hard, soft
 
     def routed_reason(self, reasons: Sequence[Reason]) -> Reason | None:
         """The most severe reason that has a route (ties: first reason wins); None: the default route."""
@@ -108,8 +149,9 @@ class Verdict:
     reason: Reason | None = None  # the reason an exception is routed by (None: no rule, low confidence)
 
 
-def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason]) -> Verdict:
-    """Verified at or above the node threshold unless a rule blocks; HIGH below the priority band.
+def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason], *, soft_cleared: bool = False) -> Verdict:
+    """Verified at or above the node threshold unless a hard reason stands, or a soft one that
+    people have not cleared (``soft_cleared``); HIGH below the priority band.
 
     >>> cfg = NodeConfig("n", 0.9, 0.75, {}, Route("q", "look"))
     >>> decide(cfg, 0.95, []).decision
@@ -119,7 +161,8 @@ def decide(config: NodeConfig, confidence: float, reasons: Sequence[Reason]) -> 
     >>> decide(cfg, 0.5, []).priority
     'HIGH'
     """
-    blocked = any(r.severity is Severity.BLOCK for r in reasons)
+    hard, soft = config.split(reasons)
+    blocked = bool(hard) or (bool(soft) and not soft_cleared)
     if not blocked and confidence >= config.verify_threshold:
         return Verdict("VERIFIED", confidence, "NORMAL", None)
     priority = "HIGH" if confidence < config.high_priority_threshold else "NORMAL"
@@ -135,29 +178,59 @@ class Evaluation:
     verdict: Verdict
     model_version: str
     contributions: list[Contribution] = field(default_factory=list)  # exceptions only: what pulled it down
+    prior_decision: str = ""  # what the documented prior alone, without learning, would have decided
+    spot_check: bool = False  # verified, and drawn for a person's unbiased label
+    soft_codes: tuple[str, ...] = ()  # the soft reasons: the patterns a person's label on it teaches
+
+
+DRIFT_DETECTED = "DRIFT_DETECTED"
+SPOT_CHECK = "SPOT_CHECK"
+LOGIT_LIMIT = 30.0  # the prior's logit as a feature, bounded (a dozen failed rules say nothing more)
 
 
 @dataclass
 class VerificationNode(Generic[Context]):
-    """checks -> features -> score -> decide, for one pattern's context type."""
+    """checks -> features -> score -> decide, for one pattern's context type.
+
+    ``identity`` names the subject and its vendor; ``pattern_key`` the vendor x material x
+    reason a soft reason belongs to (what people's decisions on it are counted by).
+    """
 
     config: NodeConfig
     checks: Sequence[Callable[[Context], list[Reason]]]
     features: Callable[[Context, Sequence[Reason]], Features]
-    scorer: Scorer
+    learner: Learner
+    identity: Callable[[Context], tuple[str, str]]
+    pattern_key: Callable[[Context, Reason], PatternKey]
     describe: Describe[Context] = field(default_factory=lambda: Describe({}))
 
     def evaluate(self, context: Context) -> Evaluation:
         reasons: list[Reason] = []
         for check in self.checks:
             reasons.extend(check(context))
+        learner = self.learner
+        subject, vendor = self.identity(context)
         x = self.features(context, reasons)
-        confidence = self.scorer.predict_proba_one(x).get(True, 0.0)
-        verdict = decide(self.config, confidence, reasons)
-        evaluation = Evaluation(tuple(reasons), x, verdict, self.scorer.version)
+        prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
+        x["prior_logit"] = prior_logit
+        _, soft = self.config.split(reasons)
+        keys = [self.pattern_key(context, r) for r in soft]
+        x.update(learner.pattern_features(keys))
+        cleared = all(learner.accepted(key) for key in keys)
+        drift = learner.drift_of(vendor)
+        if drift is not None and soft:
+            cleared = False
+            reasons.append(Reason(DRIFT_DETECTED, drift.describe(vendor, learner.config.relax_after), Severity.INFO,
+                                  {"vendor_id": vendor, "error_before": f"{drift.error_before:.4g}",
+                                   "error_after": f"{drift.error_after:.4g}",
+                                   "detected_at_label": str(drift.detected_at_label)}))
+        confidence = learner.calibrate(learner.raw_score(x))
+        verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
+        prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
+        evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,
+                                soft_codes=tuple(r.code for r in soft))
         if verdict.decision == "EXCEPTION":  # explained where a person will read it
-            evaluation.contributions = explain(context, reasons, x, self.scorer.contributions(x), self.describe)
+            evaluation.contributions = explain(context, reasons, x, learner.contributions(x), self.describe)
+        elif learner.is_spot_check(subject):
+            evaluation.spot_check = True
         return evaluation
-
-    def learn(self, features: Features, label_good: bool) -> None:
-        self.scorer.learn_one(features, label_good)

@@ -32,6 +32,7 @@ class OutputKind(StrEnum):
     AUDIT = "lotflow.audit"
     LOT_EVENTS = "lotflow.lot-events"
     DEAD_LETTERS = "lotflow.dead-letters"
+    LABELS = "lotflow.labels"
 
 
 Output = tuple[OutputKind, str, Record]
@@ -95,7 +96,8 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
     }
     if verdict.decision == "VERIFIED":
         main_topic = OutputKind.VERIFIED
-        main = {**common, SHARED: common, "lines": list(subject.verified_lines)}
+        main = {**common, SHARED: common, "lines": list(subject.verified_lines),
+                "prior_decision": evaluation.prior_decision}
     else:
         assert verdict.route is not None
         main_topic = OutputKind.EXCEPTIONS
@@ -109,6 +111,7 @@ def outputs_for(subject: Subject, evaluation: Evaluation, decision_time_ms: int)
             "features": evaluation.features,
             "contributions": [c.to_record() for c in evaluation.contributions],
             "pattern": subject.pattern or EMPTY_PATTERN,
+            "prior_decision": evaluation.prior_decision,
         }
     audit = {**common, SHARED: common, "actor": f"node:{subject.node}", "output_topic": main_topic.value,
              "output_id": rid}
@@ -154,10 +157,15 @@ def person_outputs(exception: Record, decision: PersonDecision, now_ms: int) -> 
     events, conditional -> the same with its condition and CONDITIONALLY_RELEASED, reject ->
     REJECTED lot events (the lots stay held), reassign -> nothing but the audit record. Each writes
     an audit record with who, her role, when, the decision, her reasoning and certainty and the
-    model's confidence at the time. ``exception`` is what the worker kept of the open exception."""
+    model's confidence at the time; each but a reassignment a label for the models (the features
+    the exception was scored with, good = accepted). On a spot check the material proceeded
+    already: an accept writes no verified record and no lot event, a conditional accept
+    CONDITIONALLY_RELEASED events, a reject REJECTED ones. ``exception`` is what the worker kept
+    of the open exception."""
     xid = exception["id"]
     refs = [decision.ref.to_record(), *({"topic": t, "partition": p, "offset": o} for t, p, o in exception["refs"])]
     released = decision.resolution in ("ACCEPT", "CONDITIONAL_ACCEPT")
+    spot = exception.get("spot", False)  # a spot check: verified already, its lots proceeded
     common: Record = {
         "node": exception["node"],
         "subject_key": exception["po"],
@@ -174,12 +182,14 @@ def person_outputs(exception: Record, decision: PersonDecision, now_ms: int) -> 
     }
     out: list[Output] = []
     output_topic, output_id = OutputKind.EXCEPTIONS.value, xid
-    if released:
+    if released and not spot:
         output_topic, output_id = OutputKind.VERIFIED.value, f"{xid}:released"
         out.append((OutputKind.VERIFIED, exception["po"], {
             **common, "id": output_id, "lines": list(exception["lines"]), "decision_source": "HUMAN",
             "decided_by": decision.decided_by, "condition": decision.condition, "exception_id": xid}))
     event_type = LOT_EVENT_OF.get(decision.resolution)
+    if spot and decision.resolution == "ACCEPT":
+        event_type = None  # released already: a plain accept changes nothing for its lots
     if event_type is not None:
         for lot, attributes in zip(exception["lots"], exception["attrs"], strict=True):
             out.append((OutputKind.LOT_EVENTS, lot, {
@@ -193,6 +203,14 @@ def person_outputs(exception: Record, decision: PersonDecision, now_ms: int) -> 
         **common, "id": f"{xid}:{decision.decision_id}", "actor": f"person:{decision.decided_by}",
         "output_topic": output_topic, "output_id": output_id, "role": decision.role,
         "resolution": decision.resolution, "reasoning": decision.reasoning, "certainty": decision.certainty}))
+    if decision.resolution in LOT_EVENT_OF:  # a reassignment teaches nothing
+        out.append((OutputKind.LABELS, exception["node"], {
+            "label_id": decision.decision_id, "node": exception["node"], "exception_id": xid,
+            "subject_id": exception["rid"], "vendor_id": exception["vendor"], "material_id": exception["material"],
+            "reason_codes": list(exception.get("codes", ())), "soft_codes": list(exception.get("soft", ())),
+            "features": dict(exception.get("features", {})), "good": released, "resolution": decision.resolution,
+            "confidence": exception["confidence"], "spot_check": spot, "decided_by": decision.decided_by,
+            "decided_at": decision.decided_at_ms, "decision_time": now_ms}))
     return out
 
 

@@ -13,9 +13,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lotflow.scorers import history
+from lotflow.scorers import history, spc
+from lotflow.scorers.history import ChartView
+from lotflow.scorers.learner import PatternKey
 from lotflow.verification.explain import Describe, signed
-from lotflow.verification.node import NodeConfig, Reason, Route, Severity, Verdict
+from lotflow.verification.node import SPOT_CHECK, NodeConfig, Reason, Route, Severity, SoftEnvelope, Verdict
 from lotflow.verification.queues import ReasonClass, route
 from lotflow.verification.units import IncompatibleUnits, conversion_factor, property_factor
 
@@ -23,14 +25,17 @@ __all__ = [
     "CHECKS",
     "DESCRIBE",
     "ROUTES",
+    "SOFT_REASONS",
     "CoaLot",
     "ReceivingContext",
     "ReceivingRules",
     "derive",
     "features",
+    "identity",
     "merge_coa",
     "missing_documents",
     "node_config",
+    "pattern_key",
     "pattern_of",
     "pattern_text",
     "recommendation",
@@ -39,6 +44,7 @@ __all__ = [
 
 Record = dict[str, Any]
 ATYPICAL_Z = 3.5
+CHART = spc.ChartConfig()
 VENDOR_TREND_RATE = 0.15
 UNIT_SLIP_FACTORS = (conversion_factor("LB", "KG"), conversion_factor("KG", "LB"),
                      conversion_factor("GAL", "L"), conversion_factor("L", "GAL"))
@@ -137,6 +143,9 @@ class CoaFact:
     history: tuple[int, float, float]
     unit_error: str = ""
     reported: str = ""  # the value as the certificate gave it, when it was converted
+    chart: ChartView | None = None  # the vendor x material x property control chart
+    ref_z: float | None = None  # distance from the chart's frozen reference window, in its sigma
+    signals: list[spc.Signal] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -178,11 +187,13 @@ class ReceivingContext:
     rules: ReceivingRules
 
 
-def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]) -> list[CoaFact]:
+def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any],
+               charts: Mapping[str, history.ChartView]) -> list[CoaFact]:
     facts = []
     for prop in spec["properties"]:
         entry = coa.get(prop["name"])
-        stat = stats.get(f"{line['material_id']}|{prop['name']}")
+        key = f"{line['material_id']}|{prop['name']}"
+        stat = stats.get(key)
         value: float | None = None
         unit_error = reported = ""
         if entry is not None:
@@ -194,23 +205,32 @@ def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]
             except IncompatibleUnits as exc:
                 unit_error = f"{exc}: reported {raw:g} {unit}, the spec is in {prop['unit']}"
         z = history.zscore(stat, value) if value is not None else None
-        facts.append(CoaFact(prop["name"], value, prop["min"], prop["max"], z, history.stat_summary(stat),
-                             unit_error, reported))
+        fact = CoaFact(prop["name"], value, prop["min"], prop["max"], z, history.stat_summary(stat),
+                       unit_error, reported, charts.get(key))
+        chart = fact.chart
+        if chart is not None and value is not None and math.isfinite(value) and chart.frozen(CHART.reference_n):
+            assert chart.reference is not None
+            _, mean, std = history.stat_summary(chart.reference)
+            fact.ref_z = (value - mean) / max(std, 1e-9 * max(1.0, abs(mean)))
+            if prop["min"] <= value <= prop["max"]:  # out of spec is a rule's, not a chart's
+                fact.signals = spc.scan(chart.reference, [*chart.values, value], CHART)
+        facts.append(fact)
     return facts
 
 
 def derive(receipt: Record, po: Record | None, received: Mapping[str, float], coas: Mapping[str, CoaLot],
            specs: Mapping[str, Record], vendor_profile: history.Profile, rules: ReceivingRules, *,
            duplicate_receipt: bool = False, lot_owners: Mapping[tuple[str, str], str] | None = None,
-           missing: list[str] | None = None) -> ReceivingContext:
+           missing: list[str] | None = None, charts: Mapping[str, history.ChartView] | None = None) -> ReceivingContext:
     """Join the receipt with the PO revision in force, its lots' certificates and history; facts once.
 
     ``received`` holds what earlier receipts delivered per PO line (in the PO's unit);
     ``lot_owners`` maps (PO line, vendor lot) of this receipt's lines to a receipt that
     already delivered them; ``missing`` is ``missing_documents`` of the same inputs when the
-    caller has it already.
+    caller has it already; ``charts`` the control charts of the receipt's material properties.
     """
     owners = lot_owners or {}
+    charts = charts or {}
     po_lines = {pl["line_no"]: pl for pl in po["lines"]} if po else {}
     stats = vendor_profile["stats"]
     facts = []
@@ -242,7 +262,7 @@ def derive(receipt: Record, po: Record | None, received: Mapping[str, float], co
             coa = coas.get(line["vendor_lot"])
             fact.coa = coa
             if coa is not None:
-                fact.coa_facts = _coa_facts(line, spec, coa, stats)
+                fact.coa_facts = _coa_facts(line, spec, coa, stats, charts)
         facts.append(fact)
     if missing is None:
         missing = missing_documents(receipt, po, specs, coas, {lot for _, lot in owners})
@@ -380,6 +400,11 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
                 out.append(_r("COA_OUT_OF_SPEC", Severity.BLOCK, f"{c.prop} {c.value:g} outside "
                               f"[{c.low:g}, {c.high:g}]", vendor_lot=lot, property=c.prop, value=c.value,
                               min=c.low, max=c.high, **({"reported": c.reported} if c.reported else {})))
+            elif c.signals:
+                charts = ", ".join(dict.fromkeys(sig.chart for sig in c.signals))
+                out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: "
+                              + "; ".join(sig.message for sig in c.signals), vendor_lot=lot, property=c.prop,
+                              charts=charts, **c.signals[0].evidence))
             elif c.z is not None and abs(c.z) >= ATYPICAL_Z:
                 n, mean, std = c.history
                 # INFO: the confidence model weighs the distance; this only explains it.
@@ -429,13 +454,42 @@ ROUTES: dict[str, Route] = {
     "COA_OUT_OF_SPEC": route(ReasonClass.SPEC, "Quarantine the lot; retest or reject and raise a SCAR."),
     "COA_ATYPICAL": route(ReasonClass.MEASUREMENT, "In spec but unusual for this supplier: retest a sample."),
     "PRICE_ANOMALY": route(ReasonClass.COST, "Check the price with purchasing before invoice matching."),
+    "SPC_SIGNAL": route(ReasonClass.SPEC, "In spec, but the control chart signals a change at this supplier: "
+                                          "compare with its recent lots and retest; if the supplier changed its "
+                                          "method, accept and re-baseline the chart."),
+    SPOT_CHECK: route(ReasonClass.DOCUMENTS, "Spot check of an automatically verified receipt (the material has "
+                                             "proceeded): check it against its PO and certificates."),
+}
+
+# Which reasons the model may learn to verify, and within which envelope; every other WARN or
+# BLOCK reason is hard (always a person's): unknown PO or material, missing or out-of-spec
+# CoA, cancelled line, a unit that does not convert or was not converted, duplicates, vendor
+# mismatch, shortages, a probable unit slip. INFO reasons never stop a receipt; they are listed
+# here where the model weighs them.
+SOFT_REASONS: dict[str, SoftEnvelope] = {
+    "QUANTITY_OVER": SoftEnvelope("over-delivery up to 5 % of the ordered quantity", "deviation_pct", 5.0),
+    "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0),
+    "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)"),
+    "COA_ATYPICAL": SoftEnvelope("an in-spec CoA value atypical for the vendor (INFO: weighed by the model)"),
+    "UNIT_CONVERTED": SoftEnvelope("a receipt line in another unit, converted (INFO)"),
+    "VENDOR_TREND": SoftEnvelope("a vendor whose recent receipts failed rules more often (INFO)"),
 }
 # No rule failed but the vendor's history makes it unusual: a supplier question.
 LOW_CONFIDENCE = route(ReasonClass.MATERIAL, "No rule failed but the history makes this unusual: review the lot.")
 
 
 def node_config(verify_threshold: float, high_priority_threshold: float) -> NodeConfig:
-    return NodeConfig("receiving", verify_threshold, high_priority_threshold, ROUTES, LOW_CONFIDENCE)
+    return NodeConfig("receiving", verify_threshold, high_priority_threshold, ROUTES, LOW_CONFIDENCE, SOFT_REASONS)
+
+
+def identity(ctx: ReceivingContext) -> tuple[str, str]:
+    """(receipt id, vendor id): what a spot check is drawn by, and whose drift tightens it."""
+    return ctx.receipt["receipt_id"], ctx.receipt["vendor_id"]
+
+
+def pattern_key(ctx: ReceivingContext, reason: Reason) -> PatternKey:
+    """Vendor x material x reason: what people's decisions on a soft reason are counted by."""
+    return ctx.receipt["vendor_id"], _material_of(ctx, reason), reason.code
 
 
 def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, float]:
@@ -462,6 +516,23 @@ def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, floa
     prices = [abs(f.price_dev) for f in ctx.lines if f.price_dev is not None]
     if prices:
         x["price_max_abs_dev"] = max(prices)
+    # Against each chart's frozen reference window: the largest distance, and the distance of
+    # the lot's properties taken together (|sum of z| / sqrt(k): values moving together).
+    joint = []
+    for f in ctx.lines:
+        ref_zs = [c.ref_z for c in f.coa_facts if c.ref_z is not None]
+        if ref_zs:
+            x["coa_ref_max_abs_z"] = max(x.get("coa_ref_max_abs_z", 0.0), *(abs(z) for z in ref_zs))
+            joint.append(abs(sum(ref_zs)) / math.sqrt(len(ref_zs)))
+    if joint:
+        x["coa_ref_joint_z"] = max(joint)
+    signals = sum(1 for f in ctx.lines for c in f.coa_facts if c.signals)
+    if signals:
+        x["spc_signals"] = float(signals)
+    margins = [min(c.value - c.low, c.high - c.value) / (c.high - c.low) for f in ctx.lines for c in f.coa_facts
+               if c.value is not None and c.high > c.low and c.low <= c.value <= c.high]
+    if margins:
+        x["coa_min_margin"] = min(margins)  # near a limit: learnt from decisions, not a reason by itself
     return x
 
 
@@ -508,6 +579,14 @@ DESCRIBE: Describe[ReceivingContext] = Describe({
     "coa_history_missing": _describe_no_history,
     "quantity_max_abs_dev": lambda ctx, reasons, v: f"quantity {100 * v:.1f} % off the PO",
     "price_max_abs_dev": lambda ctx, reasons, v: f"price {100 * v:.1f} % off the PO",
+    "prior_logit": lambda ctx, reasons, v: f"the documented prior's score (logit {v:+.1f})",
+    "pattern_accept_share": lambda ctx, reasons, v: f"people accepted {100 * v:.0f} % of this vendor's similar "
+                                                    "exceptions (smoothed)",
+    "pattern_labels_log": lambda ctx, reasons, v: f"{math.expm1(v):.0f} decisions by people on this pattern",
+    "coa_ref_max_abs_z": lambda ctx, reasons, v: f"a CoA value {v:.1f} \u03c3 from its control chart's reference",
+    "coa_ref_joint_z": lambda ctx, reasons, v: f"the lot's CoA values together {v:.1f} \u03c3 from the reference",
+    "spc_signals": lambda ctx, reasons, v: f"{v:.0f} control-chart signal{'s' if v != 1 else ''}",
+    "coa_min_margin": lambda ctx, reasons, v: f"a CoA value {100 * v:.0f} % of the spec range from a limit",
 })
 
 

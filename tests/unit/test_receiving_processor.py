@@ -20,7 +20,7 @@ from lotflow.streams.state import DictState
 
 from .receiving_fixtures import NOW_MS, SPECS, coa, po, receipt
 
-SETTINGS = Settings(document_wait_s=10)
+SETTINGS = Settings(document_wait_s=10, spot_check_share=0.0)  # spot checks: their own tests
 SOURCE = schema_source(None)
 CODECS = {spec.name: AvroCodec(SOURCE, "x", spec.schema) for spec in topics.TOPICS}
 

@@ -1,0 +1,317 @@
+"""What a verification node has learnt from people: one object, fed by one ordered stream of labels.
+
+Labels are people's decisions (accept / conditional accept = the hand-off was good, reject =
+bad; a reassignment is no label), each on the features the exception was scored with. They
+reach every worker replica through a single-partition topic, in the same order, and this
+object is a pure function of that sequence: every replica holds the same model (its
+``fingerprint`` proves it), a checkpoint is ``to_bytes()`` plus the offset of the last label it
+contains, and a restarted worker replays the labels after it.
+
+Design (argued):
+
+* **The prior stays the anchor.** A River logistic regression (standardised features) learns
+  from labels; until ``min_labels`` it is not used, then its probability is blended in with
+  weight n / (n + min_labels) (``OnlineConfidence``). It sees the prior's logit as a feature, so
+  it learns *corrections* to the documented formula rather than starting from nothing.
+* **Per vendor x material patterns through features, not grouped models.** A model per pair
+  would see a handful of labels each; instead the scorer is given, per soft reason of a
+  receipt, what people decided on that vendor x material x reason (``pattern_accept_share``,
+  ``pattern_labels_log``). One model learns how much a consistent acceptance is worth, and the
+  counts themselves decide the gate below.
+* **The gate.** A soft reason (``lotflow.verification.receiving.SOFT_REASONS``) may be verified
+  only once people have accepted that vendor x material x reason ``accepts_needed`` times with
+  no reject among its last ``pattern_window`` decisions, *and* the calibrated confidence passes
+  the node's threshold, *and* the vendor is not tightened by drift.
+* **Calibration.** The blended score is mapped through an isotonic fit of labelled outcomes
+  (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist). Spot
+  checks are drawn at random from what would be verified, so each stands for 1 / share
+  receipts: they are weighted (capped at ``spot_weight_cap``) in the fit and the model.
+* **Drift.** ``river.drift.ADWIN`` watches each vendor's stream of model errors
+  (|outcome - confidence|); when the error rises the vendor is tightened (its soft reasons
+  go to people, with a ``DRIFT_DETECTED`` reason) until ``relax_after`` labels in a row agree
+  with the model.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import drift
+
+from lotflow.scorers.calibration import (
+    Bin,
+    IsotonicCalibrator,
+    expected_calibration_error,
+    reliability,
+    wilson,
+)
+from lotflow.scorers.model import OnlineConfidence
+
+__all__ = ["DriftState", "Label", "Learner", "LearnerConfig", "PatternKey", "Quality", "spot_check_draw"]
+
+Features = dict[str, float]
+PatternKey = tuple[str, str, str]  # vendor, material, reason code
+FORMAT = 1  # bumped when the pickled layout changes; an older checkpoint is then refused
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    min_labels: int = 50
+    learning_rate: float = 0.05
+    calibrate_every: int = 25
+    min_calibration_labels: int = 100
+    accepts_needed: int = 3
+    pattern_window: int = 10
+    relax_after: int = 20
+    adwin_delta: float = 0.002
+    spot_check_share: float = 0.02
+    spot_weight_cap: float = 10.0
+    quality_window: int = 5_000  # labels kept for the reliability bins and ECE
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """One person's decision, as the model learns it."""
+
+    label_id: str  # the decision id
+    vendor_id: str
+    material_id: str
+    soft_codes: tuple[str, ...]  # the soft reasons the exception had (the patterns it teaches)
+    features: Mapping[str, float]
+    good: bool
+    confidence: float  # what the model said when the exception was raised
+    spot_check: bool = False
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Label:
+        return cls(record["label_id"], record["vendor_id"], record["material_id"], tuple(record["soft_codes"]),
+                   dict(record["features"]), bool(record["good"]), float(record["confidence"]),
+                   bool(record["spot_check"]))
+
+
+@dataclass(slots=True)
+class DriftState:
+    """A vendor whose model errors rose: its soft reasons go to people until it agrees again."""
+
+    detected_at_label: int
+    error_before: float
+    error_after: float
+    agreeing: int = 0  # labels in a row the model got right since
+
+    def describe(self, vendor: str, relax_after: int) -> str:
+        return (f"the model's error on vendor {vendor} rose from {self.error_before:.2f} to {self.error_after:.2f} "
+                f"(ADWIN, at label {self.detected_at_label}); its soft reasons go to people until {relax_after} "
+                f"labels in a row agree with the model ({self.agreeing} so far)")
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """How good the confidence is, from labels: all of them, and the unbiased spot checks."""
+
+    labels: int
+    ece_all: float
+    ece_spot: float
+    bins: list[Bin]
+    spot_checks: int
+    spot_good: int
+    spot_precision: float
+    spot_interval: tuple[float, float]
+    tightened_vendors: int
+    drift_events: int
+
+
+def spot_check_draw(subject_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the subject id: the same receipt is always drawn alike."""
+    digest = hashlib.blake2b(subject_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+@dataclass
+class Learner:
+    config: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint_labels: int = 0  # labels in the checkpoint this learner was restored from
+    labels_offset: int = -1  # offset of the last label applied (labels topic, partition 0)
+    n_labels: int = 0
+
+    def __post_init__(self) -> None:
+        self.format = FORMAT
+        self.scorer = OnlineConfidence(self.config.min_labels, self.config.learning_rate)
+        self.calibrator = IsotonicCalibrator()
+        self.patterns: dict[PatternKey, collections.deque[bool]] = {}
+        self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
+        self.errors: dict[str, drift.ADWIN] = {}
+        self.tightened: dict[str, DriftState] = {}
+        self.drift_events: list[dict[str, Any]] = []
+        self.recent: collections.deque[tuple[float, bool, bool]] = collections.deque(
+            maxlen=self.config.quality_window)  # (confidence shown, good, spot check)
+        self.spot = [0, 0]  # spot checks [decided, good]
+        self._calibrated = False
+
+    # --- scoring ---------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """``<scorer>/L<labels>/C<labels in the checkpoint restored>``."""
+        return f"{self.scorer.version.split('+')[0]}+lr/L{self.n_labels}/C{self.checkpoint_labels}"
+
+    def pattern_features(self, keys: Sequence[PatternKey]) -> Features:
+        """What people decided on these vendor x material x reason patterns (none: no features)."""
+        if not keys:
+            return {}
+        shares, counts = [], []
+        for key in keys:
+            accepted, rejected = self.pattern_totals.get(key, (0, 0))
+            shares.append((accepted + 1) / (accepted + rejected + 2))  # Laplace: 0.5 with no decision
+            counts.append(accepted + rejected)
+        return {"pattern_accept_share": min(shares), "pattern_labels_log": math.log1p(min(counts))}
+
+    def raw_score(self, x: Features) -> float:
+        return self.scorer.predict_proba_one(x)[True]
+
+    def calibrate(self, raw: float) -> float:
+        return self.calibrator.predict(raw) if self._calibrated else raw
+
+    def prior_score(self, x: Features) -> float:
+        return self.scorer.prior.predict_proba_one(x)[True]
+
+    def contributions(self, x: Features) -> dict[str, float]:
+        return self.scorer.contributions(x)
+
+    def accepted(self, key: PatternKey) -> bool:
+        """People accepted this pattern consistently: enough accepts, no reject among the recent ones."""
+        recent = self.patterns.get(key)
+        return (recent is not None and sum(recent) >= self.config.accepts_needed
+                and all(recent))
+
+    def drift_of(self, vendor: str) -> DriftState | None:
+        return self.tightened.get(vendor)
+
+    def is_spot_check(self, subject_id: str) -> bool:
+        return spot_check_draw(subject_id) < self.config.spot_check_share
+
+    # --- learning --------------------------------------------------------------
+    def learn(self, label: Label, offset: int) -> None:
+        """Apply one label (``offset``: its position on the labels topic; older ones are skipped)."""
+        if offset <= self.labels_offset:
+            return
+        self.labels_offset = offset
+        weight = min(1.0 / self.config.spot_check_share, self.config.spot_weight_cap) if label.spot_check else 1.0
+        x = {k: float(v) for k, v in label.features.items() if math.isfinite(v)}
+        raw = self.raw_score(x)  # before learning: what the model would have said
+        self.scorer.learn_one(x, label.good, weight)
+        self.calibrator.learn_one(raw, label.good, weight)
+        self.n_labels += 1
+        if len(self.calibrator) >= self.config.min_calibration_labels and (
+                not self._calibrated or self.n_labels % self.config.calibrate_every == 0):
+            self.calibrator.fit()
+            self._calibrated = True
+        for code in label.soft_codes:
+            key = (label.vendor_id, label.material_id, code)
+            recent = self.patterns.get(key)
+            if recent is None:
+                recent = self.patterns[key] = collections.deque(maxlen=self.config.pattern_window)
+            recent.append(label.good)
+            totals = self.pattern_totals.setdefault(key, [0, 0])
+            totals[0 if label.good else 1] += 1
+        self.recent.append((label.confidence, label.good, label.spot_check))
+        if label.spot_check:
+            self.spot[0] += 1
+            self.spot[1] += int(label.good)
+        self._watch(label)
+
+    def _watch(self, label: Label) -> None:
+        """ADWIN on the vendor's model errors: tighten when the error rises, relax after agreement."""
+        error = abs(float(label.good) - label.confidence)
+        detector = self.errors.get(label.vendor_id)
+        if detector is None:
+            detector = self.errors[label.vendor_id] = drift.ADWIN(delta=self.config.adwin_delta)
+        before = detector.estimation
+        detector.update(error)
+        state = self.tightened.get(label.vendor_id)
+        if detector.drift_detected and detector.estimation > before:
+            self.tightened[label.vendor_id] = DriftState(self.n_labels, before, detector.estimation)
+            self.drift_events.append({"vendor_id": label.vendor_id, "label": self.n_labels,
+                                      "error_before": round(before, 4), "error_after": round(detector.estimation, 4)})
+        elif state is not None:
+            state.agreeing = state.agreeing + 1 if error < 0.5 else 0
+            if state.agreeing >= self.config.relax_after:
+                del self.tightened[label.vendor_id]
+
+    def rebaseline_patterns(self, vendor: str, material: str, codes: Iterable[str]) -> None:
+        """Forget what people decided on these patterns (a person re-baselined them)."""
+        for code in codes:
+            self.patterns.pop((vendor, material, code), None)
+
+    # --- quality ---------------------------------------------------------------
+    def quality(self) -> Quality:
+        confidences = [c for c, _, _ in self.recent]
+        outcomes = [g for _, g, _ in self.recent]
+        spot = [(c, g) for c, g, s in self.recent if s]
+        decided, good = self.spot
+        return Quality(
+            labels=self.n_labels,
+            ece_all=expected_calibration_error(confidences, outcomes),
+            ece_spot=expected_calibration_error([c for c, _ in spot], [g for _, g in spot]),
+            bins=reliability(confidences, outcomes),
+            spot_checks=decided,
+            spot_good=good,
+            spot_precision=good / decided if decided else 0.0,
+            spot_interval=wilson(good, decided),
+            tightened_vendors=len(self.tightened),
+            drift_events=len(self.drift_events),
+        )
+
+    # --- checkpoints -----------------------------------------------------------
+    def fingerprint(self) -> str:
+        """The same labels in the same order give the same fingerprint on every replica."""
+        return hashlib.sha256(repr(self._canonical()).encode()).hexdigest()[:16]
+
+    def _canonical(self) -> tuple[Any, ...]:
+        """The learnt numbers in a fixed order (a pickle's bytes also depend on object sharing)."""
+        scaler = self.scorer.model["StandardScaler"]
+        regression = self.scorer.model["LogisticRegression"]
+        return (self.labels_offset, self.n_labels, self.scorer.n_labels,
+                sorted(scaler.counts.items()), sorted(scaler.means.items()), sorted(scaler.vars.items()),
+                sorted(regression.weights.items()), regression.intercept,
+                self.calibrator._scores, self.calibrator._outcomes, self.calibrator._weights, self._calibrated,
+                sorted((k, list(v)) for k, v in self.patterns.items()), sorted(self.pattern_totals.items()),
+                sorted((v, d.estimation, d.width) for v, d in self.errors.items()),
+                sorted((v, repr(d)) for v, d in self.tightened.items()), list(self.recent), self.spot)
+
+    def _state(self) -> dict[str, Any]:
+        return {"format": self.format, "config": self.config, "offset": self.labels_offset,
+                "n": self.n_labels, "scorer": self.scorer, "calibrator": self.calibrator,
+                "calibrated": self._calibrated,
+                "patterns": sorted((k, list(v)) for k, v in self.patterns.items()),
+                "totals": sorted(self.pattern_totals.items()), "errors": sorted(self.errors.items()),
+                "tightened": sorted(self.tightened.items()), "drift_events": self.drift_events,
+                "recent": list(self.recent), "spot": self.spot}
+
+    def to_bytes(self) -> bytes:
+        """A checkpoint. Pickled River objects: load only checkpoints from a topic you trust."""
+        return pickle.dumps(self._state(), protocol=5)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Learner:
+        state = pickle.loads(data)  # our own checkpoint topic: see to_bytes
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a lotflow model checkpoint of format {FORMAT}")
+        learner = cls(state["config"], checkpoint_labels=state["n"], labels_offset=state["offset"],
+                      n_labels=state["n"])
+        learner.scorer = state["scorer"]
+        learner.calibrator = state["calibrator"]
+        learner._calibrated = state["calibrated"]
+        learner.patterns = {k: collections.deque(v, maxlen=learner.config.pattern_window)
+                            for k, v in state["patterns"]}
+        learner.pattern_totals = {k: list(v) for k, v in state["totals"]}
+        learner.errors = dict(state["errors"])
+        learner.tightened = dict(state["tightened"])
+        learner.drift_events = list(state["drift_events"])
+        learner.recent.extend(state["recent"])
+        learner.spot = list(state["spot"])
+        return learner
