@@ -29,7 +29,13 @@ class WorkerMetrics:
     confidence: Histogram
     pending: Gauge
     consumer_lag: Gauge
-    model_labels: Counter
+    model_labels: Gauge
+    model_ece: Gauge
+    model_reliability: Gauge
+    spot_check_precision: Gauge
+    spot_checks: Gauge
+    drifted_vendors: Gauge
+    drift_events: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -63,8 +69,30 @@ class WorkerMetrics:
                 "lotflow_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
                 registry=registry,
             ),
-            model_labels=Counter(
-                "lotflow_model_labels", "Human labels the confidence model learned from", ["node"],
+            model_labels=Gauge(
+                "lotflow_model_labels", "People's decisions the confidence model has learnt from", ["node"],
+                registry=registry,
+            ),
+            model_ece=Gauge(
+                "lotflow_model_ece", "Expected calibration error (10 bins) of the confidence on labelled "
+                "outcomes: all labels, or the unbiased spot checks", ["node", "sample"], registry=registry,
+            ),
+            model_reliability=Gauge(
+                "lotflow_model_reliability", "Reliability diagram of the confidence on labels: per bin the mean "
+                "confidence, the observed rate of good hand-offs and the count", ["node", "bin", "stat"],
+                registry=registry,
+            ),
+            spot_check_precision=Gauge(
+                "lotflow_spot_check_precision", "Precision of automatic verification estimated from spot checks, "
+                "with its 95 % Wilson interval", ["node", "bound"], registry=registry,
+            ),
+            spot_checks=Gauge("lotflow_spot_checks", "Spot checks decided by people", ["node"], registry=registry),
+            drifted_vendors=Gauge(
+                "lotflow_model_drifted_vendors", "Vendors tightened after ADWIN saw the model's error rise",
+                ["node"], registry=registry,
+            ),
+            drift_events=Gauge(
+                "lotflow_model_drift_events", "Drift detections since the model started learning", ["node"],
                 registry=registry,
             ),
         )

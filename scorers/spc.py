@@ -27,9 +27,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline", "scan"]
+__all__ = ["ALL_CHARTS", "ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline", "scan"]
 
 Chart = dict[str, Any]
+
+
+ALL_CHARTS = frozenset({"CUSUM_MEAN", "EWMA", "CUSUM_VARIANCE", "NELSON_1", "NELSON_2", "NELSON_3", "NELSON_5",
+                        "NELSON_6"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ class ChartConfig:
     variance_h: float = 10.0
     run_length: int = 9  # Nelson rule 2: this many in a row on one side of the mean
     trend_length: int = 6  # Nelson rule 3: this many steadily rising or falling
+    charts: frozenset[str] = ALL_CHARTS  # the signals that count (the others are computed, not raised)
+    clip_z: float = math.inf  # the CUSUMs see z clipped to +-clip_z: heavy-tailed data, one far lot is no shift
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +109,8 @@ def observe(chart: Chart, value: float, config: ChartConfig = ChartConfig()) -> 
     base = {"reference_mean": _fmt(mean), "reference_sigma": _fmt(sigma), "reference_n": str(int(n)),
             "value": _fmt(value), "z": _fmt(z), "lots_since_reset": str(chart["since"])}
 
-    chart["cp"], chart["cm"] = cusum_step(chart["cp"], chart["cm"], z, config.k)
+    clipped = max(-config.clip_z, min(config.clip_z, z))  # a robust (Huber) CUSUM: one outlier is no shift
+    chart["cp"], chart["cm"] = cusum_step(chart["cp"], chart["cm"], clipped, config.k)
     for side, key in (("up", "cp"), ("down", "cm")):
         if chart[key] > config.h:
             signals.append(Signal("CUSUM_MEAN", f"CUSUM above h = {config.h:g} sigma for the last "
@@ -119,7 +126,7 @@ def observe(chart: Chart, value: float, config: ChartConfig = ChartConfig()) -> 
                               f"{chart['ew'] * sigma:+.3g} from the reference", {**base, "ewma": _fmt(chart["ew"]),
                                                                                  "limit": _fmt(limit)}))
 
-    chart["var"] = max(0.0, z * z - config.variance_k + chart["var"])
+    chart["var"] = max(0.0, min(z * z, config.clip_z ** 2) - config.variance_k + chart["var"])
     if chart["var"] > config.variance_h:
         signals.append(Signal("CUSUM_VARIANCE", f"the spread grew: variance CUSUM {chart['var']:.1f} above "
                               f"{config.variance_h:g}", {**base, "cusum": _fmt(chart["var"])}))
@@ -127,6 +134,8 @@ def observe(chart: Chart, value: float, config: ChartConfig = ChartConfig()) -> 
     recent = (chart["z"] + [z])[-max(config.run_length, config.trend_length + 1, 5):]
     chart["z"] = recent
     signals.extend(_run_rules(recent, z, config, base))
+    if len(config.charts) < len(ALL_CHARTS):
+        signals = [s for s in signals if s.chart in config.charts]
     if signals:
         _reset(chart)
     return signals

@@ -22,7 +22,9 @@ sink's Avro ingestion path: ``<table>_avro`` (Null engine, shaped like the Avro 
 ``v4`` adds ``dead_letters.original_size`` (``ALTER ... ADD COLUMN IF NOT EXISTS``, and the
 view's query replaced in place); ``v5`` adds ``exceptions.contributions`` and ``.pattern`` the
 same way; ``v6`` the review service's decision fields; ``v7`` person decisions on
-verified and audit records and the audit hash chain.
+verified and audit records and the audit hash chain; ``v8`` ``prior_decision`` on verified and
+exceptions, ``decisions.rebaseline``, and the ``labels`` table (with its Avro path) of what the
+confidence models learn from, sorted by ``(node, vendor_id, label_id)``.
 """
 
 from __future__ import annotations
@@ -355,6 +357,78 @@ FROM {DB}.verified_avro AS src""",
 FROM {DB}.audit_avro AS src""",
 )
 
+# v8: VerifiedRecord/ExceptionRecord.prior_decision (what the documented prior alone would have
+# decided), HumanDecision.rebaseline, and the labels the confidence models learn from (lotflow.labels;
+# the model checkpoints are pickled state and are not landed).
+_VERIFIED_V8 = (("prior_decision", "String DEFAULT ''", "exception_id"),)
+_EXCEPTIONS_V8 = (("prior_decision", "String DEFAULT ''", "pattern"),)
+_DECISION_V8 = (("rebaseline", "Bool DEFAULT false", "confidence_shown"),)
+_V8 = (
+    *(f"ALTER TABLE {DB}.{table} ADD COLUMN IF NOT EXISTS {name} {kind} AFTER {after}"
+      for table, columns in (("verified", _VERIFIED_V8), ("verified_avro", _VERIFIED_V8),
+                             ("exceptions", _EXCEPTIONS_V8), ("exceptions_avro", _EXCEPTIONS_V8),
+                             ("decisions", _DECISION_V8), ("decisions_avro", _DECISION_V8))
+      for name, kind, after in columns),
+    f"""ALTER TABLE {DB}.verified_avro_mv MODIFY QUERY SELECT{_MV_DECISION_COMMON}
+    toJSONString(src.lines) AS lines, decision_source, decided_by, condition, exception_id, prior_decision,{_MV_KAFKA}
+FROM {DB}.verified_avro AS src""",
+    f"""ALTER TABLE {DB}.exceptions_avro_mv MODIFY QUERY SELECT{_MV_DECISION_COMMON}
+    priority, route_to, recommended_action, historical_pattern, features,
+    toJSONString(src.contributions) AS contributions, toJSONString(src.pattern) AS pattern,
+    prior_decision,{_MV_KAFKA}
+FROM {DB}.exceptions_avro AS src""",
+    f"""ALTER TABLE {DB}.decisions_avro_mv MODIFY QUERY SELECT
+    decision_id, exception_id, node, subject_key, resolution, decided_by, decided_at,
+    reasoning, certainty, role, condition, reassign_to, confidence_shown, rebaseline,{_MV_KAFKA}
+FROM {DB}.decisions_avro AS src""",
+    # Sorted by node and vendor ("what did the receiving model learn about this vendor?"); a label's
+    # id is its decision's id, so a re-read label replaces its row.
+    f"""CREATE TABLE IF NOT EXISTS {DB}.labels (
+    label_id String,
+    node LowCardinality(String),
+    exception_id String,
+    subject_id String,
+    vendor_id LowCardinality(String),
+    material_id LowCardinality(String),
+    reason_codes Array(LowCardinality(String)),
+    soft_codes Array(LowCardinality(String)),
+    features Map(String, Float64),
+    good Bool,
+    resolution LowCardinality(String),
+    confidence Float64,
+    spot_check Bool,
+    decided_by LowCardinality(String),
+    decided_at DateTime64(3, 'UTC'),
+    decision_time DateTime64(3, 'UTC'),{_KAFKA}
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(decided_at)
+ORDER BY (node, vendor_id, label_id)
+{_TABLE_SETTINGS}""",
+    *_avro_ingest(
+        "labels",
+        """
+    label_id String,
+    node String,
+    exception_id String,
+    subject_id String,
+    vendor_id String,
+    material_id String,
+    reason_codes Array(String),
+    soft_codes Array(String),
+    features Map(String, Float64),
+    good Bool,
+    resolution String,
+    confidence Float64,
+    spot_check Bool,
+    decided_by String,
+    decided_at DateTime64(3, 'UTC'),
+    decision_time DateTime64(3, 'UTC'),""",
+        """
+    label_id, node, exception_id, subject_id, vendor_id, material_id, reason_codes, soft_codes, features,
+    good, resolution, confidence, spot_check, decided_by, decided_at, decision_time,""",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "output, decision and reject tables", _V1),
     Migration(2, "skip indexes for lot ids inside arrays (traceability lookups)", _V2),
@@ -363,6 +437,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "exceptions.contributions and exceptions.pattern", _V5),
     Migration(6, "decisions.role, condition, reassign_to, confidence_shown", _V6),
     Migration(7, "person decisions on verified and audit records; the audit hash chain", _V7),
+    Migration(8, "prior_decision on verified and exceptions; decisions.rebaseline; the labels table", _V8),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DB}.schema_migrations (

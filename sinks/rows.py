@@ -23,6 +23,7 @@ from lotflow.streams.topics import (
     DEAD_LETTERS,
     DECISIONS,
     EXCEPTIONS,
+    LABELS,
     LOT_EVENTS,
     VERIFIED,
     TopicSpec,
@@ -35,6 +36,7 @@ __all__ = [
     "DECISION_COLUMNS",
     "EXCEPTION_COLUMNS",
     "KAFKA_COLUMNS",
+    "LABEL_COLUMNS",
     "LOT_EVENT_COLUMNS",
     "REJECTS",
     "REJECT_COLUMNS",
@@ -46,6 +48,7 @@ __all__ = [
     "dead_letter_row",
     "decision_row",
     "exception_row",
+    "label_row",
     "lot_event_row",
     "reject_row",
     "verified_row",
@@ -78,7 +81,7 @@ _DECISION_COMMON = (
 )
 
 VERIFIED_COLUMNS = (*_DECISION_COMMON, "lines", "decision_source", "decided_by", "condition", "exception_id",
-                    *KAFKA_COLUMNS)
+                    "prior_decision", *KAFKA_COLUMNS)
 EXCEPTION_COLUMNS = (
     *_DECISION_COMMON,
     "priority",
@@ -88,6 +91,7 @@ EXCEPTION_COLUMNS = (
     "features",
     "contributions",
     "pattern",
+    "prior_decision",
     *KAFKA_COLUMNS,
 )
 AUDIT_COLUMNS = (*_DECISION_COMMON, "actor", "output_topic", "output_id", "role", "resolution", "reasoning",
@@ -134,6 +138,26 @@ DECISION_COLUMNS = (
     "condition",
     "reassign_to",
     "confidence_shown",
+    "rebaseline",
+    *KAFKA_COLUMNS,
+)
+LABEL_COLUMNS = (
+    "label_id",
+    "node",
+    "exception_id",
+    "subject_id",
+    "vendor_id",
+    "material_id",
+    "reason_codes",
+    "soft_codes",
+    "features",
+    "good",
+    "resolution",
+    "confidence",
+    "spot_check",
+    "decided_by",
+    "decided_at",
+    "decision_time",
     *KAFKA_COLUMNS,
 )
 REJECT_COLUMNS = (
@@ -192,6 +216,7 @@ def verified_row(r: Record, topic: str, partition: int, offset: int, ingested_at
         r.get("decided_by", ""),
         r.get("condition", ""),
         r.get("exception_id", ""),
+        r.get("prior_decision", ""),  # '' also for records written before the field existed
         topic,
         partition,
         offset,
@@ -209,6 +234,7 @@ def exception_row(r: Record, topic: str, partition: int, offset: int, ingested_a
         dict(r.get("features", {})),
         _json(r.get("contributions", ())),
         _json(r.get("pattern", EMPTY_PATTERN)),
+        r.get("prior_decision", ""),
         topic,
         partition,
         offset,
@@ -290,6 +316,32 @@ def decision_row(r: Record, topic: str, partition: int, offset: int, ingested_at
         r.get("condition", ""),
         r.get("reassign_to", ""),
         r.get("confidence_shown", -1.0),
+        bool(r.get("rebaseline", False)),
+        topic,
+        partition,
+        offset,
+        ingested_at,
+    )
+
+
+def label_row(r: Record, topic: str, partition: int, offset: int, ingested_at: datetime) -> Row:
+    return (
+        r["label_id"],
+        r["node"],
+        r["exception_id"],
+        r["subject_id"],
+        r["vendor_id"],
+        r["material_id"],
+        list(r.get("reason_codes", ())),
+        list(r.get("soft_codes", ())),
+        dict(r["features"]),
+        bool(r["good"]),
+        r["resolution"],
+        r["confidence"],
+        bool(r.get("spot_check", False)),
+        r["decided_by"],
+        r["decided_at"],
+        r["decision_time"],
         topic,
         partition,
         offset,
@@ -333,8 +385,10 @@ TABLES: Mapping[TopicSpec, TableSpec] = {
     LOT_EVENTS: TableSpec("lot_events", LOT_EVENT_COLUMNS, lot_event_row, "lot_events_avro"),
     DEAD_LETTERS: TableSpec("dead_letters", DEAD_LETTER_COLUMNS, dead_letter_row, "dead_letters_avro"),
     DECISIONS: TableSpec("decisions", DECISION_COLUMNS, decision_row, "decisions_avro"),
+    LABELS: TableSpec("labels", LABEL_COLUMNS, label_row, "labels_avro"),
 }
-"""Every topic the sink reads (the output topics and decisions) → its table."""
+"""Every topic the sink reads (the output topics, decisions and the models' labels) → its table.
+Model checkpoints (pickled learner state) are not landed."""
 
 REJECTS = "sink_rejects"
 """Table of records the sink could not decode or map (columns: ``REJECT_COLUMNS``)."""

@@ -33,8 +33,9 @@ from lotflow.streams.batching import take_batches
 from lotflow.streams.faults import crash_injector
 from lotflow.streams.health import Health
 from lotflow.streams.history import LazyHistory, SharedHistory
+from lotflow.streams.learning import ModelFeed, publish_quality
 from lotflow.streams.producer import Message, TransactionalOutput
-from lotflow.streams.receiving import ALL_READ, InputEvent, ReceivingProcessor
+from lotflow.streams.receiving import ALL_READ, NODE, InputEvent, ReceivingProcessor, learner_config
 from lotflow.streams.reference import SpecCache
 from lotflow.streams.state import ChangelogTable
 
@@ -57,6 +58,7 @@ def instance_id(settings: Settings) -> str:
 TRIM_INTERVAL_S = 30.0
 MEMBERSHIP_CHECK_S = 5.0
 SWEEP_PARTS_PER_TICK = 50  # at most this many sweep transactions per timer tick
+LEARN_INTERVAL_S = 0.5
 
 
 def _libc_malloc_trim() -> Any:
@@ -184,6 +186,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
 
     processor = ReceivingProcessor(settings, source, po_table, vendor_table, specs.specs, metrics,
                                    documents_read_until=documents_read_until, remote_history=shared_history, emit=emit)
+    feed = ModelFeed(settings, source, NODE, learner_config(settings))
     batch_timer = metrics.batch_duration.labels("receiving")
     transaction_timer = metrics.transaction_duration.labels("receiving")
     lock = asyncio.Lock()  # the agent's batch and the timer's sweep never interleave in one transaction
@@ -216,6 +219,9 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
         # message); lotflow's metrics are its own Prometheus ones, so the monitor stops listening.
         app.sensors.remove(app.monitor)
         specs.load()
+        # before any record is scored: the newest checkpoint plus every label after it
+        processor.node.learner = feed.restore()
+        publish_quality(processor.node.learner, metrics, NODE)
         shared_history.attach(SharedHistory(settings, vendor_table.changelog_topic()))
         output = TransactionalOutput(settings, f"{settings.app_id}-{member}",
                                      crash_at=crash_injector(settings.fault_inject))
@@ -232,6 +238,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                     if specs.poll():
                         processor.recheck_waiting()
                     shared_history.poll()
+                    feed.poll(processor.node.learner)
                     handle = processor.handle
                     for event in events:
                         m = event.message
@@ -329,6 +336,30 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
     @app.timer(TRIM_INTERVAL_S)
     async def release_memory() -> None:
         trim_allocator()
+
+    @app.timer(LEARN_INTERVAL_S)
+    async def learn() -> None:
+        # Labels also arrive while no input does; applied between batches, never inside one.
+        if output is None:
+            return
+        async with lock:
+            if feed.poll(processor.node.learner):
+                publish_quality(processor.node.learner, metrics, NODE)
+
+    @app.page("/model")
+    async def model_page(web: Any, request: Any) -> Any:
+        learner = processor.node.learner
+        quality = learner.quality()
+        restored = feed.restored_from
+        return web.json({
+            "node": NODE, "version": learner.version, "labels": learner.n_labels,
+            "labels_offset": learner.labels_offset, "fingerprint": learner.fingerprint(),
+            "restored_from": None if restored is None else {"labels": restored.labels, "source": restored.source,
+                                                            "fingerprint": restored.fingerprint},
+            "ece_all_labels": quality.ece_all, "ece_spot_checks": quality.ece_spot,
+            "spot_checks": quality.spot_checks, "spot_precision": quality.spot_precision,
+            "spot_interval": list(quality.spot_interval), "tightened_vendors": sorted(learner.tightened),
+            "drift_events": learner.drift_events[-20:]})
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

@@ -150,9 +150,27 @@ def _worker_panels() -> list[Panel]:
         ),
         _timeseries(
             "Human labels learned",
-            "Specialists' decisions the confidence models learned from, per node.",
+            "People's decisions the confidence model has learnt from, per node (every replica holds the same).",
             "short",
-            (f"sum by (node) (increase(lotflow_model_labels_total{{{NS}}}[{RATE}]))", "{{node}}"),
+            (f"max by (node) (lotflow_model_labels{{{NS}}})", "{{node}}"),
+        ),
+        _timeseries(
+            "Calibration error (ECE)",
+            "Expected calibration error of the confidence, 10 bins, on all labels and on the unbiased spot checks.",
+            "percentunit",
+            (f"max by (node, sample) (lotflow_model_ece{{{NS}}})", "{{node}} {{sample}}"),
+        ),
+        _timeseries(
+            "Spot-check precision of automatic verification",
+            "Share of spot-checked verified receipts people accepted, with its 95 % Wilson interval.",
+            "percentunit",
+            (f"max by (node, bound) (lotflow_spot_check_precision{{{NS}}})", "{{node}} {{bound}}"),
+        ),
+        _timeseries(
+            "Vendors tightened by drift",
+            "Vendors whose model error rose (ADWIN): their soft reasons go to people until the model agrees again.",
+            "short",
+            (f"max by (node) (lotflow_model_drifted_vendors{{{NS}}})", "{{node}}"),
         ),
     ]
 

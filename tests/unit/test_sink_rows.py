@@ -12,6 +12,7 @@ import fastavro
 import pytest
 
 from lotflow.schemas.serde import AvroCodec, BundledSchemas, bundled_schema_json
+from lotflow.settings import Settings
 from lotflow.sinks.framing import avro_container, avro_long, avro_string, container_header
 from lotflow.sinks.migrations import MIGRATIONS
 from lotflow.sinks.rows import (
@@ -24,6 +25,7 @@ from lotflow.sinks.rows import (
     dead_letter_row,
     decision_row,
     exception_row,
+    label_row,
     lot_event_row,
     reject_row,
     verified_row,
@@ -33,7 +35,10 @@ from lotflow.streams.topics import (
     DEAD_LETTERS,
     DECISIONS,
     EXCEPTIONS,
+    LABELS,
+    LEARNING,
     LOT_EVENTS,
+    MODEL_CHECKPOINTS,
     OUTPUTS,
     VERIFIED,
     TopicSpec,
@@ -82,6 +87,7 @@ SAMPLES: dict[TopicSpec, dict[str, Any]] = {
         "lines": [
             {"po_line": 1, "material_id": "M-1", "quantity": 12.5, "unit": "kg", "vendor_lot": "VL-1"},
         ],
+        "prior_decision": "EXCEPTION",  # the prior alone would have raised it; the learnt model did not
     },
     EXCEPTIONS: {
         **decision_common("EXCEPTION"),
@@ -90,6 +96,7 @@ SAMPLES: dict[TopicSpec, dict[str, Any]] = {
         "recommended_action": "recount",
         "historical_pattern": "rare",
         "features": {"qty_ratio": 0.969, "price_z": 1.5},
+        "prior_decision": "EXCEPTION",
     },
     AUDIT: {
         **decision_common(),
@@ -132,8 +139,28 @@ SAMPLES: dict[TopicSpec, dict[str, Any]] = {
         "decided_at": T1,
         "reasoning": "vendor confirmed",
         "certainty": 0.8,
+        "rebaseline": True,
+    },
+    LABELS: {
+        "label_id": "D-1",
+        "node": "receiving",
+        "exception_id": "receiving:plant.receipts:2:41",
+        "subject_id": "R-77",
+        "vendor_id": "V-9",
+        "material_id": "M-1",
+        "reason_codes": ["UNIT_MISMATCH", "QTY_DISCREPANCY"],
+        "soft_codes": ["QTY_DISCREPANCY"],
+        "features": {"qty_ratio": 0.969, "price_z": 1.5},
+        "good": True,
+        "resolution": "ACCEPT",
+        "confidence": 0.42,
+        "spot_check": False,
+        "decided_by": "maria.lopez",
+        "decided_at": T1,
+        "decision_time": INGESTED,
     },
 }
+
 
 
 def row_dict(spec: TopicSpec, record: dict[str, Any]) -> dict[str, Any]:
@@ -143,14 +170,26 @@ def row_dict(spec: TopicSpec, record: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(table.columns, row, strict=True))
 
 
-def test_registry_covers_outputs_and_decisions() -> None:
-    assert set(TABLES) == {*OUTPUTS, DECISIONS}
+def test_registry_covers_outputs_decisions_and_labels() -> None:
+    assert set(TABLES) == {*OUTPUTS, DECISIONS, LABELS}
+    assert MODEL_CHECKPOINTS in LEARNING and MODEL_CHECKPOINTS not in TABLES  # pickled state: not landed
     names = [t.table for t in TABLES.values()]
-    assert sorted(names) == sorted(["verified", "exceptions", "audit", "lot_events", "dead_letters", "decisions"])
+    assert sorted(names) == sorted(
+        ["verified", "exceptions", "audit", "lot_events", "dead_letters", "decisions", "labels"]
+    )
     assert REJECTS not in names
     for table in TABLES.values():
         assert table.columns[-4:] == KAFKA_COLUMNS
         assert table.avro_table == f"{table.table}_avro"
+
+
+def test_label_topics_are_single_partition_and_kept() -> None:
+    settings = Settings(partitions=8)
+    assert LABELS.partitions(settings) == MODEL_CHECKPOINTS.partitions(settings) == 1
+    assert LABELS.config() == {"cleanup.policy": "delete", "retention.ms": "-1"}  # never deleted
+    assert MODEL_CHECKPOINTS.config() == {"cleanup.policy": "compact"}
+    assert LABELS.key == MODEL_CHECKPOINTS.key == "node"
+    assert not set(LEARNING) & set(OUTPUTS)
 
 
 def test_table_spec_refuses_duplicate_columns() -> None:
@@ -208,6 +247,34 @@ def test_lot_event_dead_letter_and_decision_rows() -> None:
     assert (decision["decision_id"], decision["resolution"], decision["certainty"]) == ("D-1", "ACCEPT", 0.8)
 
 
+def test_label_row() -> None:
+    row = row_dict(LABELS, SAMPLES[LABELS])
+    assert (row["label_id"], row["node"], row["vendor_id"], row["material_id"]) == ("D-1", "receiving", "V-9", "M-1")
+    assert (row["reason_codes"], row["soft_codes"]) == (["UNIT_MISMATCH", "QTY_DISCREPANCY"], ["QTY_DISCREPANCY"])
+    assert row["features"] == {"qty_ratio": 0.969, "price_z": 1.5}
+    assert (row["good"], row["resolution"], row["confidence"], row["spot_check"]) == (True, "ACCEPT", 0.42, False)
+    assert (row["decided_at"], row["decision_time"]) == (T1, INGESTED)
+    assert (row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]) == ("t.lotflow.x", 3, 99)
+    record = {k: v for k, v in SAMPLES[LABELS].items() if k not in ("reason_codes", "soft_codes", "spot_check")}
+    row = row_dict(LABELS, record)
+    assert (row["reason_codes"], row["soft_codes"], row["spot_check"]) == ([], [], False)
+
+
+def test_prior_decision_and_rebaseline() -> None:
+    assert row_dict(VERIFIED, SAMPLES[VERIFIED])["prior_decision"] == "EXCEPTION"
+    assert row_dict(EXCEPTIONS, SAMPLES[EXCEPTIONS])["prior_decision"] == "EXCEPTION"
+    assert row_dict(DECISIONS, SAMPLES[DECISIONS])["rebaseline"] is True
+
+
+def test_fields_added_later_default_for_records_written_before_them() -> None:
+    """Records on the topics from before v8 (no prior_decision, no rebaseline) still map."""
+    for spec in (VERIFIED, EXCEPTIONS):
+        record = {k: v for k, v in SAMPLES[spec].items() if k != "prior_decision"}
+        assert row_dict(spec, record)["prior_decision"] == ""
+    record = {k: v for k, v in SAMPLES[DECISIONS].items() if k != "rebaseline"}
+    assert row_dict(DECISIONS, record)["rebaseline"] is False
+
+
 def test_defaults_of_optional_fields() -> None:
     record = {k: v for k, v in SAMPLES[DECISIONS].items() if k not in ("reasoning", "certainty")}
     row = row_dict(DECISIONS, record)
@@ -245,13 +312,15 @@ def test_reject_row_keeps_raw_bytes() -> None:
 
 
 def test_to_row_functions_are_the_registered_ones() -> None:
-    assert [TABLES[s].to_row for s in (VERIFIED, EXCEPTIONS, AUDIT, LOT_EVENTS, DEAD_LETTERS, DECISIONS)] == [
+    specs = (VERIFIED, EXCEPTIONS, AUDIT, LOT_EVENTS, DEAD_LETTERS, DECISIONS, LABELS)
+    assert [TABLES[s].to_row for s in specs] == [
         verified_row,
         exception_row,
         audit_row,
         lot_event_row,
         dead_letter_row,
         decision_row,
+        label_row,
     ]
 
 
