@@ -4,8 +4,9 @@ A logistic score built from check outcomes and the vendor's history, so every we
 read and argued about:
 
     logit = 4.2                                   # a clean receipt: ~0.985
-          - 6.0 * (BLOCK reasons)                 # a rule failed: far below every band
-          - 2.5 * (WARN reasons)
+          - 6.0 * (hard BLOCK reasons)            # a rule failed: far below every band
+          - 2.5 * (hard WARN reasons)
+          - 3.0 * (soft reasons) * (1 - pattern_accept_share)   # a deviation people may accept
           - 1.0 * max(0, coa_max_abs_z - 2.5)       # CoA value far from this vendor's history
           - 10  * max(0, vendor_exception_rate - 0.08)   # a vendor whose rule failures rise
           - 0.8 * coa_history_missing             # no history yet to compare CoA values with
@@ -13,7 +14,11 @@ read and argued about:
 
 With the receiving thresholds (verified >= 0.90, HIGH < 0.75) a CoA value about 4.5 standard
 deviations from the vendor's mean, or a vendor whose recent exception rate passes ~30 %,
-becomes an exception although no single rule fails.
+becomes an exception although no single rule fails. ``pattern_accept_share`` is the smoothed
+share of people's accepts of the receipt's vendor x material x soft reason, (a + 1) / (n + 2):
+0.5 before anyone decided (-1.5), 0.8 after three accepts (-0.6), 0.2 after three rejects
+(-2.4). A soft reason is verified only once the node's gate also passes (people accepted the
+pattern consistently), so this term orders, it does not release.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class CheckPrior:
         vendor_weight: float = 10.0,
         vendor_free: float = 0.08,
         no_history_weight: float = 0.8,
+        soft_weight: float = 3.0,
     ) -> None:
         self.base_logit = base_logit
         self.block_weight = block_weight
@@ -49,6 +55,7 @@ class CheckPrior:
         self.vendor_weight = vendor_weight
         self.vendor_free = vendor_free
         self.no_history_weight = no_history_weight
+        self.soft_weight = soft_weight
 
     def contributions(self, x: Features) -> dict[str, float]:
         """Each feature's signed share of the logit (the base logit is not one); zero terms left out."""
@@ -59,6 +66,7 @@ class CheckPrior:
             "vendor_exception_rate": -self.vendor_weight * max(0.0, x.get("vendor_exception_rate", 0.0)
                                                                - self.vendor_free),
             "coa_history_missing": -self.no_history_weight * x.get("coa_history_missing", 0.0),
+            "n_soft": -self.soft_weight * x.get("n_soft", 0.0) * (1.0 - x.get("pattern_accept_share", 0.5)),
         }
         return {name: value for name, value in terms.items() if value}
 

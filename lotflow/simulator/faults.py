@@ -13,16 +13,31 @@ A fault mix gives, per catalogue entry, a rate in 0..1. Its meaning depends on t
   to a spec limit, ``late_documents`` the fraction of POs and CoAs published after their
   receipt (not a ground-truth label);
 * ``vendor``: a vendor behaviour (``world.BEHAVIOURS``); the rate is the fraction of that
-  vendor's receipts showing it.
+  vendor's receipts showing it (for ``vendor_agreed_over_ship`` of its lines, for
+  ``vendor_coa_comovement`` of its affected lots, for ``vendor_trend_clean`` of its
+  receipts that draw a rule-visible perturbation). Behaviours make benign labels or silent
+  faults, never a per-record fault of their own, so they are outside the fault budget:
+  ``vendor_coa_comovement`` yields the silent fault ``SILENT_COA_COMOVEMENT`` but is a
+  ``vendor`` entry, not a ``silent`` one (its rate is a share of one vendor-material's lots).
 
-``parse_fault_spec`` reads the ``--faults`` option.
+Presets: ``default`` (the rates the demos and tests run with; the four learning behaviours,
+``vendor_agreed_over_ship``, ``vendor_test_method_change``, ``vendor_trend_clean`` and
+``vendor_coa_comovement``, are off), ``none`` (nothing), and ``learning``: the default mix
+with the learning behaviours on at their ``FaultInfo.learning_rate`` (patterns the
+pipeline's rules get wrong in either direction, for the learning run).
+
+Run parameters (``PARAMETERS``, given like rates, ``name=value``): ``coa_comovement_start``,
+the progress (0..1) from which the co-movement vendor's lots move together (default 0.5).
+
+``parse_fault_spec`` reads the ``--faults`` option, e.g.
+``learning,coa_comovement_start=0.6,vendor_trend_clean=0.3``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 __all__ = [
@@ -31,6 +46,8 @@ __all__ = [
     "EXCLUSIVE_BENIGN",
     "FAULTS",
     "FAULT_CODES",
+    "PARAMETERS",
+    "PRESETS",
     "SILENT_CODES",
     "VENDOR_BEHAVIOURS",
     "FaultInfo",
@@ -55,6 +72,7 @@ class FaultInfo:
     kind: FaultKind
     default_rate: float
     description: str
+    learning_rate: float | None = None  # rate in the ``learning`` preset, when not default_rate
 
     @property
     def code(self) -> str:
@@ -139,7 +157,38 @@ CATALOGUE: tuple[FaultInfo, ...] = (
     FaultInfo("vendor_variance_jump", FaultKind.VENDOR, 1.0,
               "one vendor's lot-to-lot spread jumps 3 x mid-run (SILENT_VARIANCE_JUMP for a lot with "
               "a value beyond K = 4 baseline std)"),
+    # The learning behaviours: off by default, on in the ``learning`` preset.
+    FaultInfo("vendor_agreed_over_ship", FaultKind.VENDOR, 0.0,
+              "one vendor has a standing agreement allowing 4 % over-delivery (max(tolerance, 4 %)) and "
+              "ships 2.3-3.8 % over on this share of its lines, beyond the spec tolerance (the "
+              "QUANTITY_OVER rule fires), within the agreement: benign AGREED_OVER_SHIP; over 4 % "
+              "stays QUANTITY_OVER (its quantity_over perturbations are drawn across the 4 %)",
+              learning_rate=0.6),
+    FaultInfo("vendor_test_method_change", FaultKind.VENDOR, 0.0,
+              "at progress 0.25-0.4 one vendor changes the test method of one property of one CoA "
+              "material: this share of its lots after the change report it 3-4.5 baseline std "
+              "higher (lower where the spec has no room), in spec; the new mean is the baseline "
+              "from then on: benign TEST_METHOD_CHANGE on every clean receipt with such a lot",
+              learning_rate=1.0),
+    FaultInfo("vendor_trend_clean", FaultKind.VENDOR, 0.0,
+              "one vendor draws a rule-visible perturbation on this share of its receipts (its "
+              "multiplier for rule faults; silent ones at the mix's rate, multiplier 1): at 0.42 "
+              "about 30 % of its receipts are rule faults, the others as clean as anyone's (benign "
+              "TREND_CLEAN when nothing else labels them)",
+              learning_rate=0.42),
+    FaultInfo("vendor_coa_comovement", FaultKind.VENDOR, 0.0,
+              "from progress coa_comovement_start (default 0.5), this share of one vendor's lots of "
+              "one material with >= 2 CoA properties have every value 2-3 baseline std from the "
+              "mean, all in the same direction, in spec: SILENT_COA_COMOVEMENT (no value is "
+              "beyond 3.5 std on its own)",
+              learning_rate=1.0),
 )
+
+# Run parameters a fault spec may set (name -> (default, description)); values in 0..1.
+PARAMETERS: dict[str, tuple[float, str]] = {
+    "coa_comovement_start": (0.5, "progress from which the co-movement vendor's lots move together"),
+}
+PRESETS = ("default", "none", "learning")
 
 # Ground-truth fault codes, in the precedence order a receipt's single ``fault`` field takes.
 FAULT_CODES: tuple[str, ...] = (
@@ -147,9 +196,10 @@ FAULT_CODES: tuple[str, ...] = (
     "UNKNOWN_PO", "DUPLICATE_RECEIPT", "UNKNOWN_MATERIAL", "MISSING_COA", "PO_LINE_CANCELLED",
     "UNIT_MISMATCH", "SILENT_UNIT_LABEL", "QUANTITY_OVER", "QUANTITY_SHORT",
     "PO_REVISED_BELOW_RECEIVED", "PRICE_ANOMALY", "COA_UNIT_MISMATCH", "COA_OUT_OF_SPEC",
-    "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP",
+    "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP", "SILENT_COA_COMOVEMENT",
 )
-SILENT_CODES = frozenset({"SILENT_UNIT_LABEL", "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP"})
+SILENT_CODES = frozenset({"SILENT_UNIT_LABEL", "SILENT_COA_DRIFT", "SILENT_VENDOR_DRIFT", "SILENT_VARIANCE_JUMP",
+                          "SILENT_COA_COMOVEMENT"})
 
 _BY_NAME: dict[str, FaultInfo] = {info.name: info for info in CATALOGUE}
 FAULTS: tuple[str, ...] = tuple(info.name for info in CATALOGUE if info.is_fault)
@@ -168,11 +218,18 @@ def fault_info(name: str) -> FaultInfo:
 
 @dataclass(frozen=True)
 class FaultMix:
-    """A rate for every catalogue entry (missing entries are 0)."""
+    """A rate for every catalogue entry (missing entries are 0) and the run ``PARAMETERS``
+    (missing ones take their default)."""
 
     rates: Mapping[str, float]
+    params: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, value in self.params.items():
+            if name not in PARAMETERS:
+                raise ValueError(f"unknown parameter {name!r}; valid parameters: {', '.join(PARAMETERS)}")
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
         for name, rate in self.rates.items():
             fault_info(name)
             if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):  # NaN fails too
@@ -190,6 +247,14 @@ class FaultMix:
         fault_info(name)
         return float(self.rates.get(name, 0.0))
 
+    def param(self, name: str) -> float:
+        """A run parameter: the value given, else its default."""
+        try:
+            default = PARAMETERS[name][0]
+        except KeyError:
+            raise ValueError(f"unknown parameter {name!r}; valid parameters: {', '.join(PARAMETERS)}") from None
+        return float(self.params.get(name, default))
+
     @property
     def total_fault_rate(self) -> float:
         return sum(self.rate(name) for name in FAULTS)
@@ -202,9 +267,26 @@ class FaultMix:
     def none(cls) -> FaultMix:
         return cls({})
 
+    @classmethod
+    def learning(cls) -> FaultMix:
+        """The default mix with the learning behaviours on (``FaultInfo.learning_rate``)."""
+        rates = dict(cls.default().rates)
+        for info in CATALOGUE:
+            if info.learning_rate is not None:
+                rates[info.name] = info.learning_rate
+        return cls({name: rate for name, rate in rates.items() if rate})
+
+    @classmethod
+    def preset(cls, name: str) -> FaultMix:
+        """``default``, ``none`` or ``learning``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return {"default": cls.default, "none": cls.none, "learning": cls.learning}[name]()
+
     def describe(self) -> str:
         """The mix as a spec string ``parse_fault_spec`` reads back."""
         parts = [f"{info.name}={self.rate(info.name):g}" for info in CATALOGUE if self.rate(info.name)]
+        parts += [f"{name}={value:g}" for name, value in self.params.items()]
         return ",".join(parts) or "none"
 
 
@@ -223,38 +305,46 @@ def _parse_rate(name: str, text: str) -> float:
 
 
 def parse_fault_spec(spec: str) -> FaultMix:
-    """Read a fault mix: ``default``, ``none``, or ``name=rate,...``.
+    """Read a fault mix: a preset (``default``, ``none``, ``learning``), or ``name=rate,...``.
 
-    An optional first item ``default`` or ``none`` sets the base the ``name=rate`` items
-    override; without it the base is ``none`` (only the listed faults are injected).
-    Rates are fractions (``0.01``) or percentages (``1%``).
+    An optional first item, a preset, sets the base the ``name=rate`` items override;
+    without it the base is ``none`` (only the listed faults are injected). Rates are
+    fractions (``0.01``) or percentages (``1%``). A ``PARAMETERS`` name sets a run parameter
+    the same way (``coa_comovement_start=0.6``).
 
     >>> parse_fault_spec("unit_mismatch=0.05").rate("unit_mismatch")
     0.05
     >>> parse_fault_spec("default,missing_coa=0").rate("missing_coa")
     0.0
+    >>> parse_fault_spec("learning,coa_comovement_start=0.6").param("coa_comovement_start")
+    0.6
     """
     items = [item.strip() for item in spec.split(",")]
     if not spec.strip() or any(not item for item in items):
         raise ValueError(
-            f"empty fault spec item in {spec!r}; use 'default', 'none' or 'name=rate,name=rate'"
+            f"empty fault spec item in {spec!r}; use 'default', 'none', 'learning' or 'name=rate,name=rate'"
         )
     rates: dict[str, float] = {}
-    if items[0].lower() in ("default", "none"):
-        base = items.pop(0).lower()
-        rates = dict(FaultMix.default().rates) if base == "default" else {}
+    params: dict[str, float] = {}
+    if items[0].lower() in PRESETS:
+        base = FaultMix.preset(items.pop(0).lower())
+        rates, params = dict(base.rates), dict(base.params)
     seen: set[str] = set()
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip().lower()
         if not sep:
             raise ValueError(
-                f"fault spec item {item!r} is not name=rate ('default'/'none' may only come first); "
-                f"valid names: {', '.join(_BY_NAME)}"
+                f"fault spec item {item!r} is not name=rate ('default'/'none'/'learning' may only come "
+                f"first); valid names: {', '.join(_BY_NAME)}, {', '.join(PARAMETERS)}"
             )
-        fault_info(name)
+        if name not in PARAMETERS:
+            fault_info(name)
         if name in seen:
             raise ValueError(f"fault {name} given twice in {spec!r}")
         seen.add(name)
-        rates[name] = _parse_rate(name, value)
-    return FaultMix(rates)
+        if name in PARAMETERS:
+            params[name] = _parse_rate(name, value)
+        else:
+            rates[name] = _parse_rate(name, value)
+    return FaultMix(rates, params)

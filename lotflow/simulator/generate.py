@@ -12,7 +12,15 @@ receipt-topic records with the documents around them, the way real systems publi
   the earlier receipt is decided first (its late documents are out) and "cumulative
   received" is well defined;
 * each record's ground truth is computed by ``judge.judge_receipt`` from the finished
-  documents, the PO revision in force and the earlier receipts on its PO lines.
+  documents, the PO revision in force, the earlier receipts on its PO lines and the
+  vendor's standing over-delivery agreement (``agreed_over_ship``, when on);
+* a clean record's ``benign`` names why it looks unusual: the perturbation or benign entry
+  drawn for it, with two labels taking precedence over the others: ``AGREED_OVER_SHIP``
+  (the agreement vendor delivered beyond a line's tolerance, within its agreement) and
+  ``TEST_METHOD_CHANGE`` (a lot of the ``test_method_change`` vendor-material measured by
+  the new method: a simulated reviewer knows the lot is from after the change); after the
+  other vendor behaviours' labels comes ``TREND_CLEAN``, a clean receipt of the
+  ``trend_clean`` vendor, then ``NEAR_LIMIT``.
 
 No Kafka, no global state: the same arguments give the same sequence.
 """
@@ -46,7 +54,7 @@ from lotflow.simulator.faults import (
     FaultMix,
     fault_info,
 )
-from lotflow.simulator.inject import INJECTORS, Delivery, Lot, convert_lot_units, over_ship
+from lotflow.simulator.inject import INJECTORS, Delivery, Lot, agreed_over_ship, convert_lot_units, over_ship
 from lotflow.simulator.judge import (
     SILENT_K,
     cumulative,
@@ -54,11 +62,12 @@ from lotflow.simulator.judge import (
     judge_receipt,
     merge_certificates,
     order_codes,
+    quantity_deviation,
     tolerance,
 )
 from lotflow.simulator.malformed import garbage_bytes, make_impossible, truncated_receipt
 from lotflow.simulator.units import ALTERNATE_UNIT, factor
-from lotflow.simulator.world import JUMP_FACTOR, Vendor, World, build_world
+from lotflow.simulator.world import COMOVE_Z, JUMP_FACTOR, Supply, Vendor, World, build_world
 from lotflow.streams.topics import CERTIFICATES, MATERIAL_SPECS, PURCHASE_ORDERS, RECEIPTS, TopicSpec
 
 __all__ = ["HISTORY_SHARE", "SimEvent", "generate", "truth_record"]
@@ -184,6 +193,7 @@ class _Run:
             v.vendor_id: (v.behaviour, mix.rate(f"vendor_{v.behaviour}") if v.behaviour else 0.0)
             for v in self.vendors
         }
+        self.comove_start = mix.param("coa_comovement_start")
         self._vendor_materials()
         self._probabilities(mix)
 
@@ -206,9 +216,17 @@ class _Run:
         after_history = (self.count - self.history) / self.count if self.count else 1.0
         scale = 1.0 / after_history if after_history > 0 else 0.0
         self.fault_p = [
-            (name, mix.rate(name) * scale, fault_info(name).kind is FaultKind.MALFORMED)
+            (name, mix.rate(name) * scale, fault_info(name).kind)
             for name in FAULTS if mix.rate(name) > 0
         ]
+        # The trend_clean vendor's multipliers (rule, silent): its rate is the share of its
+        # receipts (after history) that draw a rule-visible fault; silent ones come at the
+        # mix's rate (multiplier 1), so its other receipts are as clean as an average vendor's.
+        rule_p = sum(p for _, p, kind in self.fault_p if kind is FaultKind.RULE)
+        self.trend_multipliers = {
+            v.vendor_id: (rate / rule_p, 1.0) for v in self.vendors
+            if (rate := self._rate(v, "trend_clean")) > 0 and rule_p > 0
+        }
         # Benign rates are per record too; releases of open orders take a share of the steps.
         mean = {k: (lo + hi) / 2 for k, (lo, hi) in RELEASES.items()}
         continuing = sum(mix.rate(k) * (mean[k] - 1) / mean[k] for k in RELEASES)
@@ -270,7 +288,9 @@ class _Run:
 
     def _draw_fault(self, vendor: Vendor, progress: float) -> str | None:
         m = vendor.multiplier(progress)
-        probs = [(name, p if malformed else p * m) for name, p, malformed in self.fault_p]
+        rule_m, silent_m = self.trend_multipliers.get(vendor.vendor_id, (m, m))
+        probs = [(name, p if kind is FaultKind.MALFORMED else p * (rule_m if kind is FaultKind.RULE else silent_m))
+                 for name, p, kind in self.fault_p]
         total = sum(p for _, p in probs)
         u = self.rng.random() * max(total, 1.0)
         for name, p in probs:
@@ -290,6 +310,15 @@ class _Run:
     def _behaves(self, vendor: Vendor, behaviour: str) -> bool:
         kind, rate = self.behaviour[vendor.vendor_id]
         return kind == behaviour and rate > 0 and self.rng.random() < rate
+
+    def _rate(self, vendor: Vendor, behaviour: str) -> float:
+        """The mix's rate of ``behaviour`` for ``vendor`` (0: not its behaviour, or off)."""
+        kind, rate = self.behaviour[vendor.vendor_id]
+        return rate if kind == behaviour else 0.0
+
+    def _agreement(self, vendor: Vendor) -> float:
+        """The vendor's standing over-delivery agreement (fraction; 0: none, or its behaviour is off)."""
+        return vendor.agreed_over_pct / 100.0 if self._rate(vendor, "agreed_over_ship") > 0 else 0.0
 
     def _due_series(self) -> _Series | None:
         due = [s for s in self.series if s.due <= self.emitted]
@@ -345,6 +374,8 @@ class _Run:
     def _lots(self, vendor: Vendor, lines: list[Record], progress: float) -> dict[str, Lot]:
         drifting = self._behaves(vendor, "coa_drift")
         jumped = progress >= vendor.jump_at and self._behaves(vendor, "variance_jump")
+        new_method = progress >= vendor.change_at and self._behaves(vendor, "test_method_change")
+        comoving = progress >= self.comove_start and self._rate(vendor, "coa_comovement") > 0
         lots: dict[str, Lot] = {}
         for line in lines:
             material = self.world.materials.get(line["material_id"])
@@ -352,23 +383,43 @@ class _Run:
                 continue
             supply = self.world.supply(vendor.vendor_id, material.material_id)
             drift_z = supply.drift_z(progress) if drifting else 0.0
-            values = {}
+            changed = new_method and bool(supply.method_prop)
+            values, baseline = {}, {}
             for prop in material.properties:
-                profile = supply.profile(prop.name)
+                profile = baseline[prop.name] = supply.baseline(prop.name, changed)
                 mean = profile.mean + (drift_z * profile.std if prop.name == supply.drift_prop else 0.0)
                 std = profile.std * (JUMP_FACTOR if jumped else 1.0)
                 values[prop.name] = sample_value(self.rng, prop, mean, std)
-            lots[line["vendor_lot"]] = Lot(line["vendor_lot"], material, values, drift_z=drift_z, post_jump=jumped)
+            lot = Lot(line["vendor_lot"], material, values, baseline, drift_z=drift_z, post_jump=jumped,
+                      method_changed=changed)
+            if comoving and supply.comove_sign and self._behaves(vendor, "coa_comovement"):
+                self._comove(lot, supply)
+            lots[line["vendor_lot"]] = lot
         return lots
 
+    def _comove(self, lot: Lot, supply: Supply) -> None:
+        """Place every value of ``lot`` U``COMOVE_Z`` baseline std from its mean, all on the
+        supply's side (the world leaves room for that inside the spec), at the 4 decimals of
+        a clean value, redrawn until the rounded value is still within ``COMOVE_Z``."""
+        sign = supply.comove_sign
+        for prop in lot.material.properties:
+            profile = lot.baseline[prop.name]
+            for _ in range(50):
+                value = round(profile.mean + sign * self.rng.uniform(*COMOVE_Z) * profile.std, 4)
+                if COMOVE_Z[0] <= sign * (value - profile.mean) / profile.std <= COMOVE_Z[1]:
+                    break
+            else:  # a std far below the rounding step (never seen): keep the exact value
+                value = profile.mean + sign * sum(COMOVE_Z) / 2 * profile.std
+            lot.values[prop.name] = min(max(value, prop.min), prop.max)
+        lot.comoved = True
+
     def _lot_silent(self, vendor: Vendor, lot: Lot) -> set[str]:
-        supply = self.world.supply(vendor.vendor_id, lot.material.material_id)
         codes: set[str] = set()
         for prop in lot.material.properties:
             value = lot.values[prop.name]
             if not prop.min <= value <= prop.max:
                 continue  # out of spec: a rule sees it
-            profile = supply.profile(prop.name)
+            profile = lot.profile(self.world, vendor.vendor_id, prop.name)
             z = abs(value - profile.mean) / profile.std
             if prop.name in lot.shifted_z and z > SILENT_K:
                 codes.add("SILENT_COA_DRIFT")
@@ -376,6 +427,8 @@ class _Run:
                 codes.add("SILENT_VARIANCE_JUMP")
         if abs(lot.drift_z) > SILENT_K:
             codes.add("SILENT_VENDOR_DRIFT")
+        if lot.comoved:
+            codes.add("SILENT_COA_COMOVEMENT")
         return codes
 
     def _certificates(self, vendor: Vendor, po_number: str, lot: Lot) -> list[tuple[Record, int]]:
@@ -422,6 +475,7 @@ class _Run:
                 single: bool = False) -> Iterator[SimEvent]:
         """Perturb, judge and place one delivery (``pos``: PO records to publish with it)."""
         rng, vendor = self.rng, d.vendor
+        d.agreed_over = self._agreement(vendor)
         injected = ""
         if fault in INJECTORS:
             if INJECTORS[fault](rng, self.world, d):
@@ -432,6 +486,8 @@ class _Run:
             injected = fault
         shaped = fault in ("quantity_short", "quantity_over", "unit_mismatch", "silent_unit_label")
         over = not shaped and self._behaves(vendor, "over_ship") and over_ship(rng, self.world, d)
+        if not shaped and d.agreed_over:
+            agreed_over_ship(rng, self.world, d, self._rate(vendor, "agreed_over_ship"))
         lots = list(d.lots.values())
         if benign == "coa_split":
             candidates = [lot for lot in lots if len(lot.material.properties) >= 2]
@@ -465,8 +521,9 @@ class _Run:
             facts |= self._lot_silent(vendor, lot)
         if fault == "po_revised_below_received":
             facts.add("PO_REVISED_BELOW_RECEIVED")
-        codes = judge_receipt(d.receipt, d.po if d.publish_po else None, d.earlier, self.specs, lot_values, facts)
-        label = _WITHIN.get(injected, "") or benign
+        codes = judge_receipt(d.receipt, d.po if d.publish_po else None, d.earlier, self.specs, lot_values, facts,
+                              agreed_over=d.agreed_over)
+        label = self._learning_label(d, lots) or _WITHIN.get(injected, "") or benign
         if not label:
             label = self._behaviour_label(vendor, lots, over, other_unit)
         truth = truth_record(d.receipt["receipt_id"], d.po["po_number"], vendor.vendor_id, codes, label)
@@ -499,6 +556,26 @@ class _Run:
             self.clean_pool[vendor.vendor_id].append(
                 {**d.receipt, "lines": [dict(line) for line in d.receipt["lines"]]})
 
+    def _learning_label(self, d: Delivery, lots: list[Lot]) -> str:
+        """The benign labels that take precedence (a clean record only keeps its label)."""
+        if d.agreed_over and self._beyond_tolerance(d):
+            return "AGREED_OVER_SHIP"
+        if any(lot.method_changed for lot in lots):
+            return "TEST_METHOD_CHANGE"
+        return ""
+
+    def _beyond_tolerance(self, d: Delivery) -> bool:
+        """Some line's cumulative delivery is over its material's tolerance."""
+        po_lines = {pl["line_no"]: pl for pl in d.po["lines"]}
+        for line in d.receipt["lines"]:
+            pl, spec = po_lines.get(line["po_line"]), self.specs.get(line["material_id"])
+            if pl is None or spec is None or pl["quantity"] == 0 or pl["material_id"] != line["material_id"]:
+                continue
+            cum = cumulative(d.earlier.get(line["po_line"], []), line["quantity"], line["unit"], pl["unit"])
+            if quantity_deviation(cum, pl["quantity"]) > tolerance(spec):
+                return True
+        return False
+
     def _behaviour_label(self, vendor: Vendor, lots: list[Lot], over: bool, other_unit: bool) -> str:
         if over:
             return "OVER_SHIP_WITHIN_TOLERANCE"
@@ -508,6 +585,8 @@ class _Run:
             return "VENDOR_DRIFT_WITHIN_K"
         if any(lot.post_jump for lot in lots):
             return "VARIANCE_JUMP_WITHIN_K"
+        if self._rate(vendor, "trend_clean") > 0:
+            return "TREND_CLEAN"
         if any(self.world.supply(vendor.vendor_id, lot.material.material_id).near_limit for lot in lots):
             return "NEAR_LIMIT"
         return ""
@@ -726,7 +805,9 @@ def generate(seed: int, count: int, mix: FaultMix, start_ms: int | None = None, 
     ``count`` receipt-topic records (receipts, releases, duplicates and malformed ones) are
     generated, each with ground truth; specs, POs and CoAs come on top. Receipt event times
     advance ~``gap_ms`` per receipt-topic record from ``start_ms`` (default: now, the only
-    wall-clock input). Deterministic for equal arguments.
+    wall-clock input). Deterministic for equal arguments. ``mix`` also carries the run
+    parameters (``faults.PARAMETERS``: ``mix.param("coa_comovement_start")``, set in a fault
+    spec as ``coa_comovement_start=0.6``).
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")

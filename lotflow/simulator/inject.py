@@ -5,6 +5,12 @@ the lots' CoA values and the facts the generator knows. Each perturbation change
 place and returns whether it could apply. Magnitudes are drawn *across* the documented
 thresholds (see ``judge``); whether a perturbation made a fault is decided afterwards, by
 ``judge.judge_receipt`` on the finished documents.
+
+Each ``Lot`` carries the baseline in force for it (``Lot.baseline``: the pair's, or after a
+test-method change the new method's); CoA perturbations place values against it. Lots of the
+co-movement pattern (``Lot.comoved``) get no further value placement, so the pattern stays
+whole. ``agreed_over_ship`` is the agreement vendor's over-shipment; ``quantity_over`` draws
+across the agreement for that vendor (``Delivery.agreed_over``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from lotflow.simulator.units import (
     convertible,
     factor,
 )
-from lotflow.simulator.world import Material, Vendor, World
+from lotflow.simulator.world import AGREED_OVER_RANGE, Material, PropertyProfile, Vendor, World
 
 __all__ = [
     "INJECTORS",
@@ -43,6 +49,7 @@ __all__ = [
     "SLIP_NOISE",
     "Delivery",
     "Lot",
+    "agreed_over_ship",
     "convert_lot_units",
     "over_ship",
 ]
@@ -65,13 +72,21 @@ class Lot:
     vendor_lot: str
     material: Material
     values: dict[str, float]  # the lot's true values (what the merged certificates must say)
+    baseline: dict[str, PropertyProfile] = field(default_factory=dict)  # in force for this lot, by property
     units: dict[str, str] = field(default_factory=dict)  # printed unit per property, if not the spec's
     shifted_z: dict[str, float] = field(default_factory=dict)  # values a perturbation placed
     drift_z: float = 0.0  # process drift of this lot (drifting vendor)
     post_jump: bool = False  # scattered with the jumped std (variance-jump vendor)
+    method_changed: bool = False  # measured by the new test method (test_method_change vendor)
+    comoved: bool = False  # every value placed 2-3 std from the baseline, one direction (coa_comovement)
     plan: str = "plain"  # plain | split | reissued
     wrong: dict[str, float] = field(default_factory=dict)  # reissued: the first certificate's (spec unit)
     published: bool = True  # False: the CoA never comes (missing_coa)
+
+    def profile(self, world: World, vendor_id: str, prop: str) -> PropertyProfile:
+        """The baseline in force for ``prop`` (the pair's when none was recorded)."""
+        found = self.baseline.get(prop)
+        return found if found is not None else world.supply(vendor_id, self.material.material_id).profile(prop)
 
     def printed(self, prop: str, value: float | None = None) -> tuple[float, str]:
         """(number, unit) as the certificate prints the property's value (or ``value``,
@@ -92,6 +107,7 @@ class Delivery:
     earlier: dict[int, list[tuple[float, str]]]  # per PO line, receipts decided before
     facts: set[str] = field(default_factory=set)  # generator-known fault codes
     publish_po: bool = True
+    agreed_over: float = 0.0  # the vendor's standing over-delivery agreement in force (fraction, 0: none)
 
     def po_line(self, line: Record) -> Record:
         return next(pl for pl in self.po["lines"] if pl["line_no"] == line["po_line"])
@@ -109,9 +125,11 @@ def _spec_tolerance(world: World, material_id: str) -> float:
 
 
 def _set_deviation(rng: random.Random, d: Delivery, line: Record, tol: float,
-                   draw: Callable[[], float], within: bool = False) -> bool:
+                   draw: Callable[[], float], within: bool = False,
+                   accept: Callable[[float], bool] | None = None) -> bool:
     """Set ``line``'s quantity so the PO line's cumulative deviates by ``draw()`` (not within
-    GUARD of ±tol; ``within``: and inside the tolerance after rounding, else unchanged)."""
+    GUARD of ±tol; ``within``: and inside the tolerance after rounding, else unchanged;
+    ``accept``: instead, whether a realised deviation will do)."""
     pl = d.po_line(line)
     earlier = d.earlier.get(line["po_line"], [])
     before = cumulative(earlier, 0.0, pl["unit"], pl["unit"])
@@ -123,7 +141,7 @@ def _set_deviation(rng: random.Random, d: Delivery, line: Record, tol: float,
         if q <= 0:
             continue
         dev = quantity_deviation(cumulative(earlier, q, line["unit"], pl["unit"]), pl["quantity"])
-        if abs(abs(dev) - tol) > GUARD and (not within or abs(dev) < tol):
+        if accept(dev) if accept is not None else abs(abs(dev) - tol) > GUARD and (not within or abs(dev) < tol):
             line["quantity"] = q
             return True
     return False
@@ -144,7 +162,14 @@ def _quantity(rng: random.Random, world: World, d: Delivery, sign: int) -> bool:
         return False
     line = rng.choice(lines)
     tol = _spec_tolerance(world, line["material_id"])
-    return _set_deviation(rng, d, line, tol, lambda: sign * rng.uniform(*QUANTITY_RANGE) * tol)
+    limit = max(tol, d.agreed_over) if sign > 0 else tol  # over: across the vendor's agreement
+    if limit == tol:
+        return _set_deviation(rng, d, line, tol, lambda: sign * rng.uniform(*QUANTITY_RANGE) * tol)
+
+    def clear(dev: float) -> bool:  # not within GUARD of the tolerance or of the agreement
+        return abs(abs(dev) - tol) > GUARD and abs(abs(dev) - limit) > GUARD
+
+    return _set_deviation(rng, d, line, tol, lambda: sign * rng.uniform(*QUANTITY_RANGE) * limit, accept=clear)
 
 
 def quantity_short(rng: random.Random, world: World, d: Delivery) -> bool:
@@ -153,7 +178,7 @@ def quantity_short(rng: random.Random, world: World, d: Delivery) -> bool:
 
 
 def quantity_over(rng: random.Random, world: World, d: Delivery) -> bool:
-    """Cumulative over by U(0, 3) x tolerance."""
+    """Cumulative over by U(0, 3) x tolerance (x the agreement, for a vendor that has one)."""
     return _quantity(rng, world, d, +1)
 
 
@@ -168,6 +193,29 @@ def over_ship(rng: random.Random, world: World, d: Delivery) -> bool:
 
         _set_deviation(rng, d, line, tol, draw, within=True)
     return bool(lines)
+
+
+def agreed_over_ship(rng: random.Random, world: World, d: Delivery, share: float) -> bool:
+    """The agreement vendor: ``share`` of its non-partial lines over by U(2.3, 3.8) %, above
+    the line's tolerance and inside the agreement after rounding (lines whose tolerance leaves
+    no room, or whose unit rounding does, are not over-shipped). Benign: within the agreement,
+    though beyond the tolerance."""
+    changed = False
+    for line in _quantity_lines(d):
+        tol = _spec_tolerance(world, line["material_id"])
+        low = max(AGREED_OVER_RANGE[0], tol + GUARD)
+        high = min(AGREED_OVER_RANGE[1], d.agreed_over - GUARD)
+        if high - low < 0.002 or rng.random() >= share:
+            continue
+
+        def draw(lo: float = low, hi: float = high) -> float:
+            return rng.uniform(lo, hi)
+
+        def in_band(dev: float, lo: float = low, hi: float = high) -> bool:
+            return lo < dev <= hi
+
+        changed |= _set_deviation(rng, d, line, tol, draw, accept=in_band)
+    return changed
 
 
 def unit_mismatch(rng: random.Random, world: World, d: Delivery) -> bool:
@@ -221,14 +269,15 @@ def price_anomaly(rng: random.Random, world: World, d: Delivery) -> bool:
     return False
 
 
-def _lot(rng: random.Random, d: Delivery) -> Lot | None:
-    lots = [lot for lot in d.lots.values() if lot.published]
+def _lot(rng: random.Random, d: Delivery, place: bool = False) -> Lot | None:
+    """A random published lot (``place``: one whose values may be placed, not a co-moved one)."""
+    lots = [lot for lot in d.lots.values() if lot.published and not (place and lot.comoved)]
     return rng.choice(lots) if lots else None
 
 
 def coa_out_of_spec(rng: random.Random, world: World, d: Delivery) -> bool:
     """One value placed from 6 % of the range inside a limit to 6 % outside it."""
-    lot = _lot(rng, d)
+    lot = _lot(rng, d, place=True)
     if lot is None:
         return False
     prop = rng.choice(lot.material.properties)
@@ -239,7 +288,7 @@ def coa_out_of_spec(rng: random.Random, world: World, d: Delivery) -> bool:
         sides.append(+1)
     sign = rng.choice(sides)
     limit = prop.max if sign > 0 else prop.min
-    profile = world.supply(d.vendor.vendor_id, lot.material.material_id).profile(prop.name)
+    profile = lot.profile(world, d.vendor.vendor_id, prop.name)
     for _ in range(_TRIES):
         value = round(limit + sign * rng.uniform(*OOS_RANGE) * prop.span, 4)
         if value < 0 or abs(value - limit) <= GUARD * prop.span:
@@ -254,13 +303,12 @@ def coa_out_of_spec(rng: random.Random, world: World, d: Delivery) -> bool:
 
 def silent_coa_drift(rng: random.Random, world: World, d: Delivery) -> bool:
     """One value inside spec, U(2, 9) baseline std from the vendor's mean."""
-    lot = _lot(rng, d)
+    lot = _lot(rng, d, place=True)
     if lot is None:
         return False
-    supply = world.supply(d.vendor.vendor_id, lot.material.material_id)
     for _ in range(_TRIES):
         prop = rng.choice(lot.material.properties)
-        profile = supply.profile(prop.name)
+        profile = lot.profile(world, d.vendor.vendor_id, prop.name)
         z = rng.uniform(*SHIFT_Z) * rng.choice((-1.0, 1.0))
         value = round(profile.mean + z * profile.std, 4)
         if not prop.min <= value <= prop.max:

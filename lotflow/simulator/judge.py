@@ -8,8 +8,11 @@ Rule-visible faults (given the documents in force when the receipt is decided):
   force); ``deviation = (cumulative - ordered) / ordered``. ``deviation > tol`` is
   ``QUANTITY_OVER``; on a line *not* declared partial, ``deviation < -tol`` is
   ``QUANTITY_SHORT``; ``tol`` is the spec's ``quantity_tolerance_pct`` (else
-  ``QUANTITY_TOLERANCE_PCT``) / 100. A PO line of quantity 0 is cancelled: a receipt line on
-  it is ``PO_LINE_CANCELLED``;
+  ``QUANTITY_TOLERANCE_PCT``) / 100. A vendor with a standing over-delivery agreement (the
+  ``agreed_over_ship`` vendor, when its behaviour is on) may over-deliver up to ``agreed_over``
+  = ``max(tol, 4 %)``: for its receipts ``QUANTITY_OVER`` is ``deviation > agreed_over`` (a
+  correct reviewer knows the agreement; the pipeline's rule does not). A PO line of quantity
+  0 is cancelled: a receipt line on it is ``PO_LINE_CANCELLED``;
 * price: ``|printed price / factor(line unit -> PO unit) / PO price - 1| > 15 %`` is
   ``PRICE_ANOMALY`` (a line without a printed price has no price fault);
 * CoA: the certificates of a lot are merged per property, a later ``issued_at`` replacing an
@@ -22,14 +25,20 @@ Generator facts no threshold expresses: ``UNKNOWN_PO`` (never published),
 ``UNIT_MISMATCH`` (the PO's number printed in another unit, unconverted),
 ``SILENT_UNIT_LABEL`` (a lb/kg slip under the PO's unit label), ``PO_REVISED_BELOW_RECEIVED``
 and the silent CoA faults, each defined against the vendor-material pair's *baseline*
-(mean, std: ``world.Supply.profiles``) with ``SILENT_K`` = 4:
+(mean, std: ``world.Supply.profiles``; for the property whose test method changed, the new
+method's mean from the change on, ``world.Supply.baseline``: a lot of the
+``test_method_change`` vendor measured by the new method is judged against it and is clean,
+``TEST_METHOD_CHANGE``) with ``SILENT_K`` = 4:
 
 * ``SILENT_COA_DRIFT``: an in-spec value put more than K baseline std from the mean by a
   perturbation (``silent_coa_drift``, or ``coa_out_of_spec`` landing inside the limits);
 * ``SILENT_VENDOR_DRIFT``: a lot of the drifting vendor whose process mean has moved more
   than K baseline std (whatever the lot's own value);
 * ``SILENT_VARIANCE_JUMP``: a lot of the variance-jump vendor, after the jump, with a value
-  more than K baseline std from the mean.
+  more than K baseline std from the mean;
+* ``SILENT_COA_COMOVEMENT``: a lot of the co-movement vendor-material, after the pattern's
+  start, whose values all sit 2-3 baseline std from the mean in the same direction (in spec,
+  none beyond 3.5 std): each value is unremarkable, together they are not.
 
 Ordinary lot-to-lot noise is never a fault, however far its heavy tail reaches. A receipt
 can have several faults; ``fault`` reports the first in ``faults.FAULT_CODES`` order.
@@ -55,6 +64,7 @@ __all__ = [
     "judge_receipt",
     "merge_certificates",
     "order_codes",
+    "over_limit",
     "price_deviation",
     "quantity_deviation",
     "tolerance",
@@ -117,15 +127,22 @@ def is_silent(codes: Sequence[str]) -> bool:
     return bool(codes) and all(c in SILENT_CODES for c in codes)
 
 
+def over_limit(spec: Mapping[str, Any] | None, agreed_over: float = 0.0) -> float:
+    """The cumulative over-delivery (fraction) beyond which a line is ``QUANTITY_OVER``: the
+    tolerance, or a larger standing agreement of the vendor (``agreed_over``)."""
+    return max(tolerance(spec), agreed_over)
+
+
 def judge_receipt(receipt: Record, po: Record | None, earlier: Mapping[int, Sequence[tuple[float, str]]],
                   specs: Mapping[str, Record], lot_values: Mapping[str, Mapping[str, tuple[float, str]] | None],
-                  facts: Iterable[str] = ()) -> list[str]:
+                  facts: Iterable[str] = (), *, agreed_over: float = 0.0) -> list[str]:
     """Fault codes of ``receipt`` in precedence order (empty: a clean receipt).
 
     ``po``: the revision in force (None: never published); ``earlier``: per PO line the
     (quantity, unit) of every receipt decided before this one; ``specs``: material specs by
     id; ``lot_values``: per vendor lot its merged CoA values (None: no certificate);
-    ``facts``: generator-known codes (see the module doc).
+    ``facts``: generator-known codes (see the module doc); ``agreed_over``: the vendor's
+    standing over-delivery agreement (fraction, 0: none).
     """
     codes = list(facts)
     if po is None:
@@ -143,7 +160,7 @@ def judge_receipt(receipt: Record, po: Record | None, earlier: Mapping[int, Sequ
             tol = tolerance(spec)
             cum = cumulative(earlier.get(line["po_line"], ()), line["quantity"], line["unit"], pl["unit"])
             dev = quantity_deviation(cum, pl["quantity"])
-            if dev > tol:
+            if dev > over_limit(spec, agreed_over):
                 codes.append("QUANTITY_OVER")
             elif dev < -tol and not line["partial"]:
                 codes.append("QUANTITY_SHORT")

@@ -211,11 +211,16 @@ class VerificationNode(Generic[Context]):
         learner = self.learner
         subject, vendor = self.identity(context)
         x = self.features(context, reasons)
-        prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
-        x["prior_logit"] = prior_logit
-        _, soft = self.config.split(reasons)
+        hard, soft = self.config.split(reasons)
+        # the rule counts as the prior weighs them: hard ones, and soft ones with what people decided
+        x["n_block"] = float(sum(r.severity is Severity.BLOCK for r in hard))
+        x["n_warn"] = float(len(hard)) - x["n_block"]
+        if soft:
+            x["n_soft"] = float(len(soft))
         keys = [self.pattern_key(context, r) for r in soft]
         x.update(learner.pattern_features(keys))
+        prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
+        x["prior_logit"] = prior_logit
         cleared = all(learner.accepted(key) for key in keys)
         drift = learner.drift_of(vendor)
         if drift is not None and soft:

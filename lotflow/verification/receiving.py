@@ -583,6 +583,8 @@ DESCRIBE: Describe[ReceivingContext] = Describe({
     "coa_history_missing": _describe_no_history,
     "quantity_max_abs_dev": lambda ctx, reasons, v: f"quantity {100 * v:.1f} % off the PO",
     "price_max_abs_dev": lambda ctx, reasons, v: f"price {100 * v:.1f} % off the PO",
+    "n_soft": lambda ctx, reasons, v: (f"{v:.0f} deviation{'s' if v != 1 else ''} people may accept "
+                                       f"({', '.join(sorted({r.code for r in reasons if r.code in SOFT_REASONS}))})"),
     "prior_logit": lambda ctx, reasons, v: f"the documented prior's score (logit {v:+.1f})",
     "pattern_accept_share": lambda ctx, reasons, v: f"people accepted {100 * v:.0f} % of this vendor's similar "
                                                     "exceptions (smoothed)",

@@ -30,8 +30,18 @@ from lotflow.simulator.faults import (
     parse_fault_spec,
 )
 from lotflow.simulator.generate import HISTORY_SHARE, SimEvent, generate
+from lotflow.simulator.judge import judge_receipt
 from lotflow.simulator.publish import publish
-from lotflow.simulator.world import DEGRADE_END, DEGRADE_START, JUMP_FACTOR, World, build_world
+from lotflow.simulator.world import (
+    BEHAVIOURS,
+    DEGRADE_END,
+    DEGRADE_START,
+    JUMP_FACTOR,
+    LEARNING_BEHAVIOURS,
+    Vendor,
+    World,
+    build_world,
+)
 from lotflow.streams.topics import (
     CERTIFICATES,
     GROUND_TRUTH,
@@ -167,9 +177,11 @@ def reviews(big: Stream) -> dict[str, Review]:
     return review(big)
 
 
-def review(stream: Stream) -> dict[str, Review]:
+def review(stream: Stream, agreed: dict[str, float] | None = None) -> dict[str, Review]:
     """Decide every decodable receipt when its documents are in, against the PO revision in
-    force then, with the PO line's cumulative over the receipts decided before it."""
+    force then, with the PO line's cumulative over the receipts decided before it.
+    ``agreed``: per vendor, a standing over-delivery agreement (fraction)."""
+    agreed = agreed or {}
     seen_lots: set[str] = set()
     pending = []
     for _, position, receipt, truth in stream.valid():
@@ -206,7 +218,7 @@ def review(stream: Stream) -> dict[str, Review]:
                 dev = (cum - pl["quantity"]) / pl["quantity"]
                 r.deviation[line["po_line"]] = dev
                 tol = tol_of(stream, line["material_id"])
-                if dev > tol:
+                if dev > max(tol, agreed.get(receipt["vendor_id"], 0.0)):
                     r.codes.add("QUANTITY_OVER")
                 elif dev < -tol and not line["partial"]:
                     r.codes.add("QUANTITY_SHORT")
@@ -328,7 +340,7 @@ def test_silent_coa_faults_follow_k_sigma(big: Stream) -> None:
 
 def test_vendor_behaviours(big: Stream) -> None:
     vendors = {v.behaviour: v for v in big.world.vendors if v.behaviour}
-    assert set(vendors) == {"over_ship", "other_unit", "coa_drift", "variance_jump"}
+    assert set(vendors) == set(BEHAVIOURS) and len(BEHAVIOURS) == 8
     assert not any(v.degrading for v in vendors.values())
     valid = big.valid()
     count = len(big.receipts)
@@ -388,7 +400,9 @@ def test_over_shipper_stays_within_tolerance(big: Stream, reviews: dict[str, Rev
 
 
 def test_clean_coa_noise_has_heavy_tails_and_stays_in_spec(big: Stream) -> None:
-    plain_vendors = {v.vendor_id for v in big.world.vendors if not v.behaviour}
+    mix = FaultMix.default()
+    plain_vendors = {v.vendor_id for v in big.world.vendors
+                     if not v.behaviour or not mix.rate(f"vendor_{v.behaviour}")}  # learning ones are off
     zs = []
     for _, _, receipt, truth in big.valid():
         if receipt["vendor_id"] in plain_vendors and truth["fault"] == "NONE" and truth["benign"] in ("", "NEAR_LIMIT"):
@@ -893,6 +907,291 @@ def test_po_revised_below_received_is_opt_in() -> None:
         assert received > revised["quantity"] * (1 + tol_of(stream, line["material_id"]))
 
 
+# --- the learning behaviours (the ``learning`` preset) --------------------------------------
+
+LEARNING_COUNT = 12_000
+AGREED = 0.04  # the agreement vendor's standing over-delivery allowance
+RULE_FAULT = lambda t: t["is_fault"] and not t["silent"] and not t["fault"].startswith("MALFORMED")  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def learning() -> Stream:
+    return run(SEED, LEARNING_COUNT, parse_fault_spec("learning"))
+
+
+def behaviour_vendor(stream: Stream, behaviour: str) -> Vendor:
+    return next(v for v in stream.world.vendors if v.behaviour == behaviour)
+
+
+def lot_values(stream: Stream, line: Record) -> dict[str, float]:
+    """A lot's merged CoA values in the spec's units."""
+    return {name: value * property_factor(unit, prop_spec(stream, line["material_id"], name)["unit"])
+            for name, (value, unit) in stream.merged(line["vendor_lot"]).items()}
+
+
+def pair_lines(stream: Stream, receipt: Record, material_id: str) -> list[Record]:
+    return [ln for ln in receipt["lines"] if ln["material_id"] == material_id and stream.coas.get(ln["vendor_lot"])]
+
+
+def test_learning_preset_is_the_default_mix_plus_the_learning_behaviours() -> None:
+    default, learning = FaultMix.default(), parse_fault_spec("learning")
+    assert learning == FaultMix.learning() == parse_fault_spec(" Learning ")
+    names = {f"vendor_{b}" for b in LEARNING_BEHAVIOURS}
+    assert names <= set(VENDOR_BEHAVIOURS)
+    for info in CATALOGUE:
+        if info.name in names:  # off by default, on in the preset
+            assert default.rate(info.name) == 0 < learning.rate(info.name)
+        else:
+            assert learning.rate(info.name) == default.rate(info.name)
+    assert learning.rate("vendor_test_method_change") == learning.rate("vendor_coa_comovement") == 1.0
+    assert learning.param("coa_comovement_start") == default.param("coa_comovement_start") == 0.5
+    tuned = parse_fault_spec("learning,coa_comovement_start=0.7,vendor_trend_clean=30%")
+    assert tuned.param("coa_comovement_start") == 0.7 and tuned.rate("vendor_trend_clean") == 0.3
+    assert parse_fault_spec(tuned.describe()) == tuned and parse_fault_spec(learning.describe()) == learning
+    assert parse_fault_spec("default,vendor_coa_comovement=1").rate("vendor_coa_comovement") == 1
+    with pytest.raises(ValueError, match="unknown parameter 'comovement_begin'"):
+        FaultMix({}, {"comovement_begin": 0.5})
+    with pytest.raises(ValueError, match="unknown preset"):
+        FaultMix.preset("learn")
+
+
+def test_learning_behaviours_go_to_distinct_vendors_deterministically() -> None:
+    for seed in range(8):
+        world = build_world(seed)
+        assert build_world(seed) == world
+        vendors = {v.behaviour: v for v in world.vendors if v.behaviour}
+        assert set(vendors) == set(BEHAVIOURS)  # eight distinct vendors
+        assert not any(v.degrading for v in vendors.values())
+        agreed = vendors["agreed_over_ship"]
+        assert agreed.agreed_over_pct == 4.0 and sum(bool(v.agreed_over_pct) for v in world.vendors) == 1
+        assert sum(world.materials[m].quantity_tolerance_pct < 3.8 for m in agreed.materials) >= 2
+        assert agreed.agreed_over(0.02) == AGREED and agreed.agreed_over(0.05) == 0.05  # max(tolerance, 4 %)
+        changer = vendors["test_method_change"]
+        assert 0.25 <= changer.change_at <= 0.4
+        [method] = [s for s in world.supplies.values() if s.method_prop]
+        assert method.vendor_id == changer.vendor_id and 3.0 <= abs(method.method_shift_z) <= 4.5
+        prop = next(p for p in world.materials[method.material_id].properties if p.name == method.method_prop)
+        old, new = method.baseline(prop.name), method.baseline(prop.name, method_changed=True)
+        assert old == method.profile(prop.name) and new.std == old.std
+        assert new.mean == pytest.approx(old.mean + method.method_shift_z * old.std)
+        assert prop.min + 4 * new.std <= new.mean <= prop.max - 4 * new.std  # in spec, with room
+        if method.method_shift_z < 0:  # downwards only when upwards has no room
+            assert prop.max - (old.mean + abs(method.method_shift_z) * old.std) < 4 * old.std
+        [comove] = [s for s in world.supplies.values() if s.comove_sign]
+        assert comove.vendor_id == vendors["coa_comovement"].vendor_id
+        material = world.materials[comove.material_id]
+        assert len(material.properties) >= 2
+        for p in material.properties:
+            profile = comove.profile(p.name)
+            assert p.min < profile.mean + comove.comove_sign * 3.0 * profile.std < p.max
+
+
+def test_learning_runs_are_deterministic_per_seed() -> None:
+    mix = parse_fault_spec("learning,coa_comovement_start=0.3")
+    a = list(generate(3, 3000, mix, START_MS))
+    assert repr(a) == repr(list(generate(3, 3000, mix, START_MS)))
+    assert repr(a) != repr(list(generate(4, 3000, mix, START_MS)))
+    assert repr(a) != repr(list(generate(3, 3000, FaultMix.default(), START_MS)))
+
+
+def test_learning_ground_truth_follows_the_thresholds_and_the_agreement(learning: Stream) -> None:
+    agreed = behaviour_vendor(learning, "agreed_over_ship")
+    reviews = review(learning, {agreed.vendor_id: AGREED})
+    truth_codec = codec(GROUND_TRUTH)
+    checked: Counter[str] = Counter()
+    for n, _, receipt, truth in learning.valid():
+        r = reviews.get(receipt["receipt_id"])
+        if r is None:
+            continue
+        if not truth["is_fault"]:
+            assert not r.codes, (receipt, truth, r.codes)
+        elif truth["fault"] in RULE_CODES:
+            assert truth["fault"] == first_code(r.codes), (receipt, truth, r.codes)
+        else:
+            assert all(FAULT_CODES.index(truth["fault"]) < FAULT_CODES.index(c) for c in r.codes)
+        checked[truth["fault"] if truth["is_fault"] else truth["benign"]] += 1
+        record = {**truth, "source_topic": RECEIPTS.name, "source_partition": 0, "source_offset": n}
+        assert plain(truth_codec.decode(truth_codec.encode(record))) == record
+    assert sum(checked.values()) > 0.9 * LEARNING_COUNT
+    for code in ("AGREED_OVER_SHIP", "TEST_METHOD_CHANGE", "TREND_CLEAN", "SILENT_COA_COMOVEMENT"):
+        assert checked[code] > 50, checked
+
+
+def test_judge_knows_the_over_delivery_agreement() -> None:
+    po = {"lines": [{"line_no": 1, "material_id": "M", "quantity": 1000.0, "unit": "KG", "unit_price": 1.0}]}
+
+    def judge(quantity: float, agreed: float = 0.0, tol: float = 2.0) -> list[str]:
+        line = {"po_line": 1, "material_id": "M", "quantity": quantity, "unit": "KG", "vendor_lot": "L",
+                "unit_price": None, "partial": False}
+        spec = {"quantity_tolerance_pct": tol, "requires_coa": False, "properties": []}
+        return judge_receipt({"lines": [line]}, po, {}, {"M": spec}, {}, agreed_over=agreed)
+
+    assert judge(1030.0) == ["QUANTITY_OVER"]  # 3 % over a 2 % tolerance: the rule's view
+    assert judge(1023.0, AGREED) == judge(1039.0, AGREED) == []  # within the agreement
+    assert judge(1041.0, AGREED) == ["QUANTITY_OVER"]  # beyond it
+    assert judge(1049.0, AGREED, tol=5.0) == [] and judge(1051.0, AGREED, tol=5.0) == ["QUANTITY_OVER"]
+    assert judge(970.0, AGREED) == ["QUANTITY_SHORT"]  # the agreement is about over-delivery only
+
+
+def test_agreed_over_shipments_are_clean_and_beyond_four_percent_is_not(learning: Stream) -> None:
+    vendor = behaviour_vendor(learning, "agreed_over_ship")
+    rules = review(learning)  # the documented thresholds without the agreement: what the rule sees
+    shipped, faults = [], 0
+    for _, event in learning.receipts:
+        receipt, truth = event.value, event.truth
+        if not isinstance(receipt, dict) or not truth or receipt["receipt_id"] not in rules:
+            continue
+        r = rules[receipt["receipt_id"]]
+        beyond = [r.deviation[ln["po_line"]] for ln in receipt["lines"]
+                  if ln["po_line"] in r.deviation and r.deviation[ln["po_line"]] > tol_of(learning, ln["material_id"])]
+        if truth["benign"] == "AGREED_OVER_SHIP":
+            assert receipt["vendor_id"] == vendor.vendor_id and truth["fault"] == "NONE"
+            assert "QUANTITY_OVER" in r.codes and beyond and max(beyond) <= AGREED  # the rule fires, wrongly
+            if not event.injected:  # the behaviour's own over-shipment (else quantity_over inside the agreement)
+                assert all(0.023 <= dev <= 0.038 for dev in beyond), beyond
+                shipped.extend(beyond)
+        elif receipt["vendor_id"] == vendor.vendor_id and truth["fault"] == "QUANTITY_OVER":
+            assert any(dev > max(AGREED, tol_of(learning, ln["material_id"]))
+                       for ln in receipt["lines"] if (dev := r.deviation.get(ln["po_line"])) is not None)
+            faults += 1
+        elif truth["fault"] == "NONE" and receipt["vendor_id"] == vendor.vendor_id:
+            assert not beyond  # over a tolerance: always labelled
+    assert len(shipped) > 200 and faults > 3
+    assert min(shipped) < 0.026 and max(shipped) > 0.035
+
+
+def test_test_method_change_shifts_one_property_in_spec_and_stays_clean(learning: Stream) -> None:
+    vendor = behaviour_vendor(learning, "test_method_change")
+    supply = next(s for s in learning.world.supplies.values() if s.method_prop)
+    prop = prop_spec(learning, supply.material_id, supply.method_prop)
+    old = supply.profile(prop["name"])
+    specs = learning.specs[supply.material_id]["properties"]
+    count = len(learning.receipts)
+    before: list[float] = []
+    after: list[float] = []
+    labelled = 0
+    for n, _, receipt, truth in learning.valid():
+        if receipt["vendor_id"] != vendor.vendor_id or truth["fault"] == "DUPLICATE_RECEIPT":
+            continue
+        lines = pair_lines(learning, receipt, supply.material_id)
+        changed = n / count >= vendor.change_at
+        if truth["benign"] == "TEST_METHOD_CHANGE":
+            assert changed and lines
+        if not lines or truth["is_fault"]:
+            continue
+        if changed:  # every clean receipt with a lot measured by the new method says so
+            assert truth["benign"] == "TEST_METHOD_CHANGE"
+            labelled += 1
+        for line in lines:
+            values = lot_values(learning, line)
+            assert all(p["min"] <= values[p["name"]] <= p["max"] for p in specs)
+            (after if changed else before).append((values[prop["name"]] - old.mean) / old.std)
+    assert len(before) > 20 and len(after) > 50 and labelled > 50
+    assert abs(statistics.median(before)) < 0.5
+    assert statistics.median(after) == pytest.approx(supply.method_shift_z, abs=0.5)
+    # measured against the old baseline many clean lots look atypical (the pipeline's 3.5 std)
+    assert sum(abs(z) > 3.5 for z in after) > 0.2 * len(after)
+
+
+def test_silent_faults_use_the_new_baseline_after_a_test_method_change() -> None:
+    stream = run(SEED, 10_000, parse_fault_spec("vendor_test_method_change=1,silent_coa_drift=0.6"))
+    vendor = behaviour_vendor(stream, "test_method_change")
+    supply = next(s for s in stream.world.supplies.values() if s.method_prop)
+    count = len(stream.receipts)
+    seen: Counter[str] = Counter()
+    old_view_faults = 0
+    for n, receipt, truth in stream.injected("silent_coa_drift"):
+        lines = pair_lines(stream, receipt, supply.material_id)
+        certified = [ln for ln in receipt["lines"] if stream.coas.get(ln["vendor_lot"])]
+        if receipt["vendor_id"] != vendor.vendor_id or n / count < vendor.change_at or not lines or lines != certified:
+            continue  # the perturbed value is on a lot of the pair
+        new_z, old_z = [], []
+        for line in lines:
+            for name, value in lot_values(stream, line).items():
+                baseline = supply.baseline(name, method_changed=True)
+                new_z.append(abs(value - baseline.mean) / baseline.std)
+                old_z.append(abs(baseline_z(stream, vendor.vendor_id, supply.material_id, name, value)))
+        seen[truth["fault"]] += 1
+        if truth["fault"] == "SILENT_COA_DRIFT":
+            assert max(new_z) > K
+        elif truth["fault"] == "NONE":
+            assert truth["benign"] == "TEST_METHOD_CHANGE"  # takes precedence over COA_SHIFT_WITHIN_K
+            assert max(new_z) <= K
+            old_view_faults += max(old_z) > K  # a fault by the old baseline, not by the new one
+    assert seen["SILENT_COA_DRIFT"] > 5 and seen["NONE"] > 5
+    assert old_view_faults > 0
+
+
+def test_coa_comovement_moves_every_property_together_after_the_start(learning: Stream) -> None:
+    vendor = behaviour_vendor(learning, "coa_comovement")
+    supply = next(s for s in learning.world.supplies.values() if s.comove_sign)
+    props = learning.specs[supply.material_id]["properties"]
+    assert len(props) >= 2
+    count = len(learning.receipts)
+    comoved = 0
+    for n, _, receipt, truth in learning.valid():
+        if truth["fault"] == "SILENT_COA_COMOVEMENT":
+            assert receipt["vendor_id"] == vendor.vendor_id and n / count >= 0.5 and truth["silent"]
+        lines = pair_lines(learning, receipt, supply.material_id)
+        if receipt["vendor_id"] != vendor.vendor_id or not lines or truth["fault"] == "DUPLICATE_RECEIPT":
+            continue
+        if n / count < 0.5:
+            assert truth["fault"] != "SILENT_COA_COMOVEMENT"
+            continue
+        # from the start every lot of the pair moves (rate 1): a fault, never a clean receipt
+        assert truth["is_fault"] and FAULT_CODES.index(truth["fault"]) <= FAULT_CODES.index("SILENT_COA_COMOVEMENT")
+        if truth["fault"] != "SILENT_COA_COMOVEMENT":
+            continue
+        comoved += 1
+        for line in lines:
+            values = lot_values(learning, line)
+            zs = [baseline_z(learning, vendor.vendor_id, supply.material_id, p["name"], values[p["name"]])
+                  for p in props]
+            assert all(p["min"] <= values[p["name"]] <= p["max"] for p in props)
+            assert all(2.0 - 1e-6 <= z * supply.comove_sign <= 3.0 + 1e-6 for z in zs), zs  # together, one way
+            assert max(abs(z) for z in zs) < 3.5  # no single value is atypical
+    assert comoved > 50
+
+
+def test_coa_comovement_start_and_share_are_configurable() -> None:
+    stream = run(SEED, 6000, parse_fault_spec("learning,coa_comovement_start=0.3,vendor_coa_comovement=0.5"))
+    vendor = behaviour_vendor(stream, "coa_comovement")
+    supply = next(s for s in stream.world.supplies.values() if s.comove_sign)
+    count = len(stream.receipts)
+    hits, lots = [], 0
+    for n, _, receipt, truth in stream.valid():
+        if truth["fault"] == "SILENT_COA_COMOVEMENT":
+            hits.append(n / count)
+        if (receipt["vendor_id"] == vendor.vendor_id and n / count >= 0.3 and truth["fault"] != "DUPLICATE_RECEIPT"
+                and pair_lines(stream, receipt, supply.material_id)):
+            lots += 1
+    assert hits and min(hits) >= 0.3 and min(hits) < 0.4
+    assert 0.3 < len(hits) / lots < 0.7
+
+
+def test_trend_clean_vendor_has_many_rule_faults_and_clean_receipts(learning: Stream) -> None:
+    trend = behaviour_vendor(learning, "trend_clean")
+    degrading = next(v for v in learning.world.vendors if v.degrading)
+    after_history = learning.receipts[int(LEARNING_COUNT * HISTORY_SHARE):]
+
+    def of(vendor: Vendor) -> list[SimEvent]:
+        return [e for _, e in after_history if e.truth and e.truth["vendor_id"] == vendor.vendor_id]
+
+    mine = of(trend)
+    assert 0.25 <= sum(RULE_FAULT(e.truth) for e in mine) / len(mine) <= 0.35
+    # the degrading vendor gets there only near the end of the run
+    assert sum(RULE_FAULT(e.truth) for e in of(degrading)) / len(of(degrading)) < 0.25
+    # silent perturbations at the mix's rate, not multiplied: its other receipts are as clean as anyone's
+    silent = sum(e.injected in ("silent_unit_label", "silent_coa_drift") for e in mine) / len(mine)
+    default = FaultMix.default()
+    assert silent < 2.5 * (default.rate("silent_coa_drift") + default.rate("silent_unit_label"))
+    clean = [e.truth for e in mine if e.truth and not e.truth["is_fault"]]
+    assert len(clean) > 0.5 * len(mine) and all(t["benign"] for t in clean)
+    assert Counter(t["benign"] for t in clean)["TREND_CLEAN"] > 0.3 * len(clean)
+    assert not [t for _, e in learning.receipts if (t := e.truth) and t["benign"] == "TREND_CLEAN"
+                and t["vendor_id"] != trend.vendor_id]
+
+
 # --- fault spec -----------------------------------------------------------------------------
 
 
@@ -920,7 +1219,9 @@ def test_parse_fault_spec() -> None:
     ("unit_mismatch=0.1,,", "empty fault spec item"),
     ("unit_mismatch=0.1,unit_mismatch=0.2", "given twice"),
     ("unit_mismatch=0.6,missing_coa=0.6", "sum to 1.2 > 1"),
-    ("quantity_over=0.1,default", "'default'/'none' may only come first"),
+    ("quantity_over=0.1,default", "'default'/'none'/'learning' may only come first"),
+    ("learning,coa_comovement_start=1.5", "rate of coa_comovement_start must be between 0 and 1"),
+    ("coa_comovement_start=0.5,coa_comovement_start=0.6", "given twice"),
 ])
 def test_parse_fault_spec_errors_are_clear(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -1,0 +1,203 @@
+"""What the node learns from people: the soft/hard table, labels, spot checks, the gate, drift,
+identical replicas and checkpoints, and the processor acting on what was learnt."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from lotflow.scorers.learner import Label, Learner, LearnerConfig, spot_check_draw
+from lotflow.settings import Settings
+from lotflow.verification import receiving as rules
+from lotflow.verification.node import Reason, Severity
+
+from lotflow.streams import topics
+
+from .receiving_fixtures import coa, po, receipt
+from .test_receiving_processor import DECISION, Run, event
+
+
+def _reason(code: str, severity: Severity = Severity.BLOCK, **evidence: str) -> Reason:
+    return Reason(code, code, severity, evidence)
+
+
+@pytest.mark.parametrize(("reason", "soft"), [
+    (_reason("QUANTITY_OVER", deviation_pct="3.5"), True),
+    (_reason("QUANTITY_OVER", deviation_pct="5"), True),
+    (_reason("QUANTITY_OVER", deviation_pct="5.01"), False),  # beyond the envelope: hard
+    (_reason("QUANTITY_OVER"), False),  # no evidence to judge by: hard
+    (_reason("PRICE_ANOMALY", deviation_pct="-24"), True),
+    (_reason("PRICE_ANOMALY", deviation_pct="26"), False),
+    (_reason("SPC_SIGNAL", Severity.WARN), True),
+    (_reason("COA_OUT_OF_SPEC"), False),
+    (_reason("UNKNOWN_PO"), False),
+    (_reason("PO_LINE_CANCELLED"), False),
+    (_reason("UNIT_MISMATCH"), False),
+    (_reason("DUPLICATE_RECEIPT"), False),
+    (_reason("PROBABLE_UNIT_MISLABEL", Severity.WARN), False),
+    (_reason("QUANTITY_SHORT", deviation_pct="-3"), False),
+])
+def test_the_soft_table_decides_what_the_model_may_learn(reason: Reason, soft: bool) -> None:
+    config = rules.node_config(0.9, 0.75)
+    hard_ones, soft_ones = config.split([reason])
+    assert (soft_ones == [reason], hard_ones == [reason]) == (soft, not soft)
+
+
+def test_info_reasons_never_count_as_hard_or_soft() -> None:
+    config = rules.node_config(0.9, 0.75)
+    assert config.split([_reason("COA_ATYPICAL", Severity.INFO), _reason("UNIT_CONVERTED", Severity.INFO)]) == ([], [])
+
+
+def test_spot_checks_are_fixed_per_receipt_and_unbiased() -> None:
+    ids = [f"R-{i}" for i in range(100_000)]
+    draws = [spot_check_draw(i) for i in ids]
+    assert draws == [spot_check_draw(i) for i in ids]  # the same receipt is always drawn alike
+    share = sum(d < 0.02 for d in draws) / len(draws)
+    assert 0.019 < share < 0.021
+    # unbiased: the draw does not depend on anything but the id (odd/even ids alike)
+    odd = sum(d < 0.02 for d in draws[1::2]) / len(draws[1::2])
+    even = sum(d < 0.02 for d in draws[0::2]) / len(draws[0::2])
+    assert abs(odd - even) < 0.003
+
+
+def _label(i: int, good: bool, vendor: str = "V1", code: str = "QUANTITY_OVER", confidence: float = 0.5,
+           spot: bool = False, **features: float) -> Label:
+    return Label(f"D-{i}", vendor, "M1", (code,) if code else (), {"n_soft": 1.0, **features}, good, confidence,
+                 spot)
+
+
+def test_a_pattern_is_cleared_by_consistent_accepts_and_closed_by_a_reject() -> None:
+    learner = Learner(LearnerConfig(accepts_needed=3))
+    key = ("V1", "M1", "QUANTITY_OVER")
+    for i in range(2):
+        learner.learn(_label(i, True), i)
+    assert not learner.accepted(key)
+    learner.learn(_label(2, True), 2)
+    assert learner.accepted(key)
+    assert not learner.accepted(("V2", "M1", "QUANTITY_OVER"))  # per vendor
+    learner.learn(_label(3, False), 3)
+    assert not learner.accepted(key)
+    features = learner.pattern_features([key])
+    assert features["pattern_accept_share"] == pytest.approx((3 + 1) / (4 + 2))
+
+
+def test_replicas_applying_the_same_labels_hold_the_same_model() -> None:
+    rng = random.Random(3)
+    labels = [_label(i, rng.random() < 0.7, vendor=f"V{i % 3}", confidence=rng.random(), spot=rng.random() < 0.1,
+                     coa_max_abs_z=rng.random() * 5, prior_logit=rng.uniform(-5, 5)) for i in range(400)]
+    a, b = Learner(), Learner()
+    for offset, label in enumerate(labels):
+        a.learn(label, offset)
+        b.learn(label, offset)
+    assert a.fingerprint() == b.fingerprint()
+    # a checkpoint after 250 labels, then a replay of every label (older ones are skipped)
+    c = Learner()
+    for offset, label in enumerate(labels[:250]):
+        c.learn(label, offset)
+    restored = Learner.from_bytes(c.to_bytes())
+    assert restored.version.endswith("/L250/C250")
+    for offset, label in enumerate(labels):
+        restored.learn(label, offset)
+    assert restored.fingerprint() == a.fingerprint() and restored.n_labels == 400
+    x = {"n_soft": 1.0, "prior_logit": 1.0}
+    assert restored.calibrate(restored.raw_score(x)) == a.calibrate(a.raw_score(x))
+    with pytest.raises(ValueError, match="checkpoint"):
+        Learner.from_bytes(b"\x80\x05K\x01.")  # a pickle of 1, not a learner
+
+
+def test_drift_tightens_a_vendor_and_agreement_relaxes_it() -> None:
+    learner = Learner(LearnerConfig(relax_after=20))
+    offset = 0
+    for _ in range(300):  # the model is right about V1
+        learner.learn(_label(offset, True, code="", confidence=0.97), offset)
+        offset += 1
+    assert learner.drift_of("V1") is None
+    for _ in range(60):  # then V1 changes: what the model trusts people reject
+        learner.learn(_label(offset, False, code="", confidence=0.97), offset)
+        offset += 1
+        if learner.drift_of("V1") is not None:
+            break
+    drift = learner.drift_of("V1")
+    assert drift is not None and drift.error_after > drift.error_before
+    assert learner.drift_events and learner.drift_events[0]["vendor_id"] == "V1"
+    assert "ADWIN" in drift.describe("V1", 20)
+    for i in range(19):
+        learner.learn(_label(offset, False, code="", confidence=0.05), offset)  # agreeing again
+        offset += 1
+    assert learner.drift_of("V1") is not None
+    learner.learn(_label(offset, False, code="", confidence=0.05), offset)
+    assert learner.drift_of("V1") is None
+
+
+def test_quality_uses_spot_checks_for_the_unbiased_figures() -> None:
+    learner = Learner()
+    for i in range(50):
+        learner.learn(_label(i, i % 10 != 0, code="", confidence=0.9, spot=True), i)
+    for i in range(50, 100):
+        learner.learn(_label(i, False, code="", confidence=0.2), i)
+    quality = learner.quality()
+    assert quality.spot_checks == 50 and quality.spot_good == 45
+    low, high = quality.spot_interval
+    assert low < 0.9 < high
+    assert quality.ece_spot == pytest.approx(0.0, abs=1e-9)  # confidence 0.9, 90 % good
+    assert quality.ece_all == pytest.approx((50 * 0.0 + 50 * 0.2) / 100)
+
+
+# --- the processor: labels from decisions, and decisions that change the next ones ---------------
+def _over_receipt(run: Run, n: int, quantity: float = 1030.0) -> dict[str, Any]:
+    """Receipt n of vendor V-1, 3 % over its PO line of 1000 KG: QUANTITY_OVER inside the soft envelope."""
+    number, lot = f"PO-{n}", f"L-{n}"
+    run.handle(event(topics.PURCHASE_ORDERS, po(number=number), 10 * n),
+               event(topics.CERTIFICATES, coa(number=number, lot=lot), 10 * n + 1),
+               event(topics.RECEIPTS, receipt(rid=f"R-{n}", number=number, lot=lot, quantity=quantity), 10 * n + 2))
+    [decision] = [r for name, _, r in run.sent if name in ("lotflow.exceptions", "lotflow.verified")
+                  and r["subject_id"] == f"R-{n}" and not r["id"].endswith(":spot")]
+    return decision
+
+
+def _labels(run: Run) -> list[dict[str, Any]]:
+    return [r for name, _, r in run.sent if name == "lotflow.labels"]
+
+
+def test_accepted_soft_deviations_are_then_verified_and_a_reject_sends_them_back() -> None:
+    run = Run()
+    learner = run.proc.node.learner
+    for n in range(3):
+        exception = _over_receipt(run, n)
+        assert exception["decision"] == "EXCEPTION" and exception["prior_decision"] == "EXCEPTION"
+        assert [r["code"] for r in exception["reasons"]] == ["QUANTITY_OVER"]
+        run.handle(DECISION(100 + n, exception["id"], role="receiving", po=f"PO-{n}"))
+        [label] = _labels(run)[-1:]
+        assert label["good"] and label["soft_codes"] == ["QUANTITY_OVER"] and label["vendor_id"] == "V-1"
+        assert label["features"] == exception["features"]  # learnt on what it was scored with
+        learner.learn(Label.from_record(label), n)  # what the worker's label feed does
+    verified = _over_receipt(run, 3)
+    assert verified["decision"] == "VERIFIED" and verified["prior_decision"] == "EXCEPTION"
+    assert verified["model_version"].endswith("/L3/C0")
+    assert _over_receipt(run, 4, quantity=1035.0)["decision"] == "VERIFIED"
+    # beyond the envelope it is hard: never verified, whatever people accepted
+    assert _over_receipt(run, 5, quantity=1070.0)["decision"] == "EXCEPTION"
+    # a person rejects the pattern: the next one goes to people again
+    learner.learn(Label("D-x", "V-1", "MAT-1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95), 10)
+    assert _over_receipt(run, 6)["decision"] == "EXCEPTION"
+
+
+def test_a_reassignment_teaches_nothing_and_a_spot_check_proceeds() -> None:
+    settings = Settings(document_wait_s=10, spot_check_share=1.0)  # every verified receipt is spot-checked
+    run = Run(settings=settings)
+    verified = _over_receipt(run, 0, quantity=1000.0)
+    assert verified["decision"] == "VERIFIED"
+    [spot] = [r for name, _, r in run.sent if name == "lotflow.exceptions"]
+    assert spot["id"] == verified["id"] + ":spot" and spot["priority"] == "NORMAL"
+    assert "SPOT_CHECK" in [r["code"] for r in spot["reasons"]] and spot["route_to"] == "receiving"
+    assert [e["event_type"] for name, _, e in run.sent if name == "lotflow.lot-events"] == ["RECEIVED"]
+    run.sent.clear()
+    run.handle(DECISION(100, spot["id"], "REASSIGN", reassign_to="qc_technician", role="receiving", po="PO-0"))
+    assert not _labels(run)
+    run.handle(DECISION(101, spot["id"], "REJECT", role="qc_technician", po="PO-0"))
+    [label] = _labels(run)
+    assert label["spot_check"] and not label["good"]
+    assert [e["event_type"] for name, _, e in run.sent if name == "lotflow.lot-events"] == ["REJECTED"]
+    assert not [r for name, _, r in run.sent if name == "lotflow.verified"]  # it was verified already
