@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := var/.apt-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps demo review-demo review-timing test lint unit integration bench kafka-start kafka-stop clean
+.PHONY: help install system-deps demo review-demo learning-demo review-timing test lint unit integration bench kafka-start kafka-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ demo: install ## run the whole pipeline on a local broker + embedded ClickHouse 
 
 review-demo: install ## the demo, then the review service on its data with a demo user per role (Ctrl-C stops)
 	$(BIN)/lotflow demo --review $(DEMO_ARGS)
+
+learning-demo: install ## the learning run: simulated reviewer through the API, learning curves -> var/learning.json, .png
+	$(BIN)/lotflow learning-demo $(LEARNING_ARGS)
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check .

@@ -87,6 +87,17 @@ def _demo(args: argparse.Namespace) -> int:
                     review=args.review)
 
 
+def _learning_demo(args: argparse.Namespace) -> int:
+    from lotflow.learning_run import LearningOptions, run_learning_demo
+
+    opts = LearningOptions(count=args.count, seed=args.seed, rate=args.rate, faults=args.faults,
+                           error_rate=args.error_rate, delay_s=args.delay, certainty=args.certainty,
+                           reviewer_threads=args.reviewer_threads,
+                           window=args.window, labels_needed=args.labels_needed, drain_s=args.drain,
+                           timeout_s=args.timeout)
+    return run_learning_demo(get_settings(), opts, out=args.out, plot=args.plot)
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
@@ -234,6 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
                            help="then leave the worker and the review service running on the demo data, with a "
                                 "demo user per role (credentials printed), until Ctrl-C")
         p.set_defaults(func=_simulate if name == "simulate" else _demo)
+    learning = sub.add_parser("learning-demo", help="the learning run: the pipeline, the review service and a "
+                              "simulated reviewer deciding from the ground truth; learning curves per window",
+                              epilog="Writes LOTFLOW_VAR_DIR/learning.json and learning.png by default.")
+    learning.add_argument("--count", type=int, default=20000, help="receipts to publish")
+    learning.add_argument("--seed", type=int, default=7)
+    learning.add_argument("--rate", type=float, default=60.0,
+                          help="receipts per second (0: as fast as possible; learning then has little time to act)")
+    learning.add_argument("--faults", default="learning",
+                          help="fault spec (default: the 'learning' preset, with a new pattern from halfway)")
+    learning.add_argument("--error-rate", type=float, default=0.02,
+                          help="share of the reviewer's answers that are wrong (deterministic per exception)")
+    learning.add_argument("--delay", type=float, default=2.0,
+                          help="seconds from an exception appearing to the reviewer's decision")
+    learning.add_argument("--certainty", type=float, default=0.9, help="the reviewer's stated certainty, 0..1")
+    learning.add_argument("--reviewer-threads", type=int, default=4,
+                          help="decisions the reviewer posts at once (the API's latency bounds one at a time)")
+    learning.add_argument("--window", type=int, default=1000, help="receipts per window of the learning curves")
+    learning.add_argument("--labels-needed", type=int, default=2000,
+                          help="label count after which the final figures are measured")
+    learning.add_argument("--drain", type=float, default=60.0,
+                          help="seconds the reviewer may still empty the queue once every receipt is decided")
+    learning.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default: "
+                          "from --count and --rate)")
+    learning.add_argument("--out", type=Path, default=None, help="figures (JSON); default var/learning.json")
+    learning.add_argument("--plot", type=Path, default=None, help="learning curves (PNG); default var/learning.png")
+    learning.set_defaults(func=_learning_demo)
     users = sub.add_parser("users", help="manage the users, roles and API tokens of the review service",
                            epilog="The users file: LOTFLOW_REVIEW_USERS_FILE (default LOTFLOW_VAR_DIR/"
                                   "review-users.json). Safe to use while the service runs.")

@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ALL_CHARTS", "ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline", "scan"]
+__all__ = ["ALL_CHARTS", "ChartConfig", "Signal", "cusum_step", "empty_chart", "ewma_limit", "observe", "rebaseline",
+           "scan"]
 
 Chart = dict[str, Any]
 

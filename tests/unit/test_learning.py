@@ -10,10 +10,9 @@ import pytest
 
 from lotflow.scorers.learner import Label, Learner, LearnerConfig, spot_check_draw
 from lotflow.settings import Settings
+from lotflow.streams import topics
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Reason, Severity
-
-from lotflow.streams import topics
 
 from .receiving_fixtures import coa, po, receipt
 from .test_receiving_processor import DECISION, Run, event
@@ -123,7 +122,7 @@ def test_drift_tightens_a_vendor_and_agreement_relaxes_it() -> None:
     assert drift is not None and drift.error_after > drift.error_before
     assert learner.drift_events and learner.drift_events[0]["vendor_id"] == "V1"
     assert "ADWIN" in drift.describe("V1", 20)
-    for i in range(19):
+    for _ in range(19):
         learner.learn(_label(offset, False, code="", confidence=0.05), offset)  # agreeing again
         offset += 1
     assert learner.drift_of("V1") is not None
