@@ -1,0 +1,132 @@
+"""Learning on the real broker: people's decisions become labels every worker applies in the same
+order (identical models), a killed worker restores its checkpoint and replays the labels after
+it, and accepted soft deviations are then verified automatically."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lotflow.schemas.serde import schema_source
+from lotflow.settings import Settings
+from lotflow.streams import topics
+from lotflow.streams.learning import latest_checkpoint
+from tests.unit.receiving_fixtures import coa, po, receipt
+
+from .conftest import TopicSetFactory
+from .pipeline import PROJECT_ROOT, Inputs, WorkerProcess, free_port, read_all, spec_record
+
+LOGS = PROJECT_ROOT / "var" / "test-logs"
+
+
+def _model(worker: WorkerProcess) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{worker.settings.worker_web_port}/model"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def _wait(what: str, predicate: Any, timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except OSError as exc:  # a worker still starting
+            last = exc
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def _publish(pub: Inputs, first: int, count: int, quantity: float = 1000.0, purity: float = 99.0,
+             vendor: str = "V-1") -> None:
+    for n in range(first, first + count):
+        number, lot = f"PO-{n}", f"L-{n}"
+        pub.send(topics.PURCHASE_ORDERS, number, po(number=number, vendor=vendor))
+        pub.send(topics.CERTIFICATES, number, {**coa(number=number, lot=lot, purity=purity), "vendor_id": vendor})
+        pub.send(topics.RECEIPTS, number, receipt(rid=f"R-{n}", number=number, lot=lot, quantity=quantity,
+                                                  vendor=vendor))
+    pub.flush()
+
+
+def _decide(pub: Inputs, exceptions: list[dict[str, Any]], resolution: str = "ACCEPT") -> None:
+    for i, exception in enumerate(exceptions):
+        pub.send(topics.DECISIONS, exception["subject_key"], {
+            "decision_id": f"d-{exception['id']}", "exception_id": exception["id"], "node": "receiving",
+            "subject_key": exception["subject_key"], "resolution": resolution, "decided_by": "rita",
+            "decided_at": int(time.time() * 1000) + i, "reasoning": "checked", "certainty": 0.9, "role": "admin",
+            "condition": "", "reassign_to": "", "confidence_shown": exception["confidence"]})
+    pub.flush()
+
+
+def _exceptions(settings: Settings, count: int) -> list[dict[str, Any]]:
+    found = _wait(f"{count} exceptions",
+                  lambda: (lambda xs: xs if len(xs) >= count else None)(read_all(settings, topics.EXCEPTIONS)))
+    return sorted(found, key=lambda x: x["subject_id"])
+
+
+def test_two_workers_learn_the_same_model_and_a_killed_one_restores_and_replays(
+        topic_set: TopicSetFactory, workers: list[WorkerProcess], request: pytest.FixtureRequest) -> None:
+    settings = topic_set(document_wait_s=2.0, model_checkpoint_every=20)
+    log = LOGS / f"{request.node.name}-{settings.app_id}"
+    first = WorkerProcess(settings.model_copy(update={"worker_web_port": free_port(),
+                                                      "worker_instance_id": f"{settings.app_id}-a"}),
+                          Path(f"{log}-a.log")).start()
+    second = WorkerProcess(settings.model_copy(update={"worker_web_port": free_port(),
+                                                       "worker_instance_id": f"{settings.app_id}-b"}),
+                           Path(f"{log}-b.log")).start()
+    workers.extend([first, second])
+    pub = Inputs(settings)
+    pub.send(topics.MATERIAL_SPECS, "MAT-1", spec_record("MAT-1"))
+    _publish(pub, 0, 70, purity=97.0)  # out of spec: 70 exceptions, decided by both workers
+    exceptions = _exceptions(settings, 70)
+    _decide(pub, exceptions[:40], "REJECT")
+    _decide(pub, exceptions[40:60], "ACCEPT")
+
+    def same_model(left: WorkerProcess, right: WorkerProcess, labels: int) -> Any:
+        a, b = _model(left), _model(right)
+        return (a, b) if a["labels"] == b["labels"] == labels and a["fingerprint"] == b["fingerprint"] else None
+
+    a, _ = _wait("both workers to hold the same model of 60 labels", lambda: same_model(first, second, 60))
+    assert a["version"].endswith("/L60/C0")
+    checkpoint = _wait("a checkpoint", lambda: latest_checkpoint(settings, schema_source(None), "receiving"))
+    assert checkpoint.labels in (20, 40, 60) and checkpoint.source == "worker"
+
+    # killed without a goodbye; more decisions come; the restart (same instance id) restores and replays
+    first.kill()
+    _decide(pub, exceptions[60:], "REJECT")
+    restarted = WorkerProcess(first.settings, Path(f"{log}-a2.log")).start()
+    workers.append(restarted)
+    live, _ = _wait("the restarted worker and the other to agree on 70 labels",
+                    lambda: same_model(restarted, second, 70), timeout=150)
+    assert live["restored_from"] is not None and live["restored_from"]["labels"] in (20, 40, 60)
+    labels = read_all(settings.model_copy(update={"partitions": 1}), topics.LABELS)
+    assert len(labels) == 70 and sum(1 for label in labels if label["good"]) == 20
+
+
+def test_accepted_soft_deviations_are_then_verified_on_the_real_broker(
+        topic_set: TopicSetFactory, workers: list[WorkerProcess], request: pytest.FixtureRequest) -> None:
+    settings = topic_set(document_wait_s=2.0, worker_web_port=free_port())
+    worker = WorkerProcess(settings, LOGS / f"{request.node.name}-{settings.app_id}.log").start()
+    workers.append(worker)
+    pub = Inputs(settings)
+    pub.send(topics.MATERIAL_SPECS, "MAT-1", spec_record("MAT-1"))
+    _publish(pub, 0, 3, quantity=1030.0)  # 3 % over: QUANTITY_OVER, inside the soft envelope
+    exceptions = _exceptions(settings, 3)
+    assert all([r["code"] for r in x["reasons"]] == ["QUANTITY_OVER"] for x in exceptions)
+    _decide(pub, exceptions)
+    _wait("3 labels", lambda: _model(worker)["labels"] == 3)
+    _publish(pub, 10, 1, quantity=1030.0)
+    verified = _wait("the fourth over-delivery verified", lambda: [
+        v for v in read_all(settings, topics.VERIFIED) if v["subject_id"] == "R-10"])
+    assert verified[0]["prior_decision"] == "EXCEPTION" and "/L3/" in verified[0]["model_version"]
+    # over the envelope it stays a person's, whatever was accepted
+    _publish(pub, 20, 1, quantity=1070.0)
+    _wait("the 7 % over-delivery held", lambda: [x for x in read_all(settings, topics.EXCEPTIONS)
+                                                 if x["subject_id"] == "R-20"])
