@@ -68,11 +68,15 @@ class DecisionIn(BaseModel):
     condition: str = Field(default="", max_length=4000,
                            description="required (not blank) for CONDITIONAL_ACCEPT: rework, or use-as-is with "
                                        "deviation number")
+    rebaseline: bool = Field(default=False, description="an accept that re-baselines the control charts of the "
+                             "exception's CoA properties (a new test method, a new source)")
 
     @model_validator(mode="after")
     def _condition_when_conditional(self) -> "DecisionIn":
         if self.resolution == "CONDITIONAL_ACCEPT" and not self.condition.strip():
             raise ValueError("a conditional accept needs its condition")
+        if self.rebaseline and self.resolution == "REJECT":
+            raise ValueError("only an accept can re-baseline the control charts")
         return self
 
 
@@ -320,11 +324,13 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
     def decide_form(request: Request, exception_id: str, user: Annotated[User, Depends(page_user)],
                     resolution: Annotated[str, Form()], reasoning: Annotated[str, Form(max_length=4000)] = "",
                     certainty: Annotated[str, Form()] = "", condition: Annotated[str, Form(max_length=4000)] = "",
-                    reassign_to: Annotated[str, Form()] = "", csrf_token: Annotated[str, Form()] = "") -> Response:
+                    reassign_to: Annotated[str, Form()] = "", rebaseline: Annotated[str, Form()] = "",
+                    csrf_token: Annotated[str, Form()] = "") -> Response:
         check_csrf(request, csrf_token)
         row = load(exception_id, user)
         try:
-            decision = Decision(Resolution(resolution), reasoning, _percent(certainty), condition, reassign_to)
+            decision = Decision(Resolution(resolution), reasoning, _percent(certainty), condition, reassign_to,
+                                rebaseline=rebaseline == "on")
         except ValueError as exc:
             return render(request, "detail.html", 422, user=user, row=row, csrf=request.state.csrf, now=now(),
                           error=str(exc), **_detail_context(services, row))
@@ -376,7 +382,8 @@ def create_app(services: ReviewServices, *, secure_cookies: bool = False,
         """Accept, conditionally accept or reject; 409 with the first decision if it was decided."""
         row = load(exception_id, user)
         try:
-            decision = Decision(Resolution(body.resolution), body.reasoning, body.certainty, body.condition)
+            decision = Decision(Resolution(body.resolution), body.reasoning, body.certainty, body.condition,
+                                rebaseline=body.rebaseline)
         except ValueError as exc:  # the model already checked these: in the validation errors' shape anyway
             return _invalid("body", str(exc))
         return _api_write(writer, row, decision, user)

@@ -52,6 +52,7 @@ class Decision:
     certainty: float  # 0..1
     condition: str = ""
     reassign_to: str = ""
+    rebaseline: bool = False  # an accept that re-baselines the exception's control charts
 
     def __post_init__(self) -> None:
         if not self.reasoning.strip():
@@ -63,6 +64,8 @@ class Decision:
         if self.resolution is Resolution.CONDITIONAL_ACCEPT and not self.condition.strip():
             raise ValueError("a conditional accept needs its condition (e.g. rework, or use-as-is with deviation "
                              "number)")
+        if self.rebaseline and self.resolution not in (Resolution.ACCEPT, Resolution.CONDITIONAL_ACCEPT):
+            raise ValueError("only an accept can re-baseline the control charts")
         if self.resolution is Resolution.REASSIGN and self.reassign_to not in {q.value for q in Queue}:
             raise ValueError(f"reassign_to must be one of {', '.join(q.value for q in Queue)}")
 
@@ -130,6 +133,7 @@ class DecisionWriter:
                 "condition": decision.condition.strip(),
                 "reassign_to": decision.reassign_to,
                 "confidence_shown": confidence_shown,
+                "rebaseline": decision.rebaseline,
             }
             value = self.codec.encode(record)
             failure: list[str] = []

@@ -151,3 +151,17 @@ def test_pages_carry_security_headers(app: tuple[TestClient, dict[str, str], Pro
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     cookie = page.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
+
+
+def test_an_accept_may_rebaseline_the_charts_a_reject_may_not(app: tuple[TestClient, dict[str, str], Produced]) -> None:
+    from lotflow.schemas.serde import AvroCodec, schema_source
+    from lotflow.streams import topics
+
+    client, tokens, produced = app
+    body = {"resolution": "REJECT", "reasoning": "off", "certainty": 0.9, "rebaseline": True}
+    assert client.post("/api/exceptions/x1/decision", json=body, headers=bearer(tokens, "rita")).status_code == 422
+    body = {**body, "resolution": "ACCEPT", "reasoning": "new test method"}
+    assert client.post("/api/exceptions/x1/decision", json=body, headers=bearer(tokens, "rita")).status_code == 201
+    codec = AvroCodec(schema_source(None), "x", topics.DECISIONS.schema)
+    [(_, _, value)] = produced.sent
+    assert codec.decode(value)["rebaseline"] is True
