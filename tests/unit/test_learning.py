@@ -200,3 +200,30 @@ def test_a_reassignment_teaches_nothing_and_a_spot_check_proceeds() -> None:
     assert label["spot_check"] and not label["good"]
     assert [e["event_type"] for name, _, e in run.sent if name == "lotflow.lot-events"] == ["REJECTED"]
     assert not [r for name, _, r in run.sent if name == "lotflow.verified"]  # it was verified already
+
+
+def test_a_mean_shift_inside_the_limits_raises_a_control_chart_signal_and_a_rebaseline_ends_it() -> None:
+    run = Run()
+    rng = random.Random(5)
+    in_control = [_purity_receipt(run, n, 99.0 + rng.gauss(0, 0.1)) for n in range(60)]  # reference: 50 lots
+    assert not [r for d in in_control for r in d["reasons"] if r["code"] == "SPC_SIGNAL"]
+    decisions = [_purity_receipt(run, n, 99.25 + rng.gauss(0, 0.1)) for n in range(60, 75)]  # +2.5 sigma, in spec
+    flagged = [d for d in decisions if d["decision"] == "EXCEPTION"]
+    assert flagged, "a sustained 2.5 sigma shift must signal within 15 lots"
+    reason = next(r for r in flagged[0]["reasons"] if r["code"] == "SPC_SIGNAL")
+    assert "CUSUM" in reason["message"] and reason["evidence"]["property"] == "purity"
+    assert reason["evidence"]["reference_n"] == "50" and flagged[0]["route_to"] == "supplier_quality"
+    # "new test method, accept": the chart learns a new reference from the next lots
+    run.handle(DECISION(900, flagged[0]["id"], po=flagged[0]["subject_key"], rebaseline=True))
+    later = [_purity_receipt(run, n, 99.25 + rng.gauss(0, 0.1)) for n in range(75, 135)]
+    assert not [r for d in later for r in d["reasons"] if r["code"] == "SPC_SIGNAL"]
+
+
+def _purity_receipt(run: Run, n: int, purity: float) -> dict[str, Any]:
+    number, lot = f"PO-{n}", f"L-{n}"
+    run.handle(event(topics.PURCHASE_ORDERS, po(number=number), 10 * n),
+               event(topics.CERTIFICATES, coa(number=number, lot=lot, purity=round(purity, 4)), 10 * n + 1),
+               event(topics.RECEIPTS, receipt(rid=f"R-{n}", number=number, lot=lot), 10 * n + 2))
+    [decision] = [r for name, _, r in run.sent if name in ("lotflow.exceptions", "lotflow.verified")
+                  and r["subject_id"] == f"R-{n}" and not r["id"].endswith(":spot")]
+    return decision
