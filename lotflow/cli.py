@@ -197,6 +197,37 @@ def _holds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace) -> int:
+    from lotflow.model_admin import run_model
+
+    return run_model(get_settings(), args.action, node=args.node, path=getattr(args, "file", None),
+                     force=getattr(args, "force", False), replay_all=getattr(args, "replay_all", False),
+                     as_json=getattr(args, "json", False))
+
+
+def _train(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if args.make_sample is not None:
+        from lotflow.training import make_sample
+
+        if args.make_sample.exists() and not args.force:
+            raise ValueError(f"{args.make_sample} exists; use --force to overwrite it")
+        summary = make_sample(settings, args.make_sample, args.count, args.seed, args.faults, progress=print)
+        print(f"sample {args.make_sample}: {summary}")
+        return 0
+    from lotflow.training import run_train
+
+    return run_train(settings, node=args.node, from_file=args.from_file, holdout=args.holdout, dry_run=args.dry_run,
+                     output=args.output, force=args.force, as_json=args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lotflow.report import run_report
+
+    return run_report(get_settings(), node=args.node, since=args.since, as_json=args.json,
+                      checkpoint=not args.no_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotflow", description=__doc__,
                                      epilog="Configuration: LOTFLOW_* environment variables (see README).")
@@ -231,6 +262,66 @@ def build_parser() -> argparse.ArgumentParser:
     why_cmd.set_defaults(func=_why)
     holds_cmd = sub.add_parser("holds", help="lots held by an open exception, with its queue and age")
     holds_cmd.set_defaults(func=_holds)
+    embedded = ("With the embedded ClickHouse engine (the default) it opens the engine itself: run it while no "
+                "other process (the sink, the review service) holds it.")
+    model_cmd = sub.add_parser("model", help="the nodes' learnt models: status, export, import (the checkpoints "
+                               "on lotflow.model-checkpoints)",
+                               epilog="Workers load a node's newest checkpoint when they (re)start, then replay the "
+                                      "labels after its labels offset.")
+    model_cmd.set_defaults(func=_model)
+    model_actions = model_cmd.add_subparsers(dest="action", required=True)
+    model_status = model_actions.add_parser("status", help="the newest checkpoint per node, the labels after it, "
+                                            "and a running worker's live model")
+    model_status.add_argument("--node", default="receiving", help="node shown even without a checkpoint")
+    model_status.add_argument("--json", action="store_true", help="JSON instead of a table")
+    model_export = model_actions.add_parser("export", help="write the newest checkpoint's learner to a file")
+    model_export.add_argument("file", type=Path)
+    model_export.add_argument("--node", default="receiving")
+    model_export.add_argument("--force", action="store_true", help="overwrite FILE")
+    model_import = model_actions.add_parser("import", help="store a learner file as the newest checkpoint "
+                                            "(source import); workers load it when they (re)start",
+                                            epilog="A learner file is a pickle: import only files you trust.")
+    model_import.add_argument("file", type=Path)
+    model_import.add_argument("--node", default="receiving")
+    model_import.add_argument("--replay-all", action="store_true",
+                              help="reset its labels offset to -1: workers replay the whole labels topic on top "
+                                   "(a learner trained outside this cluster)")
+    train_cmd = sub.add_parser("train", help="train and calibrate a node's learner from labelled history; store "
+                               "it as a checkpoint (source train)",
+                               epilog="--from-clickhouse reads the labels table. " + embedded)
+    train_source = train_cmd.add_mutually_exclusive_group()
+    train_source.add_argument("--from-clickhouse", action="store_true",
+                              help="learn the labels table in labels-topic order (default); workers then replay "
+                                   "only the labels after the last one used")
+    train_source.add_argument("--from-file", type=Path, default=None, metavar="PATH",
+                              help="CSV or Parquet, one row per historical receipt: feature columns, vendor_id, "
+                                   "material_id, soft_codes (;-separated), good, [confidence], [spot_check]")
+    train_source.add_argument("--make-sample", type=Path, default=None, metavar="PATH",
+                              help="write a sample history file (CSV or Parquet) from the simulator, decided by a "
+                                   "receiving processor in memory, and stop")
+    train_cmd.add_argument("--node", default="receiving")
+    train_cmd.add_argument("--holdout", type=float, default=None,
+                           help="newest share held out to measure ECE/Brier on (default 0.2 with --from-file, "
+                                "0 with --from-clickhouse: workers replay the held-out labels anyway)")
+    train_cmd.add_argument("--dry-run", action="store_true", help="do not write the checkpoint")
+    train_cmd.add_argument("--output", type=Path, default=None, metavar="FILE", help="also write the learner here")
+    train_cmd.add_argument("--force", action="store_true", help="overwrite --output / --make-sample files")
+    train_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    train_cmd.add_argument("--count", type=int, default=5000, help="--make-sample: receipts to simulate")
+    train_cmd.add_argument("--seed", type=int, default=7, help="--make-sample: simulation seed")
+    train_cmd.add_argument("--faults", default="default", help="--make-sample: fault spec (default, learning, ...)")
+    train_cmd.set_defaults(func=_train)
+    report_cmd = sub.add_parser("report", help="review rate, false alarms, spot-check precision, calibration and "
+                                "drift per node and vendor; PNG plots under LOTFLOW_VAR_DIR",
+                                epilog="Writes report-reliability.png and report-learning-curve.png. Drift events "
+                                       "come from the newest model checkpoint (Kafka). " + embedded)
+    report_cmd.add_argument("--node", default=None, help="only this node (default: every node)")
+    report_cmd.add_argument("--since", default=None,
+                            help="only decisions/labels since: an ISO date/time (UTC) or a span such as 24h or 7d")
+    report_cmd.add_argument("--json", action="store_true", help="JSON instead of tables")
+    report_cmd.add_argument("--no-checkpoint", action="store_true",
+                            help="do not read the model checkpoint from Kafka (drift events unknown)")
+    report_cmd.set_defaults(func=_report)
     sink = sub.add_parser("sink", help="run the ClickHouse sink")
     sink.set_defaults(func=_sink)
     for name, helptext, rate in (("simulate", "publish simulated plant traffic", 0.0),

@@ -60,7 +60,6 @@ class Settings(BaseSettings):
     document_wait_s: float = Field(default=3600.0, gt=0, description="how long a receipt waits for its PO/spec/CoA")
     quantity_tolerance_pct: float = Field(default=2.0, ge=0)
     price_tolerance_pct: float = Field(default=15.0, ge=0)
-    min_labels_for_model: int = Field(default=50, ge=1, description="labels before the learnt model is blended in")
     spot_check_share: float = Field(default=0.02, ge=0, le=1, description="share of would-be-verified receipts "
                                                                         "sent to a person as SPOT_CHECK")
     soft_accepts_needed: int = Field(default=3, ge=1, description="consistent accepts of a vendor x material x "

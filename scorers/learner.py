@@ -9,10 +9,10 @@ contains, and a restarted worker replays the labels after it.
 
 Design (argued):
 
-* **The prior stays the anchor.** A River logistic regression (standardised features) learns
-  from labels; until ``min_labels`` it is not used, then its probability is blended in with
-  weight n / (n + min_labels) (``OnlineConfidence``). It sees the prior's logit as a feature, so
-  it learns *corrections* to the documented formula rather than starting from nothing.
+* **The prior stays the anchor.** A River logistic regression starts as the documented prior
+  (weight 1 on the prior's logit, 0 elsewhere, no learnt intercept) and each label moves it one
+  small SGD step (``OnlineConfidence``): it learns *corrections* to the documented formula
+  rather than starting from nothing, and no early label can swing it.
 * **Per vendor x material patterns through features, not grouped models.** A model per pair
   would see a handful of labels each; instead the scorer is given, per soft reason of a
   receipt, what people decided on that vendor x material x reason (``pattern_accept_share``,
@@ -22,10 +22,13 @@ Design (argued):
   only once people have accepted that vendor x material x reason ``accepts_needed`` times with
   no reject among its last ``pattern_window`` decisions, *and* the calibrated confidence passes
   the node's threshold, *and* the vendor is not tightened by drift.
-* **Calibration.** The blended score is mapped through an isotonic fit of labelled outcomes
-  (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist). Spot
+* **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
+  (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist) of the
+  hand-offs the confidence decided: exceptions a rule held whatever the confidence (a hard reason,
+  a soft one not cleared) are left out — their outcomes at a high score (faulty over-deliveries)
+  pulled clean receipts of the same score below the threshold. Spot
   checks are drawn at random from what would be verified, so each stands for 1 / share
-  receipts: they are weighted (capped at ``spot_weight_cap``) in the fit and the model.
+  receipts: they are weighted (capped at ``spot_weight_cap``) in the fit.
 * **Drift.** ``river.drift.ADWIN`` watches each vendor's stream of model errors
   (|outcome - confidence|); when the error rises the vendor is tightened (its soft reasons
   go to people, with a ``DRIFT_DETECTED`` reason) until ``relax_after`` labels in a row agree
@@ -62,12 +65,12 @@ FORMAT = 1  # bumped when the pickled layout changes; an older checkpoint is the
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    min_labels: int = 50
-    learning_rate: float = 0.05
+    learning_rate: float = 0.01
     calibrate_every: int = 25
     min_calibration_labels: int = 100
     accepts_needed: int = 3
     pattern_window: int = 10
+    max_rejects: int = 0  # rejects tolerated among the pattern's last ``pattern_window`` decisions
     relax_after: int = 20
     adwin_delta: float = 0.002
     spot_check_share: float = 0.02
@@ -87,12 +90,13 @@ class Label:
     good: bool
     confidence: float  # what the model said when the exception was raised
     spot_check: bool = False
+    by_rule: bool = False  # a rule held it whatever the confidence: not a calibration point
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Label:
         return cls(record["label_id"], record["vendor_id"], record["material_id"], tuple(record["soft_codes"]),
                    dict(record["features"]), bool(record["good"]), float(record["confidence"]),
-                   bool(record["spot_check"]))
+                   bool(record["spot_check"]), bool(record.get("by_rule", False)))
 
 
 @dataclass(slots=True)
@@ -141,7 +145,7 @@ class Learner:
 
     def __post_init__(self) -> None:
         self.format = FORMAT
-        self.scorer = OnlineConfidence(self.config.min_labels, self.config.learning_rate)
+        self.scorer = OnlineConfidence(self.config.learning_rate)
         self.calibrator = IsotonicCalibrator()
         self.patterns: dict[PatternKey, collections.deque[bool]] = {}
         self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
@@ -157,7 +161,7 @@ class Learner:
     @property
     def version(self) -> str:
         """``<scorer>/L<labels>/C<labels in the checkpoint restored>``."""
-        return f"{self.scorer.version.split('+')[0]}+lr/L{self.n_labels}/C{self.checkpoint_labels}"
+        return f"{self.scorer.version}+lr/L{self.n_labels}/C{self.checkpoint_labels}"
 
     def pattern_features(self, keys: Sequence[PatternKey]) -> Features:
         """What people decided on these vendor x material x reason patterns (none: no features)."""
@@ -186,7 +190,7 @@ class Learner:
         """People accepted this pattern consistently: enough accepts, no reject among the recent ones."""
         recent = self.patterns.get(key)
         return (recent is not None and sum(recent) >= self.config.accepts_needed
-                and all(recent))
+                and len(recent) - sum(recent) <= self.config.max_rejects)
 
     def drift_of(self, vendor: str) -> DriftState | None:
         return self.tightened.get(vendor)
@@ -200,11 +204,16 @@ class Learner:
         if offset <= self.labels_offset:
             return
         self.labels_offset = offset
-        weight = min(1.0 / self.config.spot_check_share, self.config.spot_weight_cap) if label.spot_check else 1.0
+        share = self.config.spot_check_share
+        weight = min(1.0 / share if share > 0 else math.inf, self.config.spot_weight_cap) if label.spot_check else 1.0
         x = {k: float(v) for k, v in label.features.items() if math.isfinite(v)}
         raw = self.raw_score(x)  # before learning: what the model would have said
-        self.scorer.learn_one(x, label.good, weight)
-        self.calibrator.learn_one(raw, label.good, weight)
+        # A spot check stands for 1 / share receipts in the calibration (where it is the only label of
+        # the high scores); the regression takes it as one step, like any label (an SGD step of
+        # weight 10 on a prior logit of ~4 moved the prior's weight 0.4 per rejected spot check).
+        self.scorer.learn_one(x, label.good)
+        if not label.by_rule:  # where the confidence decided: a rule's exceptions are another population
+            self.calibrator.learn_one(raw, label.good, weight)
         self.n_labels += 1
         if len(self.calibrator) >= self.config.min_calibration_labels and (
                 not self._calibrated or self.n_labels % self.config.calibrate_every == 0):
@@ -273,10 +282,8 @@ class Learner:
 
     def _canonical(self) -> tuple[Any, ...]:
         """The learnt numbers in a fixed order (a pickle's bytes also depend on object sharing)."""
-        scaler = self.scorer.model["StandardScaler"]
-        regression = self.scorer.model["LogisticRegression"]
+        regression = self.scorer.model
         return (self.labels_offset, self.n_labels, self.scorer.n_labels,
-                sorted(scaler.counts.items()), sorted(scaler.means.items()), sorted(scaler.vars.items()),
                 sorted(regression.weights.items()), regression.intercept,
                 self.calibrator._scores, self.calibrator._outcomes, self.calibrator._weights, self._calibrated,
                 sorted((k, list(v)) for k, v in self.patterns.items()), sorted(self.pattern_totals.items()),

@@ -397,6 +397,7 @@ FROM {DB}.decisions_avro AS src""",
     resolution LowCardinality(String),
     confidence Float64,
     spot_check Bool,
+    by_rule Bool,
     decided_by LowCardinality(String),
     decided_at DateTime64(3, 'UTC'),
     decision_time DateTime64(3, 'UTC'),{_KAFKA}
@@ -420,12 +421,13 @@ ORDER BY (node, vendor_id, label_id)
     resolution String,
     confidence Float64,
     spot_check Bool,
+    by_rule Bool,
     decided_by String,
     decided_at DateTime64(3, 'UTC'),
     decision_time DateTime64(3, 'UTC'),""",
         """
     label_id, node, exception_id, subject_id, vendor_id, material_id, reason_codes, soft_codes, features,
-    good, resolution, confidence, spot_check, decided_by, decided_at, decision_time,""",
+    good, resolution, confidence, spot_check, by_rule, decided_by, decided_at, decision_time,""",
     ),
 )
 

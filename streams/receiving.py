@@ -76,8 +76,7 @@ class InputEvent:
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
-    return LearnerConfig(min_labels=settings.min_labels_for_model, accepts_needed=settings.soft_accepts_needed,
-                         spot_check_share=settings.spot_check_share)
+    return LearnerConfig(accepts_needed=settings.soft_accepts_needed, spot_check_share=settings.spot_check_share)
 
 
 def build_node(settings: Settings, learner: Learner | None = None) -> VerificationNode[rules.ReceivingContext]:
@@ -550,7 +549,7 @@ class ReceivingProcessor:
                         "automatically verified receipts go to a person", Severity.INFO, {})
         verdict = Verdict("EXCEPTION", evaluation.verdict.confidence, "NORMAL", spot, reason)
         review = Evaluation((*evaluation.reasons, reason), evaluation.features, verdict, evaluation.model_version,
-                            prior_decision=evaluation.prior_decision, soft_codes=evaluation.soft_codes)
+                            prior_decision=evaluation.prior_decision, soft_codes=evaluation.soft_codes)  # not by rule
         pattern = rules.pattern_of(ctx, reason)
         spot_subject = Subject(node=NODE, key=subject.key, subject_id=subject.subject_id, refs=subject.refs,
                                event_time_ms=subject.event_time_ms, vendor_id=subject.vendor_id,
@@ -583,7 +582,8 @@ class ReceivingProcessor:
             "refs": [[r["topic"], r["partition"], r["offset"]] for r in exception["input_refs"]],
             "event_time": event_time, "t": int(self.clock() * 1000),
             "features": evaluation.features, "soft": list(evaluation.soft_codes),
-            "codes": [r.code for r in evaluation.reasons], "spot": spot, "charts": charts})
+            "codes": [r.code for r in evaluation.reasons], "spot": spot, "rule": evaluation.by_rule,
+            "charts": charts})
 
     def _on_decision(self, event: InputEvent, raw: Record, now_ms: int) -> None:
         """A person's decision: applied once, to an exception this worker raised and keeps open."""
@@ -657,11 +657,13 @@ class ReceivingProcessor:
                 spec, [f"{material_id}|{p['name']}" for p in spec["properties"]])
         return cached[1]
 
-    @staticmethod
-    def _learn_history(profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation,
+    def _learn_history(self, profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation,
                        now_ms: int) -> None:
         reasons = evaluation.reasons
-        failed = any(r.severity is Severity.BLOCK for r in reasons)
+        # A rule failure: a hard reason, or a soft one people have not cleared for this vendor (an
+        # over-delivery its agreement covers, once accepted, is no failure of the vendor's).
+        hard, soft = self.node.config.split(reasons)
+        failed = bool(hard) or (bool(soft) and evaluation.verdict.decision == "EXCEPTION")
         history.observe_decision(profile, failed)
         codes = [r.code for r in reasons if r.severity is not Severity.INFO]
         if evaluation.verdict.decision == "EXCEPTION" and evaluation.verdict.reason is None:

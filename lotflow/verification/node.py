@@ -181,6 +181,7 @@ class Evaluation:
     prior_decision: str = ""  # what the documented prior alone, without learning, would have decided
     spot_check: bool = False  # verified, and drawn for a person's unbiased label
     soft_codes: tuple[str, ...] = ()  # the soft reasons: the patterns a person's label on it teaches
+    by_rule: bool = False  # held by a rule whatever the confidence (hard, or soft and not cleared)
 
 
 DRIFT_DETECTED = "DRIFT_DETECTED"
@@ -233,7 +234,8 @@ class VerificationNode(Generic[Context]):
         verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
         prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
         evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,
-                                soft_codes=tuple(r.code for r in soft))
+                                soft_codes=tuple(r.code for r in soft),
+                                by_rule=bool(hard) or (bool(soft) and not cleared))
         if verdict.decision == "EXCEPTION":  # explained where a person will read it
             evaluation.contributions = explain(context, reasons, x, learner.contributions(x), self.describe)
         elif learner.is_spot_check(subject):

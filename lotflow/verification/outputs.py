@@ -209,7 +209,8 @@ def person_outputs(exception: Record, decision: PersonDecision, now_ms: int) -> 
             "subject_id": exception["rid"], "vendor_id": exception["vendor"], "material_id": exception["material"],
             "reason_codes": list(exception.get("codes", ())), "soft_codes": list(exception.get("soft", ())),
             "features": dict(exception.get("features", {})), "good": released, "resolution": decision.resolution,
-            "confidence": exception["confidence"], "spot_check": spot, "decided_by": decision.decided_by,
+            "confidence": exception["confidence"], "spot_check": spot, "by_rule": exception.get("rule", False),
+            "decided_by": decision.decided_by,
             "decided_at": decision.decided_at_ms, "decision_time": now_ms}))
     return out
 

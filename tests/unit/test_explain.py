@@ -31,18 +31,16 @@ def test_prior_contributions_are_the_logit_terms_signed() -> None:
     assert prior.contributions({}) == {}  # a clean receipt: nothing pulled it down
 
 
-def test_blended_contributions_keep_the_prior_until_the_model_counts() -> None:
-    model = OnlineConfidence(min_labels=5)
+def test_learnt_contributions_start_as_the_prior_and_add_the_corrections() -> None:
+    model = OnlineConfidence()
     x = {"n_block": 1.0, "coa_max_abs_z": 4.0}
-    assert model.contributions(x) == model.prior.contributions(x)
+    assert model.contributions(x) == pytest.approx(model.prior.contributions(x))
     for i in range(10):
         model.learn_one({"n_block": float(i % 2), "coa_max_abs_z": float(i)}, i % 2 == 0)
-    blended = model.contributions(x)
-    w = model._weight()
-    assert 0 < w < 1
-    # the prior's shares are scaled by its weight in the blend, the learnt ones added
-    assert set(blended) >= set(model.prior.contributions(x))
-    assert blended["n_block"] != pytest.approx(model.prior.contributions(x)["n_block"])
+    learnt = model.contributions(x)
+    # the prior's shares scaled by its learnt weight, the corrections added
+    assert set(learnt) >= set(model.prior.contributions(x))
+    assert learnt["n_block"] != pytest.approx(model.prior.contributions(x)["n_block"])
 
 
 def test_explain_lists_only_what_pulled_down_largest_first_in_words() -> None:
