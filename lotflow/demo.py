@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +218,21 @@ def _serve_review(settings: Settings, worker: subprocess.Popen[bytes]) -> int:
     return 0
 
 
+def prepare_topics(settings: Settings, prefix: str, say: Callable[[str], None]) -> bool:
+    """The local broker if none answers (True: started here), topics of earlier runs under ``prefix``
+    removed, this run's created."""
+    started = False
+    if not localkafka.broker_answers(settings.kafka_port):
+        say("starting the local Kafka broker")
+        localkafka.start(settings)
+        started = True
+    removed = admin.delete_topics_with_prefix(settings, prefix)
+    if removed:
+        say(f"removed {len(removed)} topics of earlier runs")
+    admin.create_topics(settings)
+    return started
+
+
 def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "default",
              rate: float = DEMO_RATE, review: bool = False) -> int:
     from lotflow.simulator.faults import parse_fault_spec
@@ -239,14 +254,7 @@ def run_demo(base: Settings, seed: int = 7, count: int = 20000, faults: str = "d
     reader: OutputReader | None = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if not localkafka.broker_answers(settings.kafka_port):
-            print("== starting the local Kafka broker")
-            localkafka.start(settings)
-            started_broker = True
-        removed = admin.delete_topics_with_prefix(settings, DEMO_PREFIX)
-        if removed:
-            print(f"== removed {len(removed)} topics of earlier demo runs")
-        admin.create_topics(settings)
+        started_broker = prepare_topics(settings, DEMO_PREFIX, lambda line: print(f"== {line}"))
         print(f"== topics ready under prefix {settings.topic_prefix!r}; document wait {wait:g}s")
         subprocess.run([sys.executable, "-m", "lotflow.cli", "db", "migrate"], env=child_env(settings), check=True)
         worker = _spawn("worker", settings, log_dir)

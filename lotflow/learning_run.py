@@ -847,7 +847,7 @@ def plot_curves(per_window: Sequence[Mapping[str, Any]], path: Path) -> bool:
 def run_learning_demo(base: Settings, opts: LearningOptions, out: Path | None = None,
                       plot: Path | None = None) -> int:
     """The whole learning run on a local broker and the embedded engine (``make learning-demo``)."""
-    from lotflow.demo import _raise_interrupt, _spawn, _stop, _wait_http
+    from lotflow.demo import _raise_interrupt, _spawn, _stop, _wait_http, prepare_topics
 
     def say(line: str) -> None:
         print(f"[learning] {line}" if line else "", flush=True)
@@ -873,14 +873,7 @@ def run_learning_demo(base: Settings, opts: LearningOptions, out: Path | None = 
     worker = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if not localkafka.broker_answers(settings.kafka_port):
-            say("starting the local Kafka broker")
-            localkafka.start(settings)
-            started_broker = True
-        removed = admin.delete_topics_with_prefix(settings, LEARN_PREFIX)
-        if removed:
-            say(f"removed {len(removed)} topics of earlier learning runs")
-        admin.create_topics(settings)
+        started_broker = prepare_topics(settings, LEARN_PREFIX, say)
         say(f"topics ready under prefix {settings.topic_prefix!r}; document wait {wait:g}s")
         worker = _spawn("worker", settings, log_dir)
         _wait_http(f"http://{settings.worker_web_host}:{settings.worker_web_port}/metrics", worker,

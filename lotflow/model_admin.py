@@ -46,40 +46,28 @@ def _kafka_error(settings: Settings, what: str, exc: Exception) -> RuntimeError:
 
 
 def _records(settings: Settings, spec: topics.TopicSpec, start: int, consumer: Any) -> Iterator[Any]:
-    from lotflow.streams.learning import _read_to_end  # the reader the workers restore with
+    from lotflow.streams.learning import read_to_end  # the reader the workers restore with
 
-    yield from _read_to_end(consumer, spec.full_name(settings), start, READ_TIMEOUT_S)
+    yield from read_to_end(consumer, spec.full_name(settings), start, READ_TIMEOUT_S)
 
 
 def read_checkpoints(settings: Settings, source: SchemaSource) -> dict[str, Checkpoint]:
     """The newest checkpoint of every node on the checkpoints topic."""
-    from lotflow.streams.learning import _codec, _consumer
+    from lotflow.streams import learning
 
-    codec = _codec(settings, source, topics.MODEL_CHECKPOINTS)
-    found: dict[str, Checkpoint] = {}
-    consumer = _consumer(settings)
     try:
-        for msg in _records(settings, topics.MODEL_CHECKPOINTS, -1, consumer):
-            if msg.value() is None:  # a tombstone: the node's checkpoints were deleted
-                found.pop((msg.key() or b"").decode(), None)
-                continue
-            r = codec.decode(msg.value())
-            found[r["node"]] = Checkpoint(r["node"], r["labels_offset"], r["labels"], r["fingerprint"], r["source"],
-                                          r["created_at"], r["state"], msg.offset())
+        return learning.read_checkpoints(settings, source, timeout_s=READ_TIMEOUT_S)
     except Exception as exc:
         raise _kafka_error(settings, f"reading {topics.MODEL_CHECKPOINTS.full_name(settings)}", exc) from exc
-    finally:
-        consumer.close()
-    return found
 
 
 def labels_end_offset(settings: Settings) -> int:
     """The end offset of the labels topic (partition 0): the offset the next label gets."""
     from confluent_kafka import TopicPartition
 
-    from lotflow.streams.learning import _consumer
+    from lotflow.streams.learning import model_consumer
 
-    consumer = _consumer(settings)
+    consumer = model_consumer(settings)
     try:
         _, high = consumer.get_watermark_offsets(TopicPartition(topics.LABELS.full_name(settings), 0), timeout=10)
         return int(high)
@@ -91,11 +79,11 @@ def labels_end_offset(settings: Settings) -> int:
 
 def labels_after(settings: Settings, source: SchemaSource, offsets: dict[str, int]) -> Counter[str]:
     """Per node, the labels on the labels topic after ``offsets[node]`` (-1: all of them)."""
-    from lotflow.streams.learning import _codec, _consumer
+    from lotflow.streams.learning import model_consumer, topic_codec
 
-    codec = _codec(settings, source, topics.LABELS)
+    codec = topic_codec(settings, source, topics.LABELS)
     counts: Counter[str] = Counter({node: 0 for node in offsets})
-    consumer = _consumer(settings)
+    consumer = model_consumer(settings)
     try:
         start = min(offsets.values(), default=-1) + 1
         for msg in _records(settings, topics.LABELS, start, consumer):

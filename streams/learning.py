@@ -25,7 +25,8 @@ from lotflow.scorers.learner import Label, Learner, LearnerConfig
 from lotflow.settings import Settings
 from lotflow.streams import topics
 
-__all__ = ["Checkpoint", "ModelFeed", "latest_checkpoint", "publish_quality", "write_checkpoint"]
+__all__ = ["Checkpoint", "ModelFeed", "latest_checkpoint", "model_consumer", "publish_quality", "read_checkpoints",
+           "read_to_end", "topic_codec", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 CATCH_UP_TIMEOUT_S = 120.0
@@ -49,19 +50,19 @@ class Checkpoint:
         return learner
 
 
-def _codec(settings: Settings, source: SchemaSource, spec: topics.TopicSpec) -> AvroCodec:
+def topic_codec(settings: Settings, source: SchemaSource, spec: topics.TopicSpec) -> AvroCodec:
     name = spec.full_name(settings)
     return AvroCodec(source, f"{name}-value", spec.schema, epoch_millis=True)
 
 
-def _consumer(settings: Settings) -> Consumer:
+def model_consumer(settings: Settings) -> Consumer:
     return Consumer(client_config(settings, **{
         "group.id": f"{settings.app_id}-model-unused",  # required by librdkafka; never committed
         "enable.auto.commit": False, "enable.partition.eof": False, "fetch.wait.max.ms": 50,
         "isolation.level": "read_committed"}))
 
 
-def _read_to_end(consumer: Consumer, topic: str, start: int, timeout_s: float) -> Iterator[Any]:
+def read_to_end(consumer: Consumer, topic: str, start: int, timeout_s: float) -> Iterator[Any]:
     """Every committed record of partition 0 of ``topic`` from ``start`` to its end as of now."""
     tp = TopicPartition(topic, 0, start if start >= 0 else OFFSET_BEGINNING)
     _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
@@ -83,32 +84,37 @@ def _read_to_end(consumer: Consumer, topic: str, start: int, timeout_s: float) -
     log.warning("%s: not read to its end (%d) within %.0fs; going on with what was read", topic, high, timeout_s)
 
 
-def latest_checkpoint(settings: Settings, source: SchemaSource, node: str,
-                      consumer: Consumer | None = None) -> Checkpoint | None:
-    """The newest checkpoint of ``node`` on the checkpoints topic (None: none yet)."""
+def read_checkpoints(settings: Settings, source: SchemaSource, consumer: Consumer | None = None,
+                     timeout_s: float = 60.0) -> dict[str, Checkpoint]:
+    """The newest checkpoint of every node on the checkpoints topic (a tombstone removes a node's)."""
     own = consumer is None
-    consumer = consumer or _consumer(settings)
-    codec = _codec(settings, source, topics.MODEL_CHECKPOINTS)
-    found: Checkpoint | None = None
+    consumer = consumer or model_consumer(settings)
+    codec = topic_codec(settings, source, topics.MODEL_CHECKPOINTS)
+    found: dict[str, Checkpoint] = {}
     try:
-        for msg in _read_to_end(consumer, topics.MODEL_CHECKPOINTS.full_name(settings), -1, 60.0):
+        for msg in read_to_end(consumer, topics.MODEL_CHECKPOINTS.full_name(settings), -1, timeout_s):
             if msg.value() is None:
+                found.pop((msg.key() or b"").decode(), None)
                 continue
-            record = codec.decode(msg.value())
-            if record["node"] == node:
-                found = Checkpoint(record["node"], record["labels_offset"], record["labels"],
-                                   record["fingerprint"], record["source"], record["created_at"], record["state"],
-                                   msg.offset())
+            r = codec.decode(msg.value())
+            found[r["node"]] = Checkpoint(r["node"], r["labels_offset"], r["labels"], r["fingerprint"], r["source"],
+                                          r["created_at"], r["state"], msg.offset())
     finally:
         if own:
             consumer.close()
     return found
 
 
+def latest_checkpoint(settings: Settings, source: SchemaSource, node: str,
+                      consumer: Consumer | None = None) -> Checkpoint | None:
+    """The newest checkpoint of ``node`` (None: none yet)."""
+    return read_checkpoints(settings, source, consumer).get(node)
+
+
 def write_checkpoint(settings: Settings, source: SchemaSource, node: str, learner: Learner, origin: str,
                      producer: Producer | None = None) -> None:
     """Write ``learner`` as ``node``'s newest checkpoint (``origin``: worker, train or import)."""
-    codec = _codec(settings, source, topics.MODEL_CHECKPOINTS)
+    codec = topic_codec(settings, source, topics.MODEL_CHECKPOINTS)
     value = codec.encode({"node": node, "labels_offset": learner.labels_offset, "labels": learner.n_labels,
                           "fingerprint": learner.fingerprint(), "source": origin,
                           "created_at": int(time.time() * 1000), "state": learner.to_bytes()})
@@ -131,8 +137,8 @@ class ModelFeed:
         self.node = node
         self.config = config
         self.labels_topic = topics.LABELS.full_name(settings)
-        self._labels = _codec(settings, source, topics.LABELS)
-        self._consumer = _consumer(settings)
+        self._labels = topic_codec(settings, source, topics.LABELS)
+        self._consumer = model_consumer(settings)
         self._producer: Producer | None = None
         self._checkpointed_at = 0
         self.restored_from: Checkpoint | None = None
@@ -144,7 +150,7 @@ class ModelFeed:
         self.restored_from = checkpoint
         started = time.monotonic()
         replayed = 0
-        for msg in _read_to_end(self._consumer, self.labels_topic, learner.labels_offset + 1, CATCH_UP_TIMEOUT_S):
+        for msg in read_to_end(self._consumer, self.labels_topic, learner.labels_offset + 1, CATCH_UP_TIMEOUT_S):
             replayed += self._apply(learner, msg)
         self._checkpointed_at = learner.n_labels
         origin = f"checkpoint of {checkpoint.labels} labels ({checkpoint.source})" if checkpoint else "no checkpoint"
