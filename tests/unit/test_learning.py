@@ -227,3 +227,14 @@ def _purity_receipt(run: Run, n: int, purity: float) -> dict[str, Any]:
     [decision] = [r for name, _, r in run.sent if name in ("lotflow.exceptions", "lotflow.verified")
                   and r["subject_id"] == f"R-{n}" and not r["id"].endswith(":spot")]
     return decision
+
+
+def test_exceptions_a_rule_held_teach_the_model_but_not_the_calibration() -> None:
+    learner = Learner(LearnerConfig(min_calibration_labels=10))
+    for i in range(40):  # faulty over-deliveries at a high score: a rule held them, whatever the score
+        learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95, by_rule=True), i)
+    assert len(learner.calibrator) == 0 and learner.n_labels == 40
+    for i in range(40, 60):  # where the confidence decided: spot checks, all good
+        learner.learn(Label(f"D-{i}", "V2", "M1", (), {}, True, 0.97, spot_check=True), i)
+    assert len(learner.calibrator) == 20
+    assert learner.calibrate(learner.raw_score({})) == pytest.approx(1.0)
