@@ -16,6 +16,12 @@ nothing. Two choices against the biased sample people label (mostly exceptions):
 * features are clipped to +-``FEATURE_LIMIT`` and the step is small, so one label cannot swing
   the model (a spot check, which stands for 1 / share receipts, comes with a larger weight).
 
+Besides the node's features, the regression sees each of the prior's terms in logit units
+(``prior_term_<name>``): a learnt weight w turns that term into (1 + w) x term, so a penalty
+people keep overruling (a trend vendor's clean receipts) is undone in tens of labels rather than
+thousands (measured on 12,000 simulated receipts: the trend penalty's clean receipts held for a
+person fell from 162 to 26 in the second half).
+
 No feature scaling: the features are counts, shares, logs and sigma distances of similar size,
 and an online scaler would change the meaning of the prior's weight as it learns.
 """
@@ -34,6 +40,7 @@ Features = dict[str, float]
 FEATURE_LIMIT = 10.0
 PRIOR = "prior_logit"  # the node's feature: the prior's logit
 PRIOR_OFFSET = "prior_offset"  # what the regression sees of it: weight held at 1
+TERM = "prior_term_"  # one of the prior's terms, in logit units
 
 
 def _clipped(x: Features) -> Features:
@@ -59,6 +66,9 @@ class OnlineConfidence:
     def _with_prior(self, x: Features) -> Features:
         out = _clipped({k: v for k, v in x.items() if k != PRIOR})
         out[PRIOR_OFFSET] = x[PRIOR] if PRIOR in x else self.prior.logit(x)  # unclipped: the prior's own
+        # each of the prior's terms in logit units: a learnt weight w scales that term by (1 + w)
+        for name, term in self.prior.contributions(x).items():
+            out[f"{TERM}{name}"] = max(-FEATURE_LIMIT, min(FEATURE_LIMIT, term))
         return out
 
     def predict_proba_one(self, x: Features) -> dict[bool, float]:
@@ -72,6 +82,7 @@ class OnlineConfidence:
         for name, value in self._with_prior(x).items():
             if name == PRIOR_OFFSET:
                 continue
+            name = name.removeprefix(TERM)  # a correction of a prior term is that term's share
             share = weights.get(name, 0.0) * value
             if share:
                 shares[name] = shares.get(name, 0.0) + share
