@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog="Writes LOTFLOW_VAR_DIR/learning.json and learning.png by default.")
     learning.add_argument("--count", type=int, default=20000, help="receipts to publish")
     learning.add_argument("--seed", type=int, default=7)
-    learning.add_argument("--rate", type=float, default=60.0,
+    learning.add_argument("--rate", type=float, default=30.0,
                           help="receipts per second (0: as fast as possible; learning then has little time to act)")
     learning.add_argument("--faults", default="learning",
                           help="fault spec (default: the 'learning' preset, with a new pattern from halfway)")

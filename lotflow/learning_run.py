@@ -80,7 +80,7 @@ Say = Callable[[str], None]
 class LearningOptions:
     count: int = 20000
     seed: int = 7
-    rate: float = 60.0  # receipts/s; 0: as fast as possible (learning then has little time to act)
+    rate: float = 30.0  # receipts/s; 0: as fast as possible (learning then has little time to act)
     faults: str = "learning"
     error_rate: float = 0.02  # share of the reviewer's answers flipped
     delay_s: float = 2.0  # from an exception appearing in the queue to the reviewer's decision
