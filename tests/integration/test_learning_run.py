@@ -45,7 +45,8 @@ def test_false_alarms_fall_once_people_label(topic_set: TopicSetFactory, workers
     database = f"learning_{uuid.uuid4().hex[:10]}"
     settings = topic_set(document_wait_s=2.0, worker_web_port=free_port(), clickhouse_database=database,
                          clickhouse_dsn=clickhouse_dsn, sink_batch_s=1.0, sink_metrics_port=free_port(),
-                         review_users_file=tmp_path / "users.json")
+                         review_users_file=tmp_path / "users.json",
+                         spot_check_share=0.02)  # as in production (the fixture turns them off)
     worker = WorkerProcess(settings, LOGS / f"{request.node.name}-{settings.app_id}.log").start()
     workers.append(worker)
 
