@@ -61,6 +61,7 @@ __all__ = ["DriftState", "Label", "Learner", "LearnerConfig", "PatternKey", "Qua
 Features = dict[str, float]
 PatternKey = tuple[str, str, str]  # vendor, material, reason code
 FORMAT = 1  # bumped when the pickled layout changes; an older checkpoint is then refused
+CALIBRATION_LABELS = 10_000  # the newest kept for the fit: a checkpoint stays well under 1 MB
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Learner:
     def __post_init__(self) -> None:
         self.format = FORMAT
         self.scorer = OnlineConfidence(self.config.learning_rate)
-        self.calibrator = IsotonicCalibrator()
+        self.calibrator = IsotonicCalibrator(max_labels=CALIBRATION_LABELS)
         self.patterns: dict[PatternKey, collections.deque[bool]] = {}
         self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
         self.errors: dict[str, drift.ADWIN] = {}

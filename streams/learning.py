@@ -182,11 +182,16 @@ class ModelFeed:
         return applied
 
     def checkpoint(self, learner: Learner) -> None:
-        if self._producer is None:
-            self._producer = Producer(producer_config(self.settings,
-                                                      **{"message.max.bytes": self.settings.max_message_bytes}))
-        write_checkpoint(self.settings, self.source, self.node, learner, "worker", self._producer)
-        self._checkpointed_at = learner.n_labels
+        """Write a checkpoint; a failure is logged, not raised: the labels topic keeps every label, so a
+        missing checkpoint costs a longer replay at the next start, never a decision."""
+        self._checkpointed_at = learner.n_labels  # the next attempt comes after as many labels again
+        try:
+            if self._producer is None:
+                self._producer = Producer(producer_config(self.settings,
+                                                          **{"message.max.bytes": self.settings.max_message_bytes}))
+            write_checkpoint(self.settings, self.source, self.node, learner, "worker", self._producer)
+        except Exception as exc:
+            log.error("model %s: checkpoint at %d labels not written: %s", self.node, learner.n_labels, exc)
 
     def close(self) -> None:
         self._consumer.close()
