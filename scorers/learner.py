@@ -187,6 +187,16 @@ class Learner:
     def contributions(self, x: Features) -> dict[str, float]:
         return self.scorer.contributions(x)
 
+    # River's scorer contract (``lotflow.verification.node.Scorer``): the calibrated confidence
+    def predict_proba_one(self, x: Features) -> dict[bool, float]:
+        p = self.calibrate(self.raw_score(x))
+        return {True: p, False: 1.0 - p}
+
+    def learn_one(self, x: Features, y: bool) -> None:
+        """A label without its context (no vendor, pattern or spot check): the next offset."""
+        self.learn(Label(f"L{self.labels_offset + 1}", "", "", (), x, y, self.calibrate(self.raw_score(x))),
+                   self.labels_offset + 1)
+
     def accepted(self, key: PatternKey) -> bool:
         """People accepted this pattern consistently: enough accepts, no reject among the recent ones."""
         recent = self.patterns.get(key)

@@ -110,9 +110,10 @@ def test_two_workers_learn_the_same_model_and_a_killed_one_restores_and_replays(
     assert len(labels) == 70 and sum(1 for label in labels if label["good"]) == 20
 
 
-def test_accepted_soft_deviations_are_then_verified_on_the_real_broker(
+def test_accepted_soft_deviations_are_then_verified_and_a_rejected_pattern_goes_back_to_people(
         topic_set: TopicSetFactory, workers: list[WorkerProcess], request: pytest.FixtureRequest) -> None:
-    settings = topic_set(document_wait_s=2.0, worker_web_port=free_port())
+    # every verified receipt is also spot-checked: the way a person rejects a pattern the model verified
+    settings = topic_set(document_wait_s=2.0, worker_web_port=free_port(), spot_check_share=1.0)
     worker = WorkerProcess(settings, LOGS / f"{request.node.name}-{settings.app_id}.log").start()
     workers.append(worker)
     pub = Inputs(settings)
@@ -126,7 +127,16 @@ def test_accepted_soft_deviations_are_then_verified_on_the_real_broker(
     verified = _wait("the fourth over-delivery verified", lambda: [
         v for v in read_all(settings, topics.VERIFIED) if v["subject_id"] == "R-10"])
     assert verified[0]["prior_decision"] == "EXCEPTION" and "/L3/" in verified[0]["model_version"]
+    # a person rejects it on its spot check: the pattern goes back to people
+    spot = _wait("its spot check", lambda: [x for x in read_all(settings, topics.EXCEPTIONS)
+                                            if x["id"] == verified[0]["id"] + ":spot"])
+    _decide(pub, spot, "REJECT")
+    _wait("4 labels", lambda: _model(worker)["labels"] == 4)
+    _publish(pub, 20, 1, quantity=1030.0)
+    held = _wait("the next over-delivery held", lambda: [x for x in read_all(settings, topics.EXCEPTIONS)
+                                                         if x["subject_id"] == "R-20"])
+    assert [r["code"] for r in held[0]["reasons"]] == ["QUANTITY_OVER"]
     # over the envelope it stays a person's, whatever was accepted
-    _publish(pub, 20, 1, quantity=1070.0)
+    _publish(pub, 30, 1, quantity=1070.0)
     _wait("the 7 % over-delivery held", lambda: [x for x in read_all(settings, topics.EXCEPTIONS)
-                                                 if x["subject_id"] == "R-20"])
+                                                 if x["subject_id"] == "R-30"])

@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 
 from lotflow.scorers import history
+from lotflow.scorers.learner import Learner, LearnerConfig
 from lotflow.scorers.model import OnlineConfidence
 from lotflow.scorers.prior import CheckPrior
 
-SCORERS: list[Callable[[], Any]] = [CheckPrior, OnlineConfidence]
+# the prior, the River model on it, and the calibrated learner (calibrating after 20 labels here)
+SCORERS: list[Callable[[], Any]] = [CheckPrior, OnlineConfidence,
+                                    lambda: Learner(LearnerConfig(min_calibration_labels=20, calibrate_every=5))]
 
 
 def samples(seed: int, n: int = 200) -> list[tuple[dict[str, float], bool]]:
