@@ -19,9 +19,10 @@ Design (argued):
   ``pattern_labels_log``). One model learns how much a consistent acceptance is worth, and the
   counts themselves decide the gate below.
 * **The gate.** A soft reason (``lotflow.verification.receiving.SOFT_REASONS``) may be verified
-  only once people have accepted that vendor x material x reason ``accepts_needed`` times with
-  no reject among its last ``pattern_window`` decisions, *and* the calibrated confidence passes
-  the node's threshold, *and* the vendor is not tightened by drift.
+  only once people have accepted that vendor x material x reason (and band: 3-4 % over is not
+  4-5 % over) ``accepts_needed`` times with at most ``max_rejects`` reject among its last
+  ``pattern_window`` decisions, *and* the calibrated confidence passes the node's threshold,
+  *and* the vendor is not tightened by drift.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
   (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist) of the
   hand-offs the confidence decided: exceptions a rule held whatever the confidence (a hard reason,
@@ -71,7 +72,9 @@ class LearnerConfig:
     min_calibration_labels: int = 100
     accepts_needed: int = 3
     pattern_window: int = 10
-    max_rejects: int = 0  # rejects tolerated among the pattern's last ``pattern_window`` decisions
+    # rejects tolerated among the pattern's last ``pattern_window`` decisions: a reviewer's slip, or a
+    # receipt rejected for another of its faults, does not close a pattern people keep accepting
+    max_rejects: int = 1
     relax_after: int = 20
     adwin_delta: float = 0.002
     spot_check_share: float = 0.02
@@ -198,7 +201,7 @@ class Learner:
                    self.labels_offset + 1)
 
     def accepted(self, key: PatternKey) -> bool:
-        """People accepted this pattern consistently: enough accepts, no reject among the recent ones."""
+        """People accepted this pattern consistently: enough accepts, at most ``max_rejects`` among the recent."""
         recent = self.patterns.get(key)
         return (recent is not None and sum(recent) >= self.config.accepts_needed
                 and len(recent) - sum(recent) <= self.config.max_rejects)

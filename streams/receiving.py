@@ -661,9 +661,10 @@ class ReceivingProcessor:
                        now_ms: int) -> None:
         reasons = evaluation.reasons
         # A rule failure: a hard reason, or a soft one people have not cleared for this vendor (an
-        # over-delivery its agreement covers, once accepted, is no failure of the vendor's).
-        hard, soft = self.node.config.split(reasons)
-        failed = bool(hard) or (bool(soft) and evaluation.verdict.decision == "EXCEPTION")
+        # over-delivery its agreement covers, once people accepted that pattern, is no failure of the
+        # vendor's, whatever the confidence: counting it kept the vendor's penalty up and its
+        # cleared over-deliveries below the threshold).
+        failed = evaluation.by_rule
         history.observe_decision(profile, failed)
         codes = [r.code for r in reasons if r.severity is not Severity.INFO]
         if evaluation.verdict.decision == "EXCEPTION" and evaluation.verdict.reason is None:

@@ -73,6 +73,10 @@ class SoftEnvelope:
     meaning: str
     evidence: str = ""
     limit: float = 0.0
+    # People's decisions are counted per band of ``|evidence[band_by]|`` this wide (0: one pattern):
+    # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 %, so each band is its own.
+    band: float = 0.0
+    band_by: str = ""
 
     def holds(self, reason: Reason) -> bool:
         if not self.evidence:
@@ -81,6 +85,16 @@ class SoftEnvelope:
             return abs(float(reason.evidence[self.evidence])) <= self.limit
         except (KeyError, ValueError):
             return False  # no evidence to judge by: hard
+
+    def pattern(self, reason: Reason) -> str:
+        """The pattern people's decisions on this reason are counted by: its code, and its band."""
+        if self.band <= 0:
+            return reason.code
+        try:
+            value = abs(float(reason.evidence[self.band_by or self.evidence]))
+        except (KeyError, ValueError):
+            return reason.code
+        return f"{reason.code}@{int(value // self.band)}" if math.isfinite(value) else reason.code
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +248,7 @@ class VerificationNode(Generic[Context]):
         verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
         prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
         evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,
-                                soft_codes=tuple(r.code for r in soft),
+                                soft_codes=tuple(key[2] for key in keys),
                                 by_rule=bool(hard) or (bool(soft) and not cleared))
         if verdict.decision == "EXCEPTION":  # explained where a person will read it
             evaluation.contributions = explain(context, reasons, x, learner.contributions(x), self.describe)

@@ -478,9 +478,11 @@ ROUTES: dict[str, Route] = {
 # mismatch, shortages, a probable unit slip. INFO reasons never stop a receipt; they are listed
 # here where the model weighs them.
 SOFT_REASONS: dict[str, SoftEnvelope] = {
-    "QUANTITY_OVER": SoftEnvelope("over-delivery up to 5 % of the ordered quantity", "deviation_pct", 5.0),
-    "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0),
-    "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)"),
+    "QUANTITY_OVER": SoftEnvelope("over-delivery up to 5 % of the ordered quantity", "deviation_pct", 5.0,
+                                  band=1.0),
+    "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0, band=5.0),
+    "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)",
+                               band=1.0, band_by="z"),
     "COA_ATYPICAL": SoftEnvelope("an in-spec CoA value atypical for the vendor (INFO: weighed by the model)"),
     "UNIT_CONVERTED": SoftEnvelope("a receipt line in another unit, converted (INFO)"),
     "VENDOR_TREND": SoftEnvelope("a vendor whose recent receipts failed rules more often (INFO)"),
@@ -499,8 +501,11 @@ def identity(ctx: ReceivingContext) -> tuple[str, str]:
 
 
 def pattern_key(ctx: ReceivingContext, reason: Reason) -> PatternKey:
-    """Vendor x material x reason: what people's decisions on a soft reason are counted by."""
-    return ctx.receipt["vendor_id"], _material_of(ctx, reason), reason.code
+    """Vendor x material x reason (and its band, e.g. ``QUANTITY_OVER@3`` for 3-4 % over): what
+    people's decisions on a soft reason are counted by."""
+    envelope = SOFT_REASONS.get(reason.code)
+    code = envelope.pattern(reason) if envelope is not None else reason.code
+    return ctx.receipt["vendor_id"], _material_of(ctx, reason), code
 
 
 def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, float]:
