@@ -241,7 +241,8 @@ class Learner:
             recent.append(label.good)
             totals = self.pattern_totals.setdefault(key, [0, 0])
             totals[0 if label.good else 1] += 1
-        self.recent.append((label.confidence, label.good, label.spot_check))
+        if 0.0 <= label.confidence <= 1.0:
+            self.recent.append((label.confidence, label.good, label.spot_check))
         if label.spot_check:
             self.spot[0] += 1
             self.spot[1] += int(label.good)
@@ -249,7 +250,8 @@ class Learner:
 
     def _watch(self, label: Label) -> None:
         """ADWIN on the vendor's model errors: tighten when the error rises, relax after agreement."""
-        error = abs(float(label.good) - label.confidence)
+        confidence = label.confidence if 0.0 <= label.confidence <= 1.0 else 0.5  # NaN or out of range: no opinion
+        error = abs(float(label.good) - confidence)
         detector = self.errors.get(label.vendor_id)
         if detector is None:
             detector = self.errors[label.vendor_id] = drift.ADWIN(delta=self.config.adwin_delta)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from lotflow.kafka_clients import client_config, producer_config
 from lotflow.metrics import WorkerMetrics
@@ -65,7 +65,11 @@ def model_consumer(settings: Settings) -> Consumer:
 def read_to_end(consumer: Consumer, topic: str, start: int, timeout_s: float) -> Iterator[Any]:
     """Every committed record of partition 0 of ``topic`` from ``start`` to its end as of now."""
     tp = TopicPartition(topic, 0, start if start >= 0 else OFFSET_BEGINNING)
-    _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    except KafkaException as exc:
+        raise RuntimeError(f"cannot read {topic}: {exc} (were the topics created? `lotflow topics create` "
+                           "creates the labels and checkpoint topics of this release)") from exc
     consumer.assign([tp])
     deadline = time.monotonic() + timeout_s
     if high <= max(start, 0):

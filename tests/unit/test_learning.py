@@ -241,3 +241,18 @@ def test_exceptions_a_rule_held_teach_the_model_but_not_the_calibration() -> Non
         learner.learn(Label(f"D-{i}", "V2", "M1", (), {}, True, 0.97, spot_check=True), i)
     assert len(learner.calibrator) == 20
     assert learner.calibrate(learner.raw_score({})) == pytest.approx(1.0)
+
+
+def test_hostile_labels_do_not_poison_the_learner() -> None:
+    learner = Learner()
+    nan = float("nan")
+    learner.learn(Label("D-0", "V1", "M1", ("QUANTITY_OVER@3",), {"n_soft": nan, "x": float("inf"), "y": 1e308},
+                        True, nan), 0)
+    learner.learn(Label("D-1", "V1", "M1", (), {}, False, -5.0), 1)
+    learner.learn(Label("D-1", "V1", "M1", (), {}, False, 0.5), 1)  # the same offset again: skipped
+    assert learner.n_labels == 2
+    p = learner.predict_proba_one({"n_soft": 1.0, "y": 1e308})[True]
+    assert 0.0 <= p <= 1.0
+    quality = learner.quality()
+    assert quality.labels == 2 and quality.ece_all == quality.ece_all  # not NaN
+    assert Learner.from_bytes(learner.to_bytes()).fingerprint() == learner.fingerprint()
