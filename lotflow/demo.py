@@ -125,7 +125,9 @@ class OutputReader:
                 self.counts[kind] += 1
                 self.ids.add(record["id"])
                 if kind != "DEAD_LETTER" or record["source_topic"] == topics.RECEIPTS.full_name(self.settings):
-                    self.decisions.append(decision_from_output(kind, record))
+                    decision = decision_from_output(kind, record)
+                    if decision is not None:  # a spot check is not the receipt's decision
+                        self.decisions.append(decision)
 
     def decided_receipts(self) -> int:
         return len({d.ref for d in self.decisions})

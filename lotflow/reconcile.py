@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WAIT_REASONS", "Decision", "Scoreboard", "decision_from_output", "score"]
+from lotflow.verification.node import SPOT_CHECK
+
+__all__ = ["WAIT_REASONS", "Decision", "Scoreboard", "decision_from_output", "is_spot_check", "score"]
 
 Ref = tuple[str, int, int]
 WAIT_REASONS = frozenset({"UNKNOWN_PO", "MISSING_COA", "UNKNOWN_MATERIAL"})
@@ -35,8 +37,16 @@ class Decision:
     input_refs: tuple[Ref, ...] = ()
 
 
-def decision_from_output(kind: str, record: Mapping[str, Any]) -> Decision:
-    """Turn a verified / exception / dead-letter record into a Decision."""
+def is_spot_check(kind: str, record: Mapping[str, Any]) -> bool:
+    """A spot check's exception: the receipt was verified (its verified record is its decision); a
+    person is only asked to look at it as well."""
+    return kind == "EXCEPTION" and any(r["code"] == SPOT_CHECK for r in record.get("reasons", ()))
+
+
+def decision_from_output(kind: str, record: Mapping[str, Any]) -> Decision | None:
+    """Turn a verified / exception / dead-letter record into a Decision (None: a spot check)."""
+    if is_spot_check(kind, record):
+        return None
     if kind == "DEAD_LETTER":
         ref = (record["source_topic"], record["source_partition"], record["source_offset"])
         return Decision(ref, kind)

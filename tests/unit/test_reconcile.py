@@ -72,3 +72,11 @@ def test_silent_recall_and_false_alarms_by_benign_label() -> None:
     board = score(truths, decisions)
     assert (board.silent_faults, board.recall_silent) == (2, 0.5)
     assert board.false_alarms_by_benign == {"COA_REISSUED": 1, "CLEAN": 1}
+
+
+def test_a_spot_check_is_not_the_receipts_decision() -> None:
+    from lotflow.reconcile import decision_from_output, is_spot_check
+
+    spot = {"reasons": [{"code": "SPOT_CHECK", "severity": "INFO"}], "input_refs": [], "decision": "EXCEPTION"}
+    assert is_spot_check("EXCEPTION", spot) and decision_from_output("EXCEPTION", spot) is None
+    assert not is_spot_check("VERIFIED", spot)
