@@ -69,6 +69,8 @@ class IsotonicCalibrator:
 
     def predict(self, score: float) -> float:
         """The calibrated probability; the score itself while nothing is labelled."""
+        if not math.isfinite(score):
+            return 0.0  # no score is no confidence
         if not self._scores:
             return score
         if not self._x:

@@ -89,7 +89,7 @@ class Label:
     label_id: str  # the decision id
     vendor_id: str
     material_id: str
-    soft_codes: tuple[str, ...]  # the soft reasons the exception had (the patterns it teaches)
+    soft_codes: tuple[str, ...]  # "<material>|<pattern>" of the exception's soft reasons (what it teaches)
     features: Mapping[str, float]
     good: bool
     confidence: float  # what the model said when the exception was raised
@@ -218,6 +218,10 @@ class Learner:
         if offset <= self.labels_offset:
             return
         self.labels_offset = offset
+        if not label.features:
+            # an exception raised before this release: it was not scored with today's features, and its
+            # empty vector would read as a clean receipt's (skipped alike on every replica)
+            return
         share = self.config.spot_check_share
         weight = min(1.0 / share if share > 0 else math.inf, self.config.spot_weight_cap) if label.spot_check else 1.0
         x = {k: float(v) for k, v in label.features.items() if math.isfinite(v)}
@@ -233,8 +237,9 @@ class Learner:
                 not self._calibrated or self.n_labels % self.config.calibrate_every == 0):
             self.calibrator.fit()
             self._calibrated = True
-        for code in label.soft_codes:
-            key = (label.vendor_id, label.material_id, code)
+        for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
+            material, _, code = entry.rpartition("|")
+            key = (label.vendor_id, material or label.material_id, code)
             recent = self.patterns.get(key)
             if recent is None:
                 recent = self.patterns[key] = collections.deque(maxlen=self.config.pattern_window)

@@ -41,6 +41,7 @@ FEATURE_LIMIT = 10.0
 PRIOR = "prior_logit"  # the node's feature: the prior's logit
 PRIOR_OFFSET = "prior_offset"  # what the regression sees of it: weight held at 1
 TERM = "prior_term_"  # one of the prior's terms, in logit units
+OFFSET_LIMIT = 30.0
 
 
 def _clipped(x: Features) -> Features:
@@ -65,10 +66,13 @@ class OnlineConfidence:
 
     def _with_prior(self, x: Features) -> Features:
         out = _clipped({k: v for k, v in x.items() if k != PRIOR})
-        out[PRIOR_OFFSET] = x[PRIOR] if PRIOR in x else self.prior.logit(x)  # unclipped: the prior's own
+        offset = x[PRIOR] if PRIOR in x else self.prior.logit(x)
+        # bounded as the node bounds it; a hostile label (1e308 - 1e308) must not make the weights NaN
+        out[PRIOR_OFFSET] = max(-OFFSET_LIMIT, min(OFFSET_LIMIT, offset)) if math.isfinite(offset) else 0.0
         # each of the prior's terms in logit units: a learnt weight w scales that term by (1 + w)
         for name, term in self.prior.contributions(x).items():
-            out[f"{TERM}{name}"] = max(-FEATURE_LIMIT, min(FEATURE_LIMIT, term))
+            if math.isfinite(term):
+                out[f"{TERM}{name}"] = max(-FEATURE_LIMIT, min(FEATURE_LIMIT, term))
         return out
 
     def predict_proba_one(self, x: Features) -> dict[bool, float]:

@@ -194,7 +194,7 @@ class Evaluation:
     contributions: list[Contribution] = field(default_factory=list)  # exceptions only: what pulled it down
     prior_decision: str = ""  # what the documented prior alone, without learning, would have decided
     spot_check: bool = False  # verified, and drawn for a person's unbiased label
-    soft_codes: tuple[str, ...] = ()  # the soft reasons: the patterns a person's label on it teaches
+    soft_codes: tuple[str, ...] = ()  # "<material>|<pattern>" of each soft reason: what a label on it teaches
     by_rule: bool = False  # held by a rule whatever the confidence (hard, or soft and not cleared)
 
 
@@ -225,7 +225,8 @@ class VerificationNode(Generic[Context]):
             reasons.extend(check(context))
         learner = self.learner
         subject, vendor = self.identity(context)
-        x = self.features(context, reasons)
+        # a non-finite feature (an overflowing price) would be stored as null and fail the label
+        x = {k: v for k, v in self.features(context, reasons).items() if math.isfinite(v)}
         hard, soft = self.config.split(reasons)
         # the rule counts as the prior weighs them: hard ones, and soft ones with what people decided
         x["n_block"] = float(sum(r.severity is Severity.BLOCK for r in hard))
@@ -248,7 +249,7 @@ class VerificationNode(Generic[Context]):
         verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
         prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
         evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,
-                                soft_codes=tuple(key[2] for key in keys),
+                                soft_codes=tuple(f"{key[1]}|{key[2]}" for key in keys),
                                 by_rule=bool(hard) or (bool(soft) and not cleared))
         if verdict.decision == "EXCEPTION":  # explained where a person will read it
             evaluation.contributions = explain(context, reasons, x, learner.contributions(x), self.describe)

@@ -354,7 +354,7 @@ def check_lines(ctx: ReceivingContext) -> list[Reason]:
                               factor=f.factor or 0.0, converted=f.qty_in_po_unit))
         if f.price_dev is not None and abs(f.price_dev) > ctx.rules.price_tolerance_pct / 100.0:
             out.append(_r("PRICE_ANOMALY", Severity.BLOCK, f"line {line['po_line']}: price differs "
-                          f"{100 * f.price_dev:+.1f}% from the PO", price=line["unit_price"],
+                          f"{100 * f.price_dev:+.1f}% from the PO", po_line=line["po_line"], price=line["unit_price"],
                           po_price=pl["unit_price"], deviation_pct=100 * f.price_dev))
     for total in ctx.totals:
         out.extend(_check_quantity(ctx, total))
@@ -374,14 +374,14 @@ def _check_quantity(ctx: ReceivingContext, t: PoLineTotal) -> list[Reason]:
     deviation = (cumulative - ordered) / ordered
     if deviation > tol:
         out.append(_r("QUANTITY_OVER", Severity.BLOCK, f"line {no}: received {cumulative:.6g} {unit} of "
-                      f"{ordered:g} ordered", received=cumulative, ordered=ordered,
+                      f"{ordered:g} ordered", po_line=no, received=cumulative, ordered=ordered,
                       deviation_pct=100 * deviation, tolerance_pct=100 * tol))
     elif t.partial:
         out.append(_r("PARTIAL_DELIVERY", Severity.INFO, "declared partial shipment",
                       received=cumulative, ordered=ordered))
     elif deviation < -tol:
         out.append(_r("QUANTITY_SHORT", Severity.BLOCK, f"line {no}: received {cumulative:.6g} {unit} of "
-                      f"{ordered:g} ordered", received=cumulative, ordered=ordered,
+                      f"{ordered:g} ordered", po_line=no, received=cumulative, ordered=ordered,
                       deviation_pct=100 * deviation, tolerance_pct=100 * tol))
     # A unit slip: the quantity is what was expected times a lb/kg or gal/L factor. Expected is the
     # ordered quantity, or for a declared partial the open remainder (a final partial shipment).

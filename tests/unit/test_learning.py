@@ -3,6 +3,7 @@ identical replicas and checkpoints, and the processor acting on what was learnt.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -171,7 +172,7 @@ def test_accepted_soft_deviations_are_then_verified_and_a_reject_sends_them_back
         assert [r["code"] for r in exception["reasons"]] == ["QUANTITY_OVER"]
         run.handle(DECISION(100 + n, exception["id"], role="receiving", po=f"PO-{n}"))
         [label] = _labels(run)[-1:]
-        assert label["good"] and label["soft_codes"] == ["QUANTITY_OVER@3"] and label["vendor_id"] == "V-1"
+        assert label["good"] and label["soft_codes"] == ["MAT-1|QUANTITY_OVER@3"] and label["vendor_id"] == "V-1"
         assert label["features"] == exception["features"]  # learnt on what it was scored with
         learner.learn(Label.from_record(label), n)  # what the worker's label feed does
     verified = _over_receipt(run, 3)
@@ -238,9 +239,9 @@ def test_exceptions_a_rule_held_teach_the_model_but_not_the_calibration() -> Non
         learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95, by_rule=True), i)
     assert len(learner.calibrator) == 0 and learner.n_labels == 40
     for i in range(40, 60):  # where the confidence decided: spot checks, all good
-        learner.learn(Label(f"D-{i}", "V2", "M1", (), {}, True, 0.97, spot_check=True), i)
+        learner.learn(Label(f"D-{i}", "V2", "M1", (), {"prior_logit": 4.2}, True, 0.97, spot_check=True), i)
     assert len(learner.calibrator) == 20
-    assert learner.calibrate(learner.raw_score({})) == pytest.approx(1.0)
+    assert learner.calibrate(learner.raw_score({"prior_logit": 4.2})) == pytest.approx(1.0)
 
 
 def test_hostile_labels_do_not_poison_the_learner() -> None:
@@ -248,11 +249,22 @@ def test_hostile_labels_do_not_poison_the_learner() -> None:
     nan = float("nan")
     learner.learn(Label("D-0", "V1", "M1", ("QUANTITY_OVER@3",), {"n_soft": nan, "x": float("inf"), "y": 1e308},
                         True, nan), 0)
-    learner.learn(Label("D-1", "V1", "M1", (), {}, False, -5.0), 1)
-    learner.learn(Label("D-1", "V1", "M1", (), {}, False, 0.5), 1)  # the same offset again: skipped
-    assert learner.n_labels == 2
+    learner.learn(Label("D-1", "V1", "M1", (), {"n_block": 1e308, "n_warn": -1e308}, False, -5.0), 1)
+    learner.learn(Label("D-1", "V1", "M1", (), {"n_block": 1.0}, False, 0.5), 1)  # the same offset again: skipped
+    learner.learn(Label("D-2", "V1", "M1", (), {}, False, 0.5), 2)  # no features (before this release): skipped
+    assert learner.n_labels == 2 and learner.labels_offset == 2
+    assert all(math.isfinite(w) for w in learner.scorer.model.weights.values())
     p = learner.predict_proba_one({"n_soft": 1.0, "y": 1e308})[True]
     assert 0.0 <= p <= 1.0
     quality = learner.quality()
     assert quality.labels == 2 and quality.ece_all == quality.ece_all  # not NaN
     assert Learner.from_bytes(learner.to_bytes()).fingerprint() == learner.fingerprint()
+
+
+def test_a_label_counts_each_soft_reason_for_its_own_material() -> None:
+    learner = Learner(LearnerConfig(accepts_needed=1))
+    learner.learn(Label("D-0", "V1", "MAT-1", ("MAT-2|QUANTITY_OVER@3",), {"n_soft": 1.0}, True, 0.5), 0)
+    assert learner.accepted(("V1", "MAT-2", "QUANTITY_OVER@3"))
+    assert not learner.accepted(("V1", "MAT-1", "QUANTITY_OVER@3"))
+    ctx_reason = Reason("QUANTITY_OVER", "", Severity.BLOCK, {"po_line": "2", "deviation_pct": "3.5"})
+    assert rules.SOFT_REASONS["QUANTITY_OVER"].pattern(ctx_reason) == "QUANTITY_OVER@3"
