@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lotflow.scorers.spc import ChartConfig, cusum_step, empty_chart, ewma_limit, observe, rebaseline
+from lotflow.scorers.spc import ChartConfig, Signal, cusum_step, empty_chart, ewma_limit, observe, rebaseline, scan
 
 
 def _cusum_run_length(rng: random.Random, shift: float, k: float = 0.5, h: float = 5.0) -> int:
@@ -112,3 +112,33 @@ def test_the_variance_cusum_has_the_run_lengths_its_docstring_gives(scale: float
                 return n
 
     assert sum(run_length() for _ in range(runs)) / runs == pytest.approx(arl, rel=0.1)
+
+
+def _scan_by_observe(reference: list[float], values: list[float], config: ChartConfig) -> list[Signal]:
+    chart = empty_chart()
+    chart["ref"], chart["frozen"] = list(reference), True
+    signals: list[Signal] = []
+    for value in values:
+        signals = observe(chart, value, config)
+    return signals
+
+
+@pytest.mark.parametrize("config", [ChartConfig(), ChartConfig(h=7.0, variance_h=14.0, clip_z=3.0,
+                                                                charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE",
+                                                                                  "NELSON_3"}))])
+def test_scan_over_pooled_values_signals_exactly_as_the_running_chart(config: ChartConfig) -> None:
+    # scan (the worker's path: charts run again over a window of recent values, numbers only
+    # until the newest value) must give the very signals, with their evidence, of observe
+    rng = random.Random(5)
+    reference = [50.0, 10.0, 49.0 * 4.0]  # n, mean, m2: sigma 2
+    compared = signalled = 0
+    for _ in range(3000):
+        shift, spread = rng.choice([0.0, 0.0, 1.0, 2.5, -3.0]), rng.choice([1.0, 1.0, 2.0])
+        values = [rng.gauss(10.0 + shift * 2.0 * i / 20, 2.0 * spread) for i in range(rng.randint(1, 20))]
+        if rng.random() < 0.05:
+            values[rng.randrange(len(values))] = float("nan")
+        expected = _scan_by_observe(reference, values, config)
+        assert scan(reference, values, config) == expected
+        compared += 1
+        signalled += bool(expected)
+    assert signalled > 100 and compared - signalled > 100  # both outcomes were exercised
