@@ -465,13 +465,13 @@ class ReceivingProcessor:
         """Evaluate one receipt; stage its state changes in ``unit``; return its outputs."""
         receipt, ref = pending["receipt"], pending["ref"]
         po, rid, vendor = receipt["po_number"], receipt["receipt_id"], receipt["vendor_id"]
-        profile_key = f"{vendor}@{partition}"
-        profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
+        profile = self._profile(unit, vendor, partition)
         keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
         materials = [ln["material_id"] for ln in receipt["lines"]]
-        slices = [profile, *self._other_slices(vendor, partition)]
-        view = history.pooled(slices, keys, materials)
-        charts = {k: history.chart_view(slices, k) for k in keys}
+        view = history.pooled([profile, *self._other_slices(vendor, partition)], keys, materials)
+        own_charts = {k: unit.get(self.vendor_state, history.chart_key(vendor, partition, k)) for k in keys}
+        charts = {k: history.chart_view(self._chart_slices(vendor, partition, k, own))
+                  for k, own in own_charts.items()}
         seen = self.po_state.get(f"R|{po}|{rid}")
         duplicate = seen is not None and seen["o"] != ref[2]
         ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
@@ -536,9 +536,20 @@ class ReceivingProcessor:
         unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would
         # feed the confidence penalty back into itself.
-        self._learn_history(profile, ctx, evaluation, now_ms)
-        unit.put(self.vendor_state, partition, profile_key, profile)
+        for chart, part in self._learn_history(profile, ctx, evaluation, own_charts, now_ms).items():
+            unit.put(self.vendor_state, partition, history.chart_key(vendor, partition, chart), part)
+        unit.put(self.vendor_state, partition, f"{vendor}@{partition}", profile)
         return outputs
+
+    def _profile(self, unit: StateUnit, vendor: str, partition: int) -> history.Profile:
+        """This partition's slice of the vendor's history, a private copy; chart slices a profile from
+        before charts had their own keys still carries move to their keys in ``unit``."""
+        profile = unit.get(self.vendor_state, f"{vendor}@{partition}")
+        if profile is None:
+            return history.empty_profile()
+        for chart, part in history.legacy_charts(profile).items():
+            unit.put(self.vendor_state, partition, history.chart_key(vendor, partition, chart), part)
+        return profile
 
     def _spot_check(self, unit: StateUnit, partition: int, ctx: rules.ReceivingContext, subject: Subject,
                     evaluation: Evaluation, lines: list[Record], now_ms: int) -> list[Output]:
@@ -621,14 +632,15 @@ class ReceivingProcessor:
         else:
             exception.update(open=False, decision_id=decision.decision_id, decided_by=decision.decided_by,
                              resolution=resolution)
-            profile_key = f"{exception['vendor']}@{event.partition}"
-            profile = unit.get(self.vendor_state, profile_key) or history.empty_profile()
+            vendor = exception["vendor"]
+            profile = self._profile(unit, vendor, event.partition)
             history.observe_person_decision(profile, exception["material"], exception["code"], resolution)
             if raw.get("rebaseline") and resolution != "REJECT":
                 # "new test method, accept": the charts learn a new reference from the next lots
                 for chart in exception.get("charts", ()):
-                    history.rebaseline_chart(profile, chart, now_ms)
-            unit.put(self.vendor_state, event.partition, profile_key, profile)
+                    unit.put(self.vendor_state, event.partition, history.chart_key(vendor, event.partition, chart),
+                             history.rebaseline_chart(now_ms))
+            unit.put(self.vendor_state, event.partition, f"{vendor}@{event.partition}", profile)
         exception["t"] = now_ms
         unit.put(self.po_state, event.partition, key, exception)
         self._commit(unit, outputs, event.partition)
@@ -647,6 +659,21 @@ class ReceivingProcessor:
                 out.append(profile)
         return out
 
+    def _chart_slices(self, vendor: str, partition: int, chart: str,
+                      own: history.ChartSlice | None) -> list[history.ChartSlice]:
+        """Every partition's slice of one chart: ``own`` (this partition's), the rest from the table or as read."""
+        out = [] if own is None else [own]
+        for q in range(self.settings.partitions):
+            if q == partition:
+                continue
+            key = history.chart_key(vendor, q, chart)
+            part = self.vendor_state.get(key)
+            if part is None:
+                part = self.remote_history.get(key)
+            if part is not None:
+                out.append(part)
+        return out
+
     def _history_keys(self, material_id: str) -> list[str]:
         spec = self.specs.get(material_id)
         if spec is None:
@@ -658,7 +685,9 @@ class ReceivingProcessor:
         return cached[1]
 
     def _learn_history(self, profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation,
-                       now_ms: int) -> None:
+                       own_charts: Mapping[str, history.ChartSlice | None],
+                       now_ms: int) -> dict[str, history.ChartSlice]:
+        """Update ``profile`` with this decision; returns the chart slices it changed."""
         reasons = evaluation.reasons
         # A rule failure: a hard reason, or a soft one people have not cleared for this vendor (an
         # over-delivery its agreement covers, once people accepted that pattern, is no failure of the
@@ -670,16 +699,19 @@ class ReceivingProcessor:
         if evaluation.verdict.decision == "EXCEPTION" and evaluation.verdict.reason is None:
             codes.append(rules.LOW_CONFIDENCE_CODE)  # the pattern key of an exception no rule raised
         history.observe_reasons(profile, [f.line["material_id"] for f in ctx.lines], codes)
+        changed: dict[str, history.ChartSlice] = {}
         if failed:
-            return  # only lots that passed the rules shape what "normal" looks like for this vendor
+            return changed  # only lots that passed the rules shape what "normal" looks like for this vendor
         stats = profile["stats"]
         for f in ctx.lines:
             for c in f.coa_facts:
                 if c.value is not None and math.isfinite(c.value):
                     name = f"{f.line['material_id']}|{c.prop}"
                     stats[name] = history.observe_value(stats.get(name), c.value)
-                    history.observe_chart(profile, name, c.chart or NO_CHART, c.value, now_ms,
-                                          signalled=bool(c.signals), reference_n=rules.CHART.reference_n)
+                    changed[name] = history.observe_chart(
+                        changed.get(name, own_charts.get(name)), c.chart or NO_CHART, c.value, now_ms,
+                        signalled=bool(c.signals), reference_n=rules.CHART.reference_n)
+        return changed
 
     # --- timers -----------------------------------------------------------------
     def rebuild_indexes(self) -> None:
