@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from clickhouse_connect.driver.binding import quote_identifier
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
@@ -32,7 +33,9 @@ from lotflow.kafka_clients import RedeliveringProducer, producer_config
 from lotflow.metrics import SinkMetrics
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
+from lotflow.sinks.batches import routes
 from lotflow.sinks.client import connect, table_counts
+from lotflow.sinks.framing import avro_container, avro_long
 from lotflow.sinks.migrations import migrate
 from lotflow.sinks.rows import TABLES
 from lotflow.sinks.sink import ClickHouseSink, SinkProgress
@@ -74,20 +77,50 @@ def audit_record(i: int) -> dict[str, Any]:
     }
 
 
-def produce(settings: Settings, n: int) -> float:
+def encoded_records(settings: Settings, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` distinct audit records as (key, Confluent-framed Avro value)."""
     topic = settings.topic(AUDIT.name)
     codec = AvroCodec(schema_source(settings.schema_registry_url), f"{topic}-value", AUDIT.schema)
+    return [(record["subject_key"].encode(), codec.encode(record)) for record in map(audit_record, range(n))]
+
+
+def produce(settings: Settings, records: list[tuple[bytes, bytes]]) -> float:
+    topic = settings.topic(AUDIT.name)
     producer = RedeliveringProducer(
         producer_config(settings, **{"linger.ms": 50, "queue.buffering.max.messages": 1_000_000})
     )
     started = time.perf_counter()
-    for i in range(n):
-        record = audit_record(i)
-        producer.send(topic, record["subject_key"].encode(), codec.encode(record))
+    for i, (key, value) in enumerate(records):
+        producer.send(topic, key, value)
         if i % 10_000 == 0:
             producer.poll(0)
     producer.flush(300)  # raises if a record was not delivered
     return time.perf_counter() - started
+
+
+def bare_insert_rows_per_s(settings: Settings, client: Any, records: list[tuple[bytes, bytes]]) -> float:
+    """The engine alone: the same records, in the sink's batch size and its Avro container, inserted
+    straight into a fresh database's table (no Kafka, no sink loop): what the sink is held against."""
+    database = f"{settings.clickhouse_database}_bare"
+    migrate(client, database)
+    try:
+        route = next(iter(routes(settings, {AUDIT: TABLES[AUDIT]}, decode_in_clickhouse=True).values()))
+        target = f"{quote_identifier(database)}.{quote_identifier(TABLES[AUDIT].avro_table or '')}"
+        topic_partition = route.topic_field + avro_long(0)
+        now_ms = int(time.time() * 1000)
+        size = settings.sink_batch_rows
+        started = time.perf_counter()
+        for first in range(0, len(records), size):
+            values = ((value, first + i, now_ms) for i, (_, value) in enumerate(records[first:first + size]))
+            block = avro_container(route.container_header, route.sync, topic_partition, values)
+            client.raw_insert(target, insert_block=block, fmt="Avro", settings={"optimize_on_insert": 0})
+        elapsed = time.perf_counter() - started
+        counted = table_counts(client, database, ["audit"])["audit"]
+        if counted != len(records):
+            raise RuntimeError(f"bare insert: audit holds {counted} rows, expected {len(records)}")
+        return len(records) / elapsed
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database} SYNC")
 
 
 def measure_sink_rows_per_s(
@@ -106,7 +139,8 @@ def measure_sink_rows_per_s(
     create_topics(settings, [AUDIT])
     try:
         migrate(client, settings.clickhouse_database)
-        produce_s = produce(settings, n_rows)
+        records = encoded_records(settings, n_rows)
+        produce_s = produce(settings, records)
         print(f"produced {n_rows} audit records in {produce_s:.1f} s ({n_rows / produce_s:,.0f}/s)", flush=True)
 
         progress: list[tuple[float, int]] = []
@@ -143,6 +177,7 @@ def measure_sink_rows_per_s(
         inserted = metric_value(samples, "lotflow_sink_rows_total", table="audit")
         if inserted != n_rows:
             raise RuntimeError(f"lotflow_sink_rows_total reads {inserted:g}, expected {n_rows}")
+        bare = bare_insert_rows_per_s(settings, client, records)
         first_t = progress[0][0]
         steady_rows = sum(rows for _, rows in progress[1:])
         steady_s = progress[-1][0] - first_t
@@ -152,6 +187,7 @@ def measure_sink_rows_per_s(
             "rows_per_s": n_rows / elapsed,
             "steady_rows_per_s": steady_rows / steady_s if steady_s > 0 else float("nan"),
             "inserts": len(progress),
+            "bare_insert_rows_per_s": bare,
         }
     finally:
         client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database} SYNC")
@@ -198,7 +234,8 @@ def main() -> None:
     print(
         f"sink ({path}, batch {args.batch_rows} rows): {result['rows']:,} rows in "
         f"{result['seconds']:.2f} s = {result['rows_per_s']:,.0f} rows/s "
-        f"(steady {result['steady_rows_per_s']:,.0f} rows/s over {result['inserts']:.0f} inserts)"
+        f"(steady {result['steady_rows_per_s']:,.0f} rows/s over {result['inserts']:.0f} inserts); "
+        f"bare insert of the same rows {result['bare_insert_rows_per_s']:,.0f} rows/s"
     )
 
 
