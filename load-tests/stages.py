@@ -51,6 +51,7 @@ from lotflow.streams.producer import Message
 from lotflow.streams.receiving import InputEvent, ReceivingProcessor
 from lotflow.streams.reference import normalize_spec
 from lotflow.streams.state import DictState
+from lotflow.streams.worker import tune_garbage_collector
 from lotflow.verification import receiving as rules
 
 STAGES = ("decode", "join_state", "checks", "control_charts", "scoring", "output_encode")
@@ -170,6 +171,7 @@ def measure_stages(settings: Settings, receipts: int, produce_to: Settings | Non
     """µs per input event of each stage (see the module docstring); with ``produce_to``, the
     outputs of the clean run are produced in the worker's transactions to that topic set."""
     events, specs = traffic(settings, receipts)
+    tune_garbage_collector()  # as the worker does: a full collection walks everything kept alive
     say(f"stages: {len(events)} input events of {receipts} receipts, batches of {settings.batch_size}")
     changelog = settings.topic("bench.stages-changelog")
     per_event = 1e6 / len(events)

@@ -239,7 +239,14 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     current = [s for s in slices if s["e"] == epoch]
     reference = merge_stats([s["ref"] for s in current if s["ref"][0] > 0])
     since = max([epoch, *(s.get("r", 0) for s in current)])
-    points = sorted(point for s in current for point in s["v"] if point[0] > since)
+    points: list[list[float]] = []
+    for part in current:
+        values = part["v"]
+        if values and values[0][0] > since:
+            points += values  # all of them count (the common case: no signal since the oldest)
+        else:
+            points += [point for point in values if point[0] > since]
+    points.sort()
     return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]])
 
 

@@ -132,6 +132,7 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
                                          "NELSON_3" in enabled)
     want_5, want_6 = "NELSON_5" in enabled, "NELSON_6" in enabled
     run_length, trend_length = config.run_length, config.trend_length
+    clip_square = clip * clip
     since, cp, cm, ew, i, var = chart["since"], chart["cp"], chart["cm"], chart["ew"], chart["i"], chart["var"]
     pos, neg, up, down, recent = chart["pos"], chart["neg"], chart["up"], chart["down"], list(chart["z"])
     fired: list[str] = []
@@ -143,15 +144,19 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
             fired = []
         since += 1
         clipped = -clip if z < -clip else clip if z > clip else z  # robust (Huber): one outlier is no shift
-        cp = max(0.0, clipped - k + cp)
-        cm = max(0.0, -clipped - k + cm)
+        cp = clipped - k + cp
+        cp = cp if cp > 0.0 else 0.0
+        cm = -clipped - k + cm
+        cm = cm if cm > 0.0 else 0.0
         if cp > h or cm > h:
             fired.append("CUSUM_MEAN")
         i += 1
         ew = lam * z + (1 - lam) * ew
         if want_ewma and abs(ew) > ewma_limit(lam, config.ewma_l, i):
             fired.append("EWMA")
-        var = max(0.0, min(z * z, clip * clip) - var_k + var)
+        square = z * z
+        var = (square if square < clip_square else clip_square) - var_k + var
+        var = var if var > 0.0 else 0.0
         if var > var_h:
             fired.append("CUSUM_VARIANCE")
         # Nelson 2 and 3 as run lengths (same side of the mean; rising or falling steps), in O(1)

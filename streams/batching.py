@@ -16,20 +16,25 @@ backlog (measured: ~750-event batches at 50 ms -> 2,000, the worker's throughput
 Faust's commit semantics are kept: events are acked (Faust then commits their offsets) only
 after the agent's body for the batch has returned, i.e. after lotflow's transaction for it
 committed; an event still buffered is unacked, so a rebalance waits for it (Faust's
-``stream_wait_empty``) and a crash re-delivers it.
+``stream_wait_empty``) and a crash re-delivers it. With ``acks=False`` the agent acks the
+events itself, once their transaction committed, which may be after it asked for the next
+batch (the worker commits a batch while it handles the next); ``on_idle`` is awaited whenever
+a wait for records ends with none, so the agent can ack its last batch when no more come.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 __all__ = ["take_batches"]
 
 
-async def take_batches(stream: Any, max_events: int, max_wait_s: float) -> AsyncIterator[list[Any]]:
-    """Yield lists of events of ``stream`` (at most ``max_events`` each), acked after each yield."""
+async def take_batches(stream: Any, max_events: int, max_wait_s: float, *, acks: bool = True,
+                       on_idle: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[list[Any]]:
+    """Yield lists of events of ``stream`` (at most ``max_events`` each), acked after each yield
+    (``acks=False``: never acked here; see the module docstring)."""
     if max_events < 1:
         raise ValueError(f"max_events must be at least 1, got {max_events}")
     events: list[Any] = []
@@ -62,14 +67,17 @@ async def take_batches(stream: Any, max_events: int, max_wait_s: float) -> Async
                 await stream.wait_for_stopped(ready, timeout=max_wait_s)
             ready.clear()
             if not events:
+                if on_idle is not None:
+                    await on_idle()
                 continue
             batch, events = events, []
             room.set()  # the drainer fills the next batch while this one is handled
             yield batch
             # Only when the agent asks for the next batch, i.e. after its body (and transaction)
             # completed: a body cancelled or failed leaves its events unacked, to be read again.
-            for event in batch:
-                await stream.ack(event)
+            if acks:
+                for event in batch:
+                    await stream.ack(event)
     finally:
         # acks stay off: a drainer still running must not ack events nobody handled
         stream._processors.remove(add)

@@ -100,3 +100,41 @@ def test_a_batch_whose_body_does_not_complete_stays_unacked() -> None:
     asyncio.run(run())
     assert [e.value for e in taken] == [0, 1, 2]
     assert not any(e.message.acked for e in taken)  # Faust will not commit their offsets
+
+
+def test_with_acks_off_the_agent_acks_and_is_told_when_no_more_records_come() -> None:
+    # the worker's way: a batch is acked by the agent once its transaction committed, which may be
+    # after the next batch was taken; when no more records come, on_idle lets it ack the last one
+    app = _app()
+    batches: list[list[Any]] = []
+    idle_calls: list[int] = []
+    acked_when_taken: list[bool] = []
+
+    @app.agent(app.channel())
+    async def agent(stream: Any) -> None:
+        async def on_idle() -> None:
+            idle_calls.append(len(batches))
+            for batch in batches:
+                for event in batch:
+                    if not event.message.acked:
+                        await stream.ack(event)
+
+        async for batch in take_batches(stream, 2, max_wait_s=0.05, acks=False, on_idle=on_idle):
+            acked_when_taken.extend(event.message.acked for batch_ in batches for event in batch_)
+            batches.append(batch)
+
+    async def run() -> None:
+        async with agent.test_context() as ctx:
+            for i in range(5):
+                await ctx.put(i, wait=False)
+            for _ in range(200):
+                if sum(map(len, batches)) == 5 and idle_calls:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    assert [[e.value for e in b] for b in batches] == [[0, 1], [2, 3], [4]]
+    assert not any(acked_when_taken)  # take_batches acked nothing itself
+    assert idle_calls and idle_calls[0] == 3  # idle once the queue was drained
+    assert all(e.message.acked for b in batches for e in b)
