@@ -6,6 +6,7 @@ lists rather than objects; these functions are the only code that reads or chang
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,8 +247,17 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
             points += values  # all of them count (the common case: no signal since the oldest)
         else:
             points += [point for point in values if point[0] > since]
-    points.sort()
+    # By time alone (an int key: CPython's fast path, ~3x a sort comparing the [time, value] lists);
+    # the window must be what sorting by (time, value) gives, so equal times at its edge fall back.
+    points.sort(key=_time)
+    window = points[-CHART_WINDOW - 1:]
+    if any(a[0] == b[0] for a, b in itertools.pairwise(window)):
+        points.sort()
     return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]])
+
+
+def _time(point: list[float]) -> float:
+    return point[0]
 
 
 def observe_chart(part: ChartSlice | None, view: ChartView, value: float, now_ms: int, *, signalled: bool,

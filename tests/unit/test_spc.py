@@ -142,3 +142,26 @@ def test_scan_over_pooled_values_signals_exactly_as_the_running_chart(config: Ch
         compared += 1
         signalled += bool(expected)
     assert signalled > 100 and compared - signalled > 100  # both outcomes were exercised
+
+
+def test_a_pooled_chart_takes_the_newest_values_of_every_partition_in_time_order() -> None:
+    from lotflow.scorers.history import CHART_WINDOW, chart_key, chart_view, observe_chart, rebaseline_chart
+
+    assert chart_key("V-1", 3, "M-1|purity") == "V-1@3#M-1|purity"
+    # two partitions' slices, interleaved in time; one point of each at the same millisecond at
+    # the window's edge: ordered by value there, as a sort of (time, value) would
+    left = {"e": 0, "ref": [25.0, 10.0, 24.0], "v": [[t, float(t)] for t in range(0, 40, 2)], "r": 0}
+    right = {"e": 0, "ref": [25.0, 12.0, 24.0], "v": [[t, float(t) + 0.5] for t in range(1, 40, 2)], "r": 0}
+    right["v"][9] = [left["v"][10][0], -1.0]  # time 20 in both, the lower value from the right slice
+    view = chart_view([left, right])
+    points = sorted([*left["v"], *right["v"]])
+    assert view.values == [value for _, value in points[-CHART_WINDOW:]]
+    assert view.reference == [50.0, 11.0, 24.0 + 24.0 + 4.0 * 25 * 25 / 50]
+    # a signal at time 30 hides everything up to it; a newer baseline hides the old epoch
+    right["r"] = 30
+    assert chart_view([left, right]).values == [value for t, value in points if t > 30]
+    rebased = rebaseline_chart(35)
+    assert chart_view([left, right, rebased]).reference is None
+    # one lot's value goes into the reference window until it is frozen, then onto the chart
+    part = observe_chart(None, chart_view([]), 10.0, 1, signalled=False, reference_n=2)
+    assert part["ref"] == [1.0, 10.0, 0.0] and part["v"] == []
