@@ -5,7 +5,8 @@ with default settings, (c) the receiving pipeline doing its real work on a backl
 simulated receipts, its worker's RSS sampled every second (start: half-way, past the warm-up
 of the state under the bench's 20 s retention; end: the last record; the series is kept) and
 its CPU time read from /proc; then end-to-end latency at a fixed receipt rate (every receipt
-published in that phase must be decided, or the bench fails); (b') the bare Faust passthrough
+published in that phase must be decided, or the bench fails), and again at a rate one worker
+sustains (``--low-rate``); (b') the bare Faust passthrough
 again: ``ratio_vs_faust`` is taken against the mean of (b) and (b'), which bracket (c) in time,
 since this machine's speed drifts over minutes; then where the time goes (``stage_us``: the
 pure processor's stages on the same traffic, producing and committing, and the rest of the
@@ -229,7 +230,7 @@ def end_positions(settings: Settings, specs: list[topics.TopicSpec]) -> dict[tup
 
 
 def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float, latency_timeout: float,
-                   log_dir: Path, result: dict[str, Any]) -> None:
+                   log_dir: Path, result: dict[str, Any], low_rate: float = 0.0) -> None:
     """(c) throughput and memory over a long backlog, then latency; figures go into ``result``
     as they are measured."""
     admin.create_topics(settings)
@@ -271,6 +272,11 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
             f"half-way, {result['worker_rss_end_mb']} MB at the end")
         measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
+        if low_rate > 0:
+            # the same at a rate the worker sustains: what a receipt waits when no queue builds
+            measure_latency(settings, proc, int(latency_s * low_rate), low_rate, latency_timeout, log_dir, result,
+                            key="latency_low_rate", seed=15)
+            result["latency_low_rate"] = low_rate
     finally:
         if proc.poll() is None:
             result["worker_rss_after_latency_mb"] = round(process_rss_mb(proc.pid), 1)
@@ -278,23 +284,23 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
 
 
 def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float, timeout: float,
-                    log_dir: Path, result: dict[str, Any]) -> None:
+                    log_dir: Path, result: dict[str, Any], key: str = "latency", seed: int = 12) -> None:
     """Publish ``count`` receipts at ``rate``/s and read (read_committed) until every one of
     them is decided — verified, exception or dead letter, matched by the receipt's
     topic/partition/offset — and every input it references is seen. Fails after ``timeout``
     s past the end of publishing, with the partial figures in ``result``."""
-    say(f"latency: {count} receipts at {rate:g}/s")
+    say(f"{key}: {count} receipts at {rate:g}/s")
     watched = [topics.VERIFIED, topics.EXCEPTIONS, topics.DEAD_LETTERS, topics.RECEIPTS,
                topics.PURCHASE_ORDERS, topics.CERTIFICATES]
     reader = OutputReader(settings, start=end_positions(settings, watched))
-    truth_path = log_dir / "latency-truth.jsonl"
+    truth_path = log_dir / f"{key}-truth.jsonl"
     try:
-        report = publish(settings, 12, count, parse_fault_spec("default"), rate, None, truth_path=truth_path)
+        report = publish(settings, seed, count, parse_fault_spec("default"), rate, None, truth_path=truth_path)
         if report.failed:
             raise BenchFailed(f"latency: {report.failed} receipts were not published: {report.errors[:3]}")
         truths = [json.loads(line) for line in truth_path.read_text().splitlines()]
         expected: set[Ref] = {(t["source_topic"], t["source_partition"], t["source_offset"]) for t in truths}
-        result["latency_receipts"] = len(expected)
+        result[f"{key}_receipts"] = len(expected)
         deadline = time.monotonic() + timeout
         decided: dict[Ref, Decision] = {}
         last_print = 0.0
@@ -313,31 +319,32 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
                 last_print = now
             if proc.poll() is not None or now > deadline:
                 why = "the worker exited" if proc.poll() is not None else f"{timeout:g}s after publishing"
-                record_latency(reader, list(decided.values()), result)
-                result["latency_receipts_decided"] = len(decided)
+                record_latency(reader, list(decided.values()), result, key)
+                result[f"{key}_receipts_decided"] = len(decided)
                 raise BenchFailed(f"latency: only {len(decided)}/{len(expected)} receipts decided ({why})")
-        result["latency_receipts_decided"] = len(decided)
-        record_latency(reader, list(decided.values()), result)
+        result[f"{key}_receipts_decided"] = len(decided)
+        record_latency(reader, list(decided.values()), result, key)
     finally:
         reader.close()
-    if result["latency_samples"] != result["latency_samples_expected"]:
-        raise BenchFailed(f"latency: {result['latency_samples']} samples for "
-                          f"{result['latency_samples_expected']} decided receipts")
+    if result[f"{key}_samples"] != result[f"{key}_samples_expected"]:
+        raise BenchFailed(f"latency: {result[f'{key}_samples']} samples for "
+                          f"{result[f'{key}_samples_expected']} decided receipts")
 
 
-def record_latency(reader: OutputReader, decisions: list[Decision], result: dict[str, Any]) -> None:
+def record_latency(reader: OutputReader, decisions: list[Decision], result: dict[str, Any],
+                   key: str = "latency") -> None:
     """Latency figures of ``decisions``. A sample is expected for every decision except dead
     letters (no decision time) and expired document waits (they measure the wait)."""
     expected = [d for d in decisions if d.outcome != "DEAD_LETTER" and not WAIT_REASONS.intersection(d.reasons)]
     reader.decisions = decisions
     lat = _latencies(reader)
-    result["latency_samples"] = len(lat)
-    result["latency_samples_expected"] = len(expected)
-    result["latency_dead_letters"] = sum(d.outcome == "DEAD_LETTER" for d in decisions)
-    result["latency_expired_waits"] = len(decisions) - len(expected) - result["latency_dead_letters"]
-    result["latency_p50_ms"] = round(_percentile(lat, 0.50), 1)
-    result["latency_p99_ms"] = round(_percentile(lat, 0.99), 1)
-    result["latency_max_ms"] = round(max(lat, default=0.0), 1)
+    result[f"{key}_samples"] = len(lat)
+    result[f"{key}_samples_expected"] = len(expected)
+    result[f"{key}_dead_letters"] = sum(d.outcome == "DEAD_LETTER" for d in decisions)
+    result[f"{key}_expired_waits"] = len(decisions) - len(expected) - result[f"{key}_dead_letters"]
+    result[f"{key}_p50_ms"] = round(_percentile(lat, 0.50), 1)
+    result[f"{key}_p99_ms"] = round(_percentile(lat, 0.99), 1)
+    result[f"{key}_max_ms"] = round(max(lat, default=0.0), 1)
 
 
 def bench_sink(settings: Settings, rows: int) -> dict[str, float]:
@@ -475,6 +482,8 @@ def main() -> int:
     parser.add_argument("--receipts", type=int, default=100_000)
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--low-rate", type=float, default=200.0,
+                        help="receipts/s of a second latency phase at a rate one worker sustains (0: none)")
     parser.add_argument("--latency-timeout", type=float, default=120.0,
                         help="seconds after the latency phase's publishing by which every receipt must be decided")
     parser.add_argument("--sink-rows", type=int, default=400_000)
@@ -509,7 +518,7 @@ def main() -> int:
         say(f"    {results['faust_msgs_per_s']:,.0f} msg/s")
         try:
             bench_pipeline(settings, args.receipts, args.latency_seconds, args.rate, args.latency_timeout,
-                           log_dir, results)
+                           log_dir, results, args.low_rate)
         finally:
             write(out, results)  # keep what was measured if a later stage fails
         # The baseline again, after the pipeline: the machine's speed drifts over minutes, so the
@@ -521,6 +530,9 @@ def main() -> int:
         write(out, results)
         say(f"    latency p50 {results['latency_p50_ms']} ms p99 {results['latency_p99_ms']} ms "
             f"({results['latency_samples']}/{results['latency_samples_expected']} samples)")
+        if "latency_low_rate_p99_ms" in results:
+            say(f"    at {args.low_rate:g}/s: p50 {results['latency_low_rate_p50_ms']} ms "
+                f"p99 {results['latency_low_rate_p99_ms']} ms")
         bench_stages(settings, args.stage_receipts, results)
         say(f"    stage_us {results['stage_us']}")
         write(out, results)

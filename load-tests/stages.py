@@ -167,11 +167,12 @@ def _instrument(processor: ReceivingProcessor, clock: StageClock) -> None:
 
 
 def measure_stages(settings: Settings, receipts: int, produce_to: Settings | None = None,
-                   say: Callable[[str], None] = print) -> dict[str, Any]:
+                   say: Callable[[str], None] = print, tune_gc: bool = True) -> dict[str, Any]:
     """µs per input event of each stage (see the module docstring); with ``produce_to``, the
     outputs of the clean run are produced in the worker's transactions to that topic set."""
     events, specs = traffic(settings, receipts)
-    tune_garbage_collector()  # as the worker does: a full collection walks everything kept alive
+    if tune_gc:
+        tune_garbage_collector()  # as the worker does: a full collection walks everything kept alive
     say(f"stages: {len(events)} input events of {receipts} receipts, batches of {settings.batch_size}")
     changelog = settings.topic("bench.stages-changelog")
     per_event = 1e6 / len(events)
