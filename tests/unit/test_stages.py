@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "load-tests"))
 
-import stages  # noqa: E402
+import stages
 
-from lotflow.settings import Settings  # noqa: E402
+from lotflow.settings import Settings
 
 
 def test_the_stage_clock_keeps_exclusive_time() -> None:
