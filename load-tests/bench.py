@@ -273,7 +273,9 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
             f"half-way, {result['worker_rss_end_mb']} MB at the end")
         measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
         if low_rate > 0:
-            # the same at a rate the worker sustains: what a receipt waits when no queue builds
+            # the same at a rate the worker sustains: what a receipt waits when no queue builds,
+            # once the state of the first phase has expired (the worker expires it as it goes)
+            time.sleep(BENCH_RETENTION_S + 10)
             measure_latency(settings, proc, int(latency_s * low_rate), low_rate, latency_timeout, log_dir, result,
                             key="latency_low_rate", seed=15)
             result["latency_low_rate"] = low_rate
