@@ -102,8 +102,8 @@ def bare_insert_rows_per_s(settings: Settings, client: Any, records: list[tuple[
     """The engine alone: the same records, in the sink's batch size and its Avro container, inserted
     straight into a fresh database's table (no Kafka, no sink loop): what the sink is held against."""
     database = f"{settings.clickhouse_database}_bare"
-    migrate(client, database)
     try:
+        migrate(client, database)
         route = next(iter(routes(settings, {AUDIT: TABLES[AUDIT]}, decode_in_clickhouse=True).values()))
         target = f"{quote_identifier(database)}.{quote_identifier(TABLES[AUDIT].avro_table or '')}"
         topic_partition = route.topic_field + avro_long(0)
@@ -113,7 +113,10 @@ def bare_insert_rows_per_s(settings: Settings, client: Any, records: list[tuple[
         for first in range(0, len(records), size):
             values = ((value, first + i, now_ms) for i, (_, value) in enumerate(records[first:first + size]))
             block = avro_container(route.container_header, route.sync, topic_partition, values)
-            client.raw_insert(target, insert_block=block, fmt="Avro", settings={"optimize_on_insert": 0})
+            client.raw_insert(target, insert_block=block, fmt="Avro",  # the settings the sink's inserts carry
+                              settings={"insert_deduplication_token": f"bare:{first}",
+                                        "deduplicate_blocks_in_dependent_materialized_views": 1,
+                                        "optimize_on_insert": 0})
         elapsed = time.perf_counter() - started
         counted = table_counts(client, database, ["audit"])["audit"]
         if counted != len(records):

@@ -153,8 +153,8 @@ def _batches(processor: ReceivingProcessor, events: list[InputEvent], batch_size
 
 def _instrument(processor: ReceivingProcessor, clock: StageClock) -> None:
     """Wrap the processor's seams (instance attributes and the module functions it calls)."""
-    processor.handle = clock.wrap("join_state", processor.handle)  # type: ignore[method-assign]
-    processor.sweep = clock.wrap("join_state", processor.sweep)  # type: ignore[method-assign]
+    for name in ("handle", "sweep", "expire", "end_batch"):
+        setattr(processor, name, clock.wrap("join_state", getattr(processor, name)))
     for codec in processor._codecs.values():
         codec.decode = clock.wrap("decode", codec.decode)  # type: ignore[method-assign]
     encoder = processor.encoder
@@ -191,6 +191,7 @@ def measure_stages(settings: Settings, receipts: int, produce_to: Settings | Non
         started = time.perf_counter()
         for _ in _batches(processor, events, settings.batch_size, clock):
             processor.end_batch()
+            _changes_into(processor, [])  # the changelog records, as in the clean run
         instrumented_s = time.perf_counter() - started
     finally:
         spc.scan, history.chart_view, rules.derive = originals  # type: ignore[assignment]

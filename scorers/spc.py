@@ -134,7 +134,9 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
     run_length, trend_length = config.run_length, config.trend_length
     clip_square = clip * clip
     since, cp, cm, ew, i, var = chart["since"], chart["cp"], chart["cm"], chart["ew"], chart["i"], chart["var"]
-    pos, neg, up, down, recent = chart["pos"], chart["neg"], chart["up"], chart["down"], list(chart["z"])
+    # (a chart dict from before the run lengths were kept starts them at 0)
+    pos, neg, up, down = chart.get("pos", 0), chart.get("neg", 0), chart.get("up", 0), chart.get("down", 0)
+    recent = list(chart["z"])
     fired: list[str] = []
     for z in zs:
         if fired:  # the previous value signalled: the charts start again from this one

@@ -3,7 +3,8 @@
 Each partition writes its own slice of a vendor's history (``<vendor>@<partition>``) to the
 vendor table; its changelog is read here, whole and ``read_committed``, by every worker, so a
 decision pools the slices of all partitions, not only those its worker owns. Slices of other
-workers' partitions lag by their worker's transaction (one batch), plus one poll here (before
+workers' partitions lag by their worker's transaction (one batch, two while a batch's
+transaction commits in the background as the next is handled), plus one poll here (before
 every batch and every sweep, ``sweep_interval_s``), plus one fetch (at most 50 ms): about a
 second with the defaults. That is the documented propagation lag.
 """

@@ -2,10 +2,11 @@
 
 Faust's own send path (aiokafka, a future per message) costs far more than the work; the
 agent produces through librdkafka instead. A batch's outputs and its table changelog records
-are produced in one transaction, committed before the agent asks Faust for the next batch (so
-before Faust commits the batch's input offsets). A consumer reading ``read_committed`` sees all
-of a batch or nothing of it. A commit that fails is retried, with back-off, from the same
-messages; while it fails the worker reports itself unhealthy.
+are produced in one transaction, which commits while the agent handles the next batch; the
+batch's events are acked, so Faust commits their input offsets, only after it committed. A
+consumer reading ``read_committed`` sees all of a batch or nothing of it. A commit that fails is
+retried, with back-off, from the same messages; while it fails the worker reports itself
+unhealthy.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class TransactionalOutput:
         self._open = False
         self._crash_at = crash_at or (lambda point: None)
         self.failing_since: float | None = None  # monotonic time of the first failed commit in a row
+        self.last_commit_s = 0.0  # the last successful flush + commit, as the broker took it
         self._producer.init_transactions(self._timeout)
 
     @property
@@ -180,11 +182,13 @@ class TransactionalOutput:
 
     def _flush_and_commit(self) -> int:
         """Messages still unacknowledged after the flush (then nothing is committed), else 0."""
+        started = time.perf_counter()
         remaining = int(self._producer.flush(self._timeout))
         if remaining:
             return remaining
         self._crash_at("before_commit")
         self._producer.commit_transaction(self._timeout)
+        self.last_commit_s = time.perf_counter() - started
         return 0
 
     def _reproduce(self) -> None:

@@ -548,7 +548,9 @@ class ReceivingProcessor:
         if profile is None:
             return history.empty_profile()
         for chart, part in history.legacy_charts(profile).items():
-            unit.put(self.vendor_state, partition, history.chart_key(vendor, partition, chart), part)
+            key = history.chart_key(vendor, partition, chart)
+            if key not in self.vendor_state:  # never over a slice written since (a rolling upgrade)
+                unit.put(self.vendor_state, partition, key, part)
         return profile
 
     def _spot_check(self, unit: StateUnit, partition: int, ctx: rules.ReceivingContext, subject: Subject,
@@ -670,6 +672,9 @@ class ReceivingProcessor:
             part = self.vendor_state.get(key)
             if part is None:
                 part = self.remote_history.get(key)
+            if part is None:  # a partition whose profile still carries its slices (written before the split)
+                profile = self.vendor_state.get(f"{vendor}@{q}") or self.remote_history.get(f"{vendor}@{q}")
+                part = profile.get("spc", {}).get(chart) if profile else None
             if part is not None:
                 out.append(part)
         return out

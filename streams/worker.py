@@ -204,8 +204,13 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
         """Wait for the transaction in flight, if any (one at a time); its failure is raised here."""
         nonlocal committing
         if committing is not None:
-            in_flight, committing = committing, None
-            await in_flight
+            try:
+                # shielded: a cancelled waiter (shutdown) must not cancel the commit itself, whose
+                # executor thread may be committing already
+                await asyncio.shield(committing)
+            finally:
+                if committing is not None and committing.done():
+                    committing = None
 
     async def commit(*, overlap: bool = False) -> None:
         """Everything handled since the last commit, in one transaction, after the one in flight.
@@ -216,20 +221,21 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
         await settle()
         messages = processor.end_batch()
         if messages or output.in_transaction or po_table.pending_changes() or vendor_table.pending_changes():
-            started = time.perf_counter()
             for m in messages:
                 output.send(m)
             po_table.flush_to(output)
             vendor_table.flush_to(output)
             if overlap:
-                committing = asyncio.ensure_future(timed_commit(output, started))
+                committing = asyncio.ensure_future(timed_commit(output))
             else:
-                await timed_commit(output, started)
+                await timed_commit(output)
         processor.publish_metrics()
 
-    async def timed_commit(out: TransactionalOutput, started: float) -> None:
+    async def timed_commit(out: TransactionalOutput) -> None:
         await out.commit()
-        transaction_timer.observe(time.perf_counter() - started)
+        # the broker's flush and commit as timed in the executor thread: in the background, the
+        # task itself resumes only when the next batch's handling yields
+        transaction_timer.observe(out.last_commit_s)
 
     def unrecoverable(exc: BaseException) -> None:
         # Memory is now ahead of what was committed: restart from the changelog, never go on.

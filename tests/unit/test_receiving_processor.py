@@ -637,3 +637,33 @@ def test_a_conditional_accept_releases_with_its_condition() -> None:
     assert verified["condition"] == "use as is, deviation DV-3" and verified["decision_source"] == "HUMAN"
     [event] = [r for name, _, r in run.sent if name == "lotflow.lot-events"]
     assert event["event_type"] == "CONDITIONALLY_RELEASED" and event["attributes"]["condition"].endswith("DV-3")
+
+
+def test_chart_slices_written_inside_old_vendor_profiles_are_pooled_and_moved_to_their_own_keys() -> None:
+    # Before chart slices had their own keys they lived in the vendor profile ("spc"). After an
+    # upgrade: another partition's old slice still counts (its reference window is full, so this
+    # lot's value goes onto the chart, not into a new reference), this partition's old slices move
+    # to their keys, and a slice already written under its key is never overwritten by an old one.
+    from lotflow.scorers import history
+
+    run = Run()
+    vendor_state = run.proc.vendor_state
+    chart = "MAT-1|purity"
+    full = {"e": 0, "ref": [50.0, 99.0, 49 * 0.04], "v": [[NOW_MS - 1000, 99.1]], "r": 0}
+    old_profile = {**history.empty_profile(), "spc": {chart: full}}
+    vendor_state.apply(1, "V-1@1", old_profile, orjson.dumps(old_profile))
+    newer = {"e": 0, "ref": [3.0, 5.0, 1.0], "v": [], "r": 0}
+    vendor_state.apply(0, history.chart_key("V-1", 0, "MAT-9|x"), newer, orjson.dumps(newer))
+    own_old = {**history.empty_profile(),
+               "spc": {"MAT-9|x": {"e": 0, "ref": [1.0, 1.0, 0.0], "v": [], "r": 0},
+                       "MAT-8|y": {"e": 0, "ref": [2.0, 7.0, 0.5], "v": [], "r": 0}}}
+    vendor_state.apply(0, "V-1@0", own_old, orjson.dumps(own_old))
+
+    run.handle(PO(0), COA(0, purity=99.2), RECEIPT(0))
+    assert run.decisions()[-1]["decision"] == "VERIFIED"
+    own = vendor_state.get(history.chart_key("V-1", 0, chart))
+    assert own["ref"] == [0.0, 0.0, 0.0] and [v for _, v in own["v"]] == [99.2]  # charted against partition 1's
+    assert "spc" not in vendor_state.get("V-1@0")
+    assert vendor_state.get(history.chart_key("V-1", 0, "MAT-8|y"))["ref"] == [2.0, 7.0, 0.5]  # moved
+    assert vendor_state.get(history.chart_key("V-1", 0, "MAT-9|x")) == newer  # not overwritten
+    assert "spc" in vendor_state.get("V-1@1")  # another partition's moves with its own next write
