@@ -36,6 +36,7 @@ class WorkerMetrics:
     spot_checks: Gauge
     drifted_vendors: Gauge
     drift_events: Gauge
+    shared_history_records: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -94,6 +95,10 @@ class WorkerMetrics:
             drift_events=Gauge(
                 "lotflow_model_drift_events", "Drift detections since the model started learning", ["node"],
                 registry=registry,
+            ),
+            shared_history_records=Counter(
+                "lotflow_shared_history_records", "Committed vendor-history changelog records (every partition's) "
+                "this worker has applied to its shared history", registry=registry,
             ),
         )
 

@@ -38,19 +38,21 @@ class SharedHistory(Mapping[str, Any]):
                                for p in range(settings.partitions)])
 
     def poll(self, max_messages: int = 10000) -> int:
-        """Apply what was committed since the last poll; never blocks."""
+        """Apply what was committed since the last poll; never blocks. Returns the records applied."""
         messages = self._consumer.consume(max_messages, timeout=0)
+        applied = 0
         for msg in messages:
             raw_key = msg.key()
             if msg.error() or raw_key is None:
                 continue
+            applied += 1
             key = orjson.loads(raw_key)
             value = msg.value()
             if value is None:
                 self._values.pop(key, None)
             else:
                 self._values[key] = orjson.loads(value)
-        return len(messages)
+        return applied
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]

@@ -293,7 +293,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                     started = time.perf_counter()
                     if specs.poll():
                         processor.recheck_waiting()
-                    shared_history.poll()
+                    metrics.shared_history_records.inc(shared_history.poll())
                     feed.poll(processor.node.learner)
                     handle = processor.handle
                     for event in events:
@@ -350,7 +350,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
                         break
                     if specs.poll():
                         processor.recheck_waiting()
-                    shared_history.poll()
+                    metrics.shared_history_records.inc(shared_history.poll())
                     processor.sweep(limit=settings.batch_size)
                     await commit()
                 if not processor.more_due:

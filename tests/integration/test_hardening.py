@@ -15,10 +15,11 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from lotflow.childproc import metric_value
 from lotflow.demo import OutputReader
-from lotflow.kafka_clients import producer_config
+from lotflow.kafka_clients import client_config, producer_config
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.settings import Settings
 from lotflow.streams import topics
@@ -179,7 +180,6 @@ def test_hostile_documents_are_dead_letters_and_changing_documents_are_judged(
 
 HISTORY_LOTS = 24
 PROBES = 16
-PROPAGATION_S = 1.5  # above the shared history's propagation lag: a batch, a sweep interval, a fetch
 
 
 def _history_traffic(pub: Publisher, partitions: int) -> None:
@@ -202,6 +202,42 @@ def _probe(pub: Publisher, i: int, partitions: int) -> None:
     pub.flush()
 
 
+class _ChangelogCount:
+    """Committed records of the vendor history's changelog, every partition, counted as they come."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.count = 0
+        self._consumer = Consumer(client_config(settings, **{
+            "group.id": f"count-{time.monotonic_ns()}", "enable.auto.commit": False,
+            "isolation.level": "read_committed", "fetch.wait.max.ms": 50}))
+        topic = f"{settings.app_id}-receiving-vendor-changelog"
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+
+    def settle(self, quiet_s: float = 0.5) -> int:
+        """Read until nothing new came for ``quiet_s``: what was committed before the call is counted."""
+        while True:
+            messages = self._consumer.consume(10000, timeout=quiet_s)
+            self.count += sum(1 for m in messages if not m.error() and m.key() is not None)
+            if not messages:
+                return self.count
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _wait_shared_history(changelog: _ChangelogCount, group: list[WorkerProcess], timeout: float = 60.0) -> None:
+    """Until every worker has applied every committed record of the vendor history's changelog."""
+    expected = changelog.settle()
+    deadline = time.monotonic() + timeout
+    applied: list[float] = []
+    while time.monotonic() < deadline:
+        applied = [metric_value(w.metrics() or [], "lotflow_shared_history_records_total") for w in group]
+        if all(n >= expected for n in applied):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the workers applied {applied} of the {expected} committed vendor-history records")
+
+
 def _run(settings: Settings, n_workers: int, workers: list[WorkerProcess]) -> dict[str, tuple[str, frozenset[str]]]:
     pub = Publisher(settings)
     pub.send(topics.MATERIAL_SPECS, "MAT-1", spec_record("MAT-1"))
@@ -214,11 +250,13 @@ def _run(settings: Settings, n_workers: int, workers: list[WorkerProcess]) -> di
     # One probe at a time, each after the previous one's history reached every worker: a probe's
     # value joins the history too, so probes racing on two workers would differ by the
     # documented propagation lag (one transaction + one poll), which is all this allows for.
+    changelog = _ChangelogCount(settings)
     for i in range(PROBES):
-        time.sleep(PROPAGATION_S)
+        _wait_shared_history(changelog, group)
         _probe(pub, i, settings.partitions)
         wait_for(reader, lambda i=i: reader.decided_receipts() >= HISTORY_LOTS + i + 1, 60, f"probe {i} decided")
     reader.close()
+    changelog.close()
     for w in group:
         w.stop()
     out = {}
