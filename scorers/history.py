@@ -257,16 +257,19 @@ def _time(point: list[float]) -> float:
 def observe_chart(part: ChartSlice | None, view: ChartView, value: float, now_ms: int, *, signalled: bool,
                   reference_n: int) -> ChartSlice:
     """One lot's value, after its decision: into the reference window while it fills, then onto the
-    chart. ``part``: this partition's slice (a private copy, changed in place) or None; returns it."""
+    chart. ``part``: this partition's slice or None. Returns a new slice; ``part`` is left as it was
+    (slices are read without a copy and cached by identity: a changed slice is a new object)."""
     if part is None or part["e"] < view.epoch:
-        part = {"e": view.epoch, "ref": [0.0, 0.0, 0.0], "v": [], "r": 0}
-    if not view.frozen(reference_n):
-        part["ref"] = observe_value(part["ref"] if part["ref"][0] > 0 else None, value)
+        epoch, reference, values, signal_ms = view.epoch, [0.0, 0.0, 0.0], [], 0
     else:
-        part["v"] = [*part["v"][-(CHART_WINDOW - 1):], [now_ms, value]]
+        epoch, reference, values, signal_ms = part["e"], part["ref"], part["v"], part.get("r", 0)
+    if not view.frozen(reference_n):
+        reference = observe_value(reference if reference[0] > 0 else None, value)
+    else:
+        values = [*values[-(CHART_WINDOW - 1):], [now_ms, value]]
     if signalled:
-        part["r"] = now_ms
-    return part
+        signal_ms = now_ms
+    return {"e": epoch, "ref": reference, "v": values, "r": signal_ms}
 
 
 def rebaseline_chart(now_ms: int) -> ChartSlice:

@@ -176,6 +176,8 @@ class ReceivingProcessor:
         self._waiting: dict[str, dict[str, _Needs | None]] = {}
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
         self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
+        # (vendor, chart) -> the slices a pooled chart view was computed from, and the view
+        self._chart_views: dict[tuple[str, str], tuple[list[history.ChartSlice], history.ChartView]] = {}
         self._marks: dict[tuple[str, int], int] = {}  # the O| marks as committed, read once per partition
         self.replayed = 0
         self.more_due = False  # the last sweep stopped at its limit
@@ -469,9 +471,8 @@ class ReceivingProcessor:
         keys = [k for ln in receipt["lines"] for k in self._history_keys(ln["material_id"])]
         materials = [ln["material_id"] for ln in receipt["lines"]]
         view = history.pooled([profile, *self._other_slices(vendor, partition)], keys, materials)
-        own_charts = {k: unit.get(self.vendor_state, history.chart_key(vendor, partition, k)) for k in keys}
-        charts = {k: history.chart_view(self._chart_slices(vendor, partition, k, own))
-                  for k, own in own_charts.items()}
+        own_charts = {k: unit.peek(self.vendor_state, history.chart_key(vendor, partition, k)) for k in keys}
+        charts = {k: self._chart_view(vendor, partition, k, own) for k, own in own_charts.items()}
         seen = self.po_state.get(f"R|{po}|{rid}")
         duplicate = seen is not None and seen["o"] != ref[2]
         ctx = rules.derive(receipt, core["po"], core["received"], joined.coas, self.specs, view, self.rules,
@@ -661,20 +662,35 @@ class ReceivingProcessor:
                 out.append(profile)
         return out
 
+    def _chart_view(self, vendor: str, partition: int, chart: str, own: history.ChartSlice | None) -> history.ChartView:
+        """The vendor's chart pooled over every partition's slice; computed again only when a slice
+        changed. Slices are replaced, never changed in place (``observe_chart``), and the cache
+        holds the ones it was computed from, so identity is their version."""
+        slices = self._chart_slices(vendor, partition, chart, own)
+        cached = self._chart_views.get((vendor, chart))
+        if cached is not None and len(cached[0]) == len(slices) and all(
+                a is b for a, b in zip(cached[0], slices, strict=True)):
+            return cached[1]
+        view = history.chart_view(slices)
+        self._chart_views[(vendor, chart)] = (slices, view)
+        return view
+
     def _chart_slices(self, vendor: str, partition: int, chart: str,
                       own: history.ChartSlice | None) -> list[history.ChartSlice]:
-        """Every partition's slice of one chart: ``own`` (this partition's), the rest from the table or as read."""
-        out = [] if own is None else [own]
+        """Every partition's slice of one chart, in partition order (the pooled view is the same
+        whichever partition asks): ``own`` (this partition's), the rest from the table or as read."""
+        out = []
         for q in range(self.settings.partitions):
             if q == partition:
-                continue
-            key = history.chart_key(vendor, q, chart)
-            part = self.vendor_state.get(key)
-            if part is None:
-                part = self.remote_history.get(key)
-            if part is None:  # a partition whose profile still carries its slices (written before the split)
-                profile = self.vendor_state.get(f"{vendor}@{q}") or self.remote_history.get(f"{vendor}@{q}")
-                part = profile.get("spc", {}).get(chart) if profile else None
+                part = own
+            else:
+                key = history.chart_key(vendor, q, chart)
+                part = self.vendor_state.get(key)
+                if part is None:
+                    part = self.remote_history.get(key)
+                if part is None:  # a partition whose profile still carries its slices (written before the split)
+                    profile = self.vendor_state.get(f"{vendor}@{q}") or self.remote_history.get(f"{vendor}@{q}")
+                    part = profile.get("spc", {}).get(chart) if profile else None
             if part is not None:
                 out.append(part)
         return out

@@ -184,6 +184,14 @@ class StateUnit:
             return staged[2]
         return table.get(key) if table.encoded else _copy(table.get(key))
 
+    def peek(self, table: ChangelogTable, key: str) -> Any:
+        """The value (or what this unit staged for it) to read only: no copy. Values read this
+        way are replaced on change, never changed in place, so a reader may hold on to one."""
+        staged = self._writes.get((id(table), key))
+        if staged is not None:
+            return staged[2]
+        return table.get(key)
+
     def put(self, table: ChangelogTable, partition: int, key: str, value: Any) -> None:
         self._writes[(id(table), key)] = (table, partition, value)
 

@@ -667,3 +667,29 @@ def test_chart_slices_written_inside_old_vendor_profiles_are_pooled_and_moved_to
     assert vendor_state.get(history.chart_key("V-1", 0, "MAT-8|y"))["ref"] == [2.0, 7.0, 0.5]  # moved
     assert vendor_state.get(history.chart_key("V-1", 0, "MAT-9|x")) == newer  # not overwritten
     assert "spc" in vendor_state.get("V-1@1")  # another partition's moves with its own next write
+
+
+def test_a_pooled_chart_is_computed_again_exactly_when_one_of_its_slices_changed() -> None:
+    # The processor keeps each vendor chart's pooled view while its slices are the same objects
+    # (slices are replaced on change, never changed in place); any new slice, from this partition
+    # or another, gives a new view, equal to pooling the slices afresh.
+    from lotflow.scorers import history
+
+    run = Run()
+    proc, vendor_state = run.proc, run.proc.vendor_state
+    chart = "MAT-1|purity"
+    slices = [{"e": 0, "ref": [30.0, 99.0 + q, 1.0], "v": [[NOW_MS - 10 + q, 99.0 + q]], "r": 0} for q in range(2)]
+    for q, part in enumerate(slices):
+        vendor_state.apply(q, history.chart_key("V-1", q, chart), part, orjson.dumps(part))
+    first = proc._chart_view("V-1", 0, chart, slices[0])
+    assert first == history.chart_view(slices)
+    assert proc._chart_view("V-1", 1, chart, slices[1]) is first  # the same slices, from the other partition
+    changed = history.observe_chart(slices[1], first, 98.0, NOW_MS, signalled=False, reference_n=100)
+    assert slices[1]["ref"] == [30.0, 100.0, 1.0]  # observed into a new slice, the old one unchanged
+    vendor_state.apply(1, history.chart_key("V-1", 1, chart), changed, orjson.dumps(changed))
+    second = proc._chart_view("V-1", 0, chart, slices[0])
+    assert second is not first and second == history.chart_view([slices[0], changed])
+    assert second.reference != first.reference
+    # this partition's own slice as staged in a unit (not yet in the table) counts too
+    own = history.observe_chart(slices[0], second, 97.0, NOW_MS, signalled=False, reference_n=100)
+    assert proc._chart_view("V-1", 0, chart, own) == history.chart_view([own, changed])
