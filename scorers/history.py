@@ -6,8 +6,10 @@ lists rather than objects; these functions are the only code that reads or chang
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,18 +242,19 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     current = [s for s in slices if s["e"] == epoch]
     reference = merge_stats([s["ref"] for s in current if s["ref"][0] > 0])
     since = max([epoch, *(s.get("r", 0) for s in current)])
-    points = [point for part in current for point in part["v"] if point[0] > since]
-    # By time alone (an int key: CPython's fast path, ~3x a sort comparing the [time, value] lists);
-    # the window must be what sorting by (time, value) gives, so equal times at its edge fall back.
-    points.sort(key=_time)
+    # By time alone (a C key on an int: ~3x a sort comparing the [time, value] lists), then what
+    # is newer than ``since`` by bisection; the window must be what sorting by (time, value) gives,
+    # so equal times at its edge fall back.
+    points = list(itertools.chain.from_iterable(part["v"] for part in current))
+    points.sort(key=_TIME)
+    points = points[bisect.bisect_right(points, since, key=_TIME):]
     window = points[-CHART_WINDOW - 1:]
     if any(a[0] == b[0] for a, b in itertools.pairwise(window)):
         points.sort()
     return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]])
 
 
-def _time(point: list[float]) -> float:
-    return point[0]
+_TIME = operator.itemgetter(0)
 
 
 def observe_chart(part: ChartSlice | None, view: ChartView, value: float, now_ms: int, *, signalled: bool,
