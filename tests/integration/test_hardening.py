@@ -213,21 +213,28 @@ class _ChangelogCount:
         topic = f"{settings.app_id}-receiving-vendor-changelog"
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
 
-    def settle(self, quiet_s: float = 0.5) -> int:
-        """Read until nothing new came for ``quiet_s``: what was committed before the call is counted."""
-        while True:
+    def settle(self, more_than: int, quiet_s: float = 1.0, timeout: float = 60.0) -> int:
+        """Read until the count is above ``more_than`` (each decision since the last call wrote its
+        vendor's slice at least once) and nothing new came for ``quiet_s``: what was committed
+        before the call is counted (a consumer still connecting, or a fetch stalled, reads nothing
+        and is waited for by the first condition)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             messages = self._consumer.consume(10000, timeout=quiet_s)
             self.count += sum(1 for m in messages if not m.error() and m.key() is not None)
-            if not messages:
+            if not messages and self.count > more_than:
                 return self.count
+        raise AssertionError(f"the vendor-history changelog holds {self.count} committed records, "
+                             f"expected more than {more_than}")
 
     def close(self) -> None:
         self._consumer.close()
 
 
 def _wait_shared_history(changelog: _ChangelogCount, group: list[WorkerProcess], timeout: float = 60.0) -> None:
-    """Until every worker has applied every committed record of the vendor history's changelog."""
-    expected = changelog.settle()
+    """Until every worker has applied every committed record of the vendor history's changelog
+    (counted here as the workers count them: keyed records, tombstones too, read_committed)."""
+    expected = changelog.settle(more_than=changelog.count)
     deadline = time.monotonic() + timeout
     applied: list[float] = []
     while time.monotonic() < deadline:
