@@ -212,3 +212,22 @@ def test_a_key_created_and_deleted_within_one_batch_writes_no_changelog_record()
     assert table.flush_to(sender) == 2
     assert sender.sent[2:] == [(b'"gone"', None), (b'"kept"', b'{"v":4}')]
     assert "brief" not in table and "gone" not in table and table.get("kept") == {"v": 4}
+
+
+def test_the_worker_consumer_reads_committed_and_the_broker_holds_its_empty_fetches_briefly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Faust builds the aiokafka consumer with read_uncommitted and a 1,500 ms fetch wait; the
+    # worker's consumer thread overrides both before start() hands them to the fetcher.
+    import types
+
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from lotflow.streams import transport
+
+    made = types.SimpleNamespace(_isolation_level="read_uncommitted", _fetch_max_wait_ms=1500)
+    monkeypatch.setattr(faust_aiokafka.AIOKafkaConsumerThread, "_create_worker_consumer",
+                        lambda self, _transport: made)
+    thread = object.__new__(transport._ReadCommittedThread)
+    assert thread._create_worker_consumer(None) is made
+    assert made._isolation_level == "read_committed"
+    assert made._fetch_max_wait_ms == transport.FETCH_MAX_WAIT_MS == 50
