@@ -127,9 +127,15 @@ def bare_insert_rows_per_s(settings: Settings, client: Any, records: list[tuple[
 
 
 def measure_sink_rows_per_s(
-    settings: Settings, n_rows: int, *, decode_in_clickhouse: bool = True, timeout: float = 600
+    settings: Settings,
+    n_rows: int,
+    *,
+    decode_in_clickhouse: bool = True,
+    timeout: float = 600,
+    consumer_config: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Produce ``n_rows`` audit records to fresh topics and time the sink draining them."""
+    """Produce ``n_rows`` audit records to fresh topics and time the sink draining them
+    (``consumer_config``: librdkafka settings over the sink's own, for experiments)."""
     tag = uuid.uuid4().hex[:8]
     settings = settings.model_copy(
         update={
@@ -158,6 +164,7 @@ def measure_sink_rows_per_s(
             SinkMetrics.create(registry),
             {AUDIT: TABLES[AUDIT]},
             decode_in_clickhouse=decode_in_clickhouse,
+            consumer_config=consumer_config,
         )
         stop = threading.Event()
         thread = threading.Thread(target=sink.run, args=(stop,), kwargs={"on_progress": on_progress})
