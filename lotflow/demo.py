@@ -97,6 +97,9 @@ class OutputReader:
         self.ids: set[str] = set()
         self.truths: list[dict[str, Any]] = []
         self.input_ts: dict[tuple[str, int, int], int] = {}
+        # receipt -> wall-clock ms when this reader received its first decision (read_committed:
+        # once the worker's transaction had committed)
+        self.visible_ms: dict[tuple[str, int, int], int] = {}
         self.counts: Counter[str] = Counter()
         self.consumer = Consumer(client_config(settings, **{
             "group.id": f"{settings.app_id}-demo-reader", "auto.offset.reset": "earliest",
@@ -109,7 +112,9 @@ class OutputReader:
     def poll(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            for msg in self.consumer.consume(5000, timeout=0.2):
+            messages = self.consumer.consume(5000, timeout=0.2)
+            received_ms = int(time.time() * 1000)
+            for msg in messages:
                 if msg.error():
                     continue
                 topic = msg.topic()
@@ -128,6 +133,7 @@ class OutputReader:
                     decision = decision_from_output(kind, record)
                     if decision is not None:  # a spot check is not the receipt's decision
                         self.decisions.append(decision)
+                        self.visible_ms.setdefault(decision.ref, received_ms)
 
     def decided_receipts(self) -> int:
         return len({d.ref for d in self.decisions})
@@ -136,15 +142,17 @@ class OutputReader:
         self.consumer.close()
 
 
-def _latencies(reader: OutputReader) -> list[float]:
-    """Decision time minus the broker time of the last input the decision waited for."""
+def _latencies(reader: OutputReader, visible: bool = False) -> list[float]:
+    """Decision time minus the broker time of the last input the decision waited for; ``visible``:
+    the time this reader received the decision (read_committed: after its transaction committed)."""
     out = []
     for d in reader.decisions:
         if d.outcome == "DEAD_LETTER" or WAIT_REASONS.intersection(d.reasons):
             continue  # dead letters have no decision time; expired waits measure the wait
         stamps = [reader.input_ts[r] for r in d.input_refs if r in reader.input_ts]
         if stamps:
-            out.append(max(0.0, d.decision_time_ms - max(stamps)))
+            decided = reader.visible_ms.get(d.ref, d.decision_time_ms) if visible else d.decision_time_ms
+            out.append(max(0.0, decided - max(stamps)))
     return out
 
 

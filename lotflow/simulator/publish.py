@@ -12,9 +12,9 @@ import json
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -33,6 +33,7 @@ Record = dict[str, Any]
 DeliveryCallback = Callable[[Any, Any], None]
 MAX_ERRORS_KEPT = 10
 UNPACED_GAP_MS = 1.0  # event-time step per receipt when publishing as fast as possible
+MIN_WAIT_S = 0.001
 
 
 class ProducerLike(Protocol):
@@ -162,21 +163,26 @@ def _paced(events: Iterator[SimEvent], rate: float, wait: Callable[[float], obje
         if event.truth is not None and rate > 0:
             n += 1
             while (remaining := start + n / rate - time.monotonic()) > 0:
-                wait(remaining)
+                # at least 1 ms: the producer's poll takes whole milliseconds, so a shorter wait
+                # returns at once and the loop would spin a core (the receipt goes < 1 ms late)
+                wait(max(remaining, MIN_WAIT_S))
         yield event
 
 
 def publish(settings: Settings, seed: int, count: int, mix: FaultMix, rate: float,
             progress: Callable[[str], None] | None = None, *,
             truth_path: str | Path | None = None, start_ms: int | None = None,
-            producer: ProducerLike | None = None) -> PublishReport:
+            producer: ProducerLike | None = None, prepare: bool = False) -> PublishReport:
     """Generate run ``seed`` and produce it to Kafka; ground truth follows each receipt.
 
     ``rate``: receipt-topic records per second (0: as fast as possible); event times then
     advance 1/rate s per receipt (1 ms unpaced), tracking the wall clock. ``progress`` is called with a
     status line at most once a second. ``truth_path``: also write every ground-truth
     record (with its source partition/offset) as a JSON line. ``producer``: for tests;
-    default a ``confluent_kafka.Producer`` on ``producer_config(settings)``.
+    default a ``confluent_kafka.Producer`` on ``producer_config(settings)``. ``prepare``: simulate
+    and encode every event before the first is produced, so a paced run offers its rate without
+    taking the CPU the pipeline under test needs (a load test; event times then start at the
+    preparation, seconds before publishing).
     """
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
@@ -193,8 +199,11 @@ def publish(settings: Settings, seed: int, count: int, mix: FaultMix, rate: floa
         fault_counts: Counter[str] = Counter()
         benign_counts: Counter[str] = Counter()
         last_progress = started
-        events = generate(seed, count, mix, start_ms, gap_ms=gap_ms)
-        for event in _paced(events, rate, prod.poll):
+        events: Iterable[SimEvent] = generate(seed, count, mix, start_ms, gap_ms=gap_ms)
+        if prepare:
+            events = [replace(event, value=pub.encode(event)) for event in events]
+            started = last_progress = time.monotonic()
+        for event in _paced(iter(events), rate, prod.poll):
             pub.send(event)
             if event.truth is not None:
                 report.receipts += 1

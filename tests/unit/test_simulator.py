@@ -31,7 +31,7 @@ from lotflow.simulator.faults import (
 )
 from lotflow.simulator.generate import HISTORY_SHARE, SimEvent, generate
 from lotflow.simulator.judge import judge_receipt
-from lotflow.simulator.publish import publish
+from lotflow.simulator.publish import _paced, publish
 from lotflow.simulator.world import (
     BEHAVIOURS,
     DEGRADE_END,
@@ -1303,3 +1303,29 @@ def test_publish_paces_receipts() -> None:
     report = publish(Settings(), 2, 30, FaultMix.none(), 200.0, start_ms=START_MS, producer=FakeProducer())
     assert report.receipts == 30
     assert time.monotonic() - t0 >= 30 / 200 * 0.9
+
+
+def test_pacing_never_spins_on_sub_millisecond_waits() -> None:
+    # the producer's poll takes whole milliseconds: a shorter wait returned at once and the
+    # pacing loop spun a core, the CPU the pipeline under test needed
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    events = list(generate(2, 50, FaultMix.none(), START_MS))
+    assert list(_paced(iter(events), 2000.0, wait)) == events
+    assert waits and min(waits) >= 0.001
+
+
+def test_prepared_publishing_produces_the_same_records(tmp_path: Path) -> None:
+    mix = parse_fault_spec("default,malformed_missing_fields=0.05,malformed_bytes=0.05")
+    logs = []
+    for prepare in (False, True):
+        producer = FakeProducer()
+        report = publish(Settings(topic_prefix="t."), 21, 300, mix, 0, start_ms=START_MS, producer=producer,
+                         prepare=prepare)
+        assert report.receipts == 300 and report.failed == 0
+        logs.append(dict(producer.log))
+    assert logs[0] == logs[1]
