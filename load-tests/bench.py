@@ -298,7 +298,7 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
     say(f"{key}: {count} receipts at {rate:g}/s")
     watched = [topics.VERIFIED, topics.EXCEPTIONS, topics.DEAD_LETTERS, topics.RECEIPTS,
                topics.PURCHASE_ORDERS, topics.CERTIFICATES]
-    reader = OutputReader(settings, start=end_positions(settings, watched))
+    reader = OutputReader(settings, start=end_positions(settings, watched), consume_timeout_s=0.005)
     truth_path = log_dir / f"{key}-truth.jsonl"
     try:
         # Published from a thread while this one reads, so each decision's visible time is when it

@@ -81,8 +81,12 @@ class OutputReader:
     where given: then only the topics in ``start`` are read.
     """
 
-    def __init__(self, settings: Settings, start: Mapping[tuple[str, int], int] | None = None) -> None:
+    def __init__(self, settings: Settings, start: Mapping[tuple[str, int], int] | None = None,
+                 consume_timeout_s: float = 0.2) -> None:
         self.settings = settings
+        # consume() returns when it holds 5,000 records or after this: a latency measurement
+        # needs it short, since what arrives is stamped when consume() returns
+        self.consume_timeout_s = consume_timeout_s
         source = schema_source(settings.schema_registry_url)
         self.kinds = {
             topics.VERIFIED.full_name(settings): ("VERIFIED", topics.VERIFIED),
@@ -112,7 +116,7 @@ class OutputReader:
     def poll(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            messages = self.consumer.consume(5000, timeout=0.2)
+            messages = self.consumer.consume(5000, timeout=self.consume_timeout_s)
             received_ms = int(time.time() * 1000)
             for msg in messages:
                 if msg.error():
