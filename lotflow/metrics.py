@@ -37,6 +37,7 @@ class WorkerMetrics:
     drifted_vendors: Gauge
     drift_events: Gauge
     shared_history_records: Counter
+    state_keys: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -66,6 +67,10 @@ class WorkerMetrics:
                 buckets=_CONFIDENCE_BUCKETS, registry=registry,
             ),
             pending=Gauge("lotflow_pending_subjects", "Subjects waiting for documents", ["node"], registry=registry),
+            state_keys=Gauge(
+                "lotflow_state_keys", "Keys this worker holds in a state table (its partitions')", ["node", "table"],
+                registry=registry,
+            ),
             consumer_lag=Gauge(
                 "lotflow_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
                 registry=registry,

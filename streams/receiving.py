@@ -187,6 +187,7 @@ class ReceivingProcessor:
         self._dead: collections.Counter[tuple[str, str]] = collections.Counter()
         self._latency = metrics.processing_latency.labels(NODE)
         self._confidence = {d: metrics.confidence.labels(NODE, d) for d in ("VERIFIED", "EXCEPTION")}
+        self._state_keys = {table: metrics.state_keys.labels(NODE, table) for table in ("po", "vendor")}
         self._latencies: list[float] = []
         self._confidences: dict[str, list[float]] = {d: [] for d in self._confidence}
 
@@ -851,6 +852,8 @@ class ReceivingProcessor:
         self._in.clear()
         self._out.clear()
         self._dead.clear()
+        self._state_keys["po"].set(len(self.po_state))
+        self._state_keys["vendor"].set(len(self.vendor_state))
 
 
 @dataclass(slots=True)  # not frozen: built per event, and a frozen one costs 3x to build

@@ -426,6 +426,20 @@ def test_idle_state_is_forgotten_after_retention() -> None:
     assert run.po_state.get("O|plant.receipts|0") is not None  # input marks are never forgotten
 
 
+def test_the_state_size_is_on_metrics_and_falls_when_idle_state_is_forgotten() -> None:
+    clock = Clock()
+    run = Run(clock)
+    run.handle(PO(), COA(), RECEIPT())
+    run.proc.publish_metrics()
+    keys = run.proc.metrics.state_keys.labels("receiving", "po")
+    held = keys._value.get()
+    assert held == len(run.po_state._data()) >= 4
+    clock.now += SETTINGS.po_state_retention_s + 1
+    run.sweep()
+    run.proc.publish_metrics()
+    assert keys._value.get() == len(run.po_state._data()) < held
+
+
 def test_expiry_with_a_batch_forgets_at_most_its_limit_of_idle_keys() -> None:
     clock = Clock()
     run = Run(clock)
