@@ -272,10 +272,13 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         result["pipeline_receipts"] = receipts
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
             f"half-way, {result['worker_rss_end_mb']} MB at the end")
+        # Each latency phase starts once the state of the phase before has been forgotten: the
+        # 20 s retention would otherwise expire a whole backlog's state in a burst inside the
+        # phase (a steady stream expires state as fast as it creates it; that part is measured).
+        time.sleep(BENCH_RETENTION_S + 10)
         measure_latency(settings, proc, int(latency_s * rate), rate, latency_timeout, log_dir, result)
         if low_rate > 0:
-            # the same at a rate the worker sustains: what a receipt waits when no queue builds,
-            # once the state of the first phase has expired (the worker expires it as it goes)
+            # the same at a rate the worker sustains: what a receipt waits when no queue builds
             time.sleep(BENCH_RETENTION_S + 10)
             measure_latency(settings, proc, int(latency_s * low_rate), low_rate, latency_timeout, log_dir, result,
                             key="latency_low_rate", seed=15)
@@ -304,10 +307,15 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
         # Published from a thread while this one reads, so each decision's visible time is when it
         # arrived; simulated and encoded first, so the load generator does not take the worker's CPU.
         published: dict[str, Any] = {}
+        stop_publishing = threading.Event()
+
+        def progress(_: str) -> None:  # called about once a second: where publishing can stop
+            if stop_publishing.is_set():
+                raise InterruptedError("the latency phase stopped")
 
         def publish_all() -> None:
             try:
-                published["report"] = publish(settings, seed, count, parse_fault_spec("default"), rate, None,
+                published["report"] = publish(settings, seed, count, parse_fault_spec("default"), rate, progress,
                                               truth_path=truth_path, prepare=True)
             except BaseException as exc:  # raised again below, in the reading thread
                 published["error"] = exc
@@ -315,10 +323,16 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
         publisher = threading.Thread(target=publish_all, name="latency-publisher", daemon=True)
         publisher.start()
         seen: list[Decision] = []
-        while publisher.is_alive():
-            reader.poll(0.5)
-            seen.extend(reader.decisions)
-            reader.decisions.clear()
+        try:
+            while publisher.is_alive():
+                if proc.poll() is not None:
+                    raise BenchFailed(f"{key}: the worker exited with {proc.returncode} while publishing")
+                reader.poll(0.5)
+                seen.extend(reader.decisions)
+                reader.decisions.clear()
+        finally:
+            stop_publishing.set()
+            publisher.join(30)
         if "error" in published:
             raise published["error"]
         report = published["report"]
