@@ -248,9 +248,10 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
     try:
         result["worker_rss_boot_mb"] = round(process_rss_mb(proc.pid), 1)
         msgs_per_s, samples = drain(records_in(settings), inputs, 1800, "pipeline inputs", proc,
-                                    sample=lambda: (process_rss_mb(proc.pid), process_cpu_s(proc.pid)))
-        rss = [(done, mb) for done, (mb, _) in samples]
-        (done_first, (_, cpu_first)), (done_last, (_, cpu_last)) = samples[0], samples[-1]
+                                    sample=lambda: (process_rss_mb(proc.pid), process_cpu_s(proc.pid),
+                                                    state_keys(settings)))
+        rss = [(done, mb) for done, (mb, _, _) in samples]
+        (done_first, (_, cpu_first, _)), (done_last, (_, cpu_last, _)) = samples[0], samples[-1]
         result["worker_cpu_us_per_event"] = 1e6 * (cpu_last - cpu_first) / max(done_last - done_first, 1)
         metrics = scrape_metrics(settings.worker_web_port, settings.worker_web_host, timeout=10)
         transactions = metric_value(metrics, "lotflow_transaction_seconds_count", node="receiving")
@@ -261,8 +262,18 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         # "start": half-way through the backlog, past the warm-up (the state grows to its steady
         # size under the 20 s retention, and the allocator to its high-water mark, within the
         # first ~40 %: worker_rss_series_mb shows the ramp); "end": when all of it is handled.
-        result["worker_rss_start_mb"] = round(next(mb for done, mb in rss if done >= inputs // 2), 1)
+        half = next(n for n, (done, _) in enumerate(rss) if done >= inputs // 2)
+        result["worker_rss_start_mb"] = round(rss[half][1], 1)
         result["worker_rss_end_mb"] = round(rss[-1][1], 1)
+        # The state's keys at the same two points, and the RSS above boot per key: under a backlog
+        # the inputs of a partition are read at different points in time (documents first, the
+        # receipts later), so the keys alive within the retention need not be flat; RSS per key
+        # tells a leak (rising) from a bigger state (flat).
+        keys_start, keys_end = samples[half][1][2], samples[-1][1][2]
+        result["worker_state_keys_start"], result["worker_state_keys_end"] = keys_start, keys_end
+        boot = result["worker_rss_boot_mb"]
+        result["worker_rss_kb_per_state_key_start"] = 1024 * (result["worker_rss_start_mb"] - boot) / max(keys_start, 1)
+        result["worker_rss_kb_per_state_key_end"] = 1024 * (result["worker_rss_end_mb"] - boot) / max(keys_end, 1)
         result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
         step = max(1, len(rss) // 20)  # about twenty points of the run, for the record
         result["worker_rss_series_mb"] = [[done, round(mb)] for done, mb in rss[::step]]
@@ -271,7 +282,7 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         result["pipeline_input_messages"] = inputs
         result["pipeline_receipts"] = receipts
         say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
-            f"half-way, {result['worker_rss_end_mb']} MB at the end")
+            f"half-way, {result['worker_rss_end_mb']} MB at the end; state keys {keys_start} -> {keys_end}")
         # Each latency phase starts once the state of the phase before has been forgotten: the
         # 20 s retention would otherwise expire a whole backlog's state in a burst inside the
         # phase (a steady stream expires state as fast as it creates it; that part is measured).
@@ -400,6 +411,15 @@ def bench_sink(settings: Settings, rows: int) -> dict[str, float]:
             "sink_bare_insert_rows_per_s": figures["bare_insert_rows_per_s"],
             "sink_vs_bare_insert": figures["rows_per_s"] / figures["bare_insert_rows_per_s"],
             "sink_inserts": figures["inserts"]}
+
+
+def state_keys(settings: Settings) -> int:
+    """Keys of the PO state the worker holds (``lotflow_state_keys``; -1 if it does not answer)."""
+    try:
+        metrics = scrape_metrics(settings.worker_web_port, settings.worker_web_host, timeout=2)
+    except OSError:
+        return -1
+    return int(metric_value(metrics, "lotflow_state_keys", table="po"))
 
 
 def input_lag(settings: Settings) -> int:
