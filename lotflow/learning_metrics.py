@@ -33,6 +33,7 @@ truths sorted by event time):
 from __future__ import annotations
 
 import bisect
+import collections
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -84,6 +85,7 @@ class Outcome:
     labels_from_model: bool = False  # the count came from model_version (not the reviewer's fallback)
     prior_decision: str | None = None  # VERIFIED | EXCEPTION, what the prior alone would have decided
     decision_time_ms: int | None = None
+    codes: tuple[str, ...] = ()  # why it was held: the exception's reason codes, or the dead letter's class
 
     @property
     def verified(self) -> bool:
@@ -159,11 +161,14 @@ def join_outcomes(truths: Iterable[Record], verified: Iterable[Record], exceptio
         if labels is None:
             labels = bisect.bisect_left(posted, first_when)  # decisions posted strictly before it
         prior = first.get("prior_decision") if first is not None else None
+        codes = sorted({str(reason.get("code", "")) for _, kind, r in found if kind == "EXCEPTION"
+                        and not is_spot_check(r) for reason in r.get("reasons") or ()})
+        codes += sorted({f"DEAD_LETTER:{r.get('error_class', '')}" for _, kind, r in found if kind == "DEAD_LETTER"})
         out.append(replace(
             base, held=dead or held_exception, exception=spot or held_exception, spot_check=spot,
             dead_letter=dead, confidence=float(first["confidence"]) if first is not None else None,
             labels=labels, labels_from_model=from_model, prior_decision=str(prior) if prior else None,
-            decision_time_ms=first_when))
+            decision_time_ms=first_when, codes=tuple(codes)))
     return out
 
 
@@ -214,6 +219,15 @@ def window_metrics(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
+def breakdown(outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
+    """What the misses were: the reason codes of false alarms (clean receipts held; one receipt can
+    count under several codes) and the ground-truth kinds of missed faults, most frequent first."""
+    alarms = collections.Counter(code for o in outcomes if o.decided and o.held and not o.is_fault
+                                 for code in o.codes or ("(no reason)",))
+    missed = collections.Counter(o.fault for o in outcomes if o.decided and o.is_fault and not o.held)
+    return {"false_alarm_reasons": dict(alarms.most_common()), "missed_fault_kinds": dict(missed.most_common())}
+
+
 def windows(outcomes: Sequence[Outcome], size: int = 1000) -> list[dict[str, Any]]:
     """``window_metrics`` of consecutive slices of ``size`` receipts (the last may be shorter)."""
     if size < 1:
@@ -256,7 +270,7 @@ def final_figures(outcomes: Sequence[Outcome], labels_needed: int = LABELS_NEEDE
             "precision_verified": m["precision_verified"], "recall_faults": m["recall_faults"],
             "false_alarm_rate": m["false_alarm_rate"], "prior_false_alarm_rate": m["prior_false_alarm_rate"],
             "review_rate": m["review_rate"], "ece": m["ece"], "spot_checks": m["spot_checks"],
-            "spot_check_faults": m["spot_check_faults"]}
+            "spot_check_faults": m["spot_check_faults"], **breakdown(chosen)}
 
 
 # (name, what, target) — the issue's targets after 2,000 labels

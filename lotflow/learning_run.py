@@ -758,6 +758,8 @@ def measure(snap: Mapping[str, list[dict[str, Any]]], posted_ms: list[int], opts
         "final_ece": final["ece"],
         "final_spot_checks": final["spot_checks"],
         "final_spot_check_faults": final["spot_check_faults"],
+        "final_false_alarm_reasons": final["false_alarm_reasons"],
+        "final_missed_fault_kinds": final["missed_fault_kinds"],
         "targets": target_report(final, to_catch, pattern_seen),
     }
 
@@ -796,6 +798,10 @@ def print_report(result: Mapping[str, Any], opts: LearningOptions, say: Say = pr
     }
     for t in result["targets"]:
         say(f"  {t['what']:<34} {shown[t['name']]:<40} target {t['target']:<20} {t['status'].upper()}")
+    for what, counts in (("false alarms by reason", result.get("final_false_alarm_reasons")),
+                         ("missed faults by kind", result.get("final_missed_fault_kinds"))):
+        if counts:
+            say(f"  {what}: " + ", ".join(f"{name} {n}" for name, n in list(counts.items())[:8]))
     say("======================================================")
 
 

@@ -71,6 +71,24 @@ def _exceptions(settings: Settings, count: int) -> list[dict[str, Any]]:
     return sorted(found, key=lambda x: x["subject_id"])
 
 
+def _diagnosis(settings: Settings, *workers: WorkerProcess) -> str:
+    """What each worker learnt and what the labels topic holds: tells a missing label from a diverging model."""
+    lines = []
+    for worker in workers:
+        try:
+            model = _model(worker)
+            lines.append(f"{worker.settings.worker_instance_id}: labels {model['labels']} to offset "
+                         f"{model['labels_offset']}, fingerprint {model['fingerprint']}, drift {model['drift_events']}")
+        except OSError as exc:
+            lines.append(f"{worker.settings.worker_instance_id}: /model unreadable: {exc}")
+    labels = read_all(settings.model_copy(update={"partitions": 1}), topics.LABELS)
+    lines.append(f"labels topic: {len(labels)} committed labels: "
+                 f"{[(label['exception_id'][-6:], label['good']) for label in labels]}")
+    dead = read_all(settings, topics.DEAD_LETTERS)
+    lines.append(f"dead letters: {[(d['error_class'], d['reason'][:120]) for d in dead]}")
+    return "\n".join(lines)
+
+
 def test_two_workers_learn_the_same_model_and_a_killed_one_restores_and_replays(
         topic_set: TopicSetFactory, workers: list[WorkerProcess], request: pytest.FixtureRequest) -> None:
     settings = topic_set(document_wait_s=2.0, model_checkpoint_every=25)
@@ -93,7 +111,10 @@ def test_two_workers_learn_the_same_model_and_a_killed_one_restores_and_replays(
         a, b = _model(left), _model(right)
         return (a, b) if a["labels"] == b["labels"] == labels and a["fingerprint"] == b["fingerprint"] else None
 
-    a, _ = _wait("both workers to hold the same model of 60 labels", lambda: same_model(first, second, 60))
+    try:
+        a, _ = _wait("both workers to hold the same model of 60 labels", lambda: same_model(first, second, 60))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_diagnosis(settings, first, second)}") from exc
     assert a["version"].endswith("/L60/C0")
     checkpoint = _wait("a checkpoint", lambda: latest_checkpoint(settings, schema_source(None), "receiving"))
     # written once 25 labels came since the last, after the poll that brought them (up to 60 at once)
@@ -113,7 +134,7 @@ def test_two_workers_learn_the_same_model_and_a_killed_one_restores_and_replays(
         _wait("the restarted worker and the other to agree on 70 labels",
               lambda: same_model(restarted, second, 70), timeout=240)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nrestarted: {_model(restarted)}\nother: {_model(second)}") from exc
+        raise AssertionError(f"{exc}\n{_diagnosis(settings, restarted, second)}") from exc
     labels = read_all(settings.model_copy(update={"partitions": 1}), topics.LABELS)
     assert len(labels) == 70 and sum(1 for label in labels if label["good"]) == 20
 

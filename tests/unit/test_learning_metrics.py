@@ -9,6 +9,7 @@ import pytest
 from lotflow.learning_metrics import (
     NEW_PATTERN,
     Outcome,
+    breakdown,
     final_figures,
     is_person_output,
     is_spot_check,
@@ -75,6 +76,20 @@ def test_join_orders_by_publish_order_and_classifies_outcomes() -> None:
     assert r1.verified and not r1.exception and r1.confidence == 0.95
     assert r2.held and r2.exception and not r2.spot_check and r2.confidence == 0.2
     assert r3.held and r3.dead_letter and r3.confidence is None and not r3.exception
+
+
+def test_the_misses_are_broken_down_by_reason_and_fault_kind() -> None:
+    truths = [truth(0), truth(1), truth(2, fault="SILENT_COA_DRIFT"), truth(3), truth(4)]
+    exceptions = [output(0, reasons=("QUANTITY_OVER", "SPC_SIGNAL")), output(1, reasons=("SPC_SIGNAL",)),
+                  output(4, reasons=("SPOT_CHECK",))]
+    got = join_outcomes(truths, [output(2), output(3), output(4)], exceptions,
+                        [{"source_topic": RECEIPTS, "source_partition": 0, "source_offset": 3, "failed_at": 5,
+                          "error_class": "SchemaError"}])
+    assert got[0].codes == ("QUANTITY_OVER", "SPC_SIGNAL") and got[4].codes == ()  # a spot check holds nothing
+    assert breakdown(got) == {
+        "false_alarm_reasons": {"SPC_SIGNAL": 2, "QUANTITY_OVER": 1, "DEAD_LETTER:SchemaError": 1},
+        "missed_fault_kinds": {"SILENT_COA_DRIFT": 1}}
+    assert final_figures(got, labels_needed=0)["missed_fault_kinds"] == {"SILENT_COA_DRIFT": 1}
 
 
 def test_a_persons_release_is_not_the_machines_decision() -> None:
