@@ -22,7 +22,9 @@ Design (argued):
   only once people have accepted that vendor x material x reason (and band: 3-4 % over is not
   4-5 % over) ``accepts_needed`` times with at most ``max_rejects`` reject among its last
   ``pattern_window`` decisions, *and* the calibrated confidence passes the node's threshold,
-  *and* the vendor is not tightened by drift.
+  *and* the vendor is not tightened by drift. A reject counts against a pattern only when no
+  hard reason explains it (a receipt rejected for its missing CoA teaches nothing about its
+  over-delivery); an accept counts for every soft pattern of the receipt.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
   (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist) of the
   hand-offs the confidence decided: exceptions a rule held whatever the confidence (a hard reason,
@@ -57,12 +59,22 @@ from lotflow.scorers.calibration import (
 )
 from lotflow.scorers.model import OnlineConfidence
 
-__all__ = ["DriftState", "Label", "Learner", "LearnerConfig", "PatternKey", "Quality", "spot_check_draw"]
+__all__ = ["HARD_REASON_FEATURES", "DriftState", "Label", "Learner", "LearnerConfig", "PatternKey", "Quality",
+           "hard_reasons", "spot_check_draw"]
 
 Features = dict[str, float]
 PatternKey = tuple[str, str, str]  # vendor, material, reason code
 FORMAT = 1  # bumped when the pickled layout changes; an older checkpoint is then refused
 CALIBRATION_LABELS = 10_000  # the newest kept for the fit: a checkpoint stays well under 1 MB
+
+
+# Every node's features count its hard reasons under these names (``VerificationNode.evaluate``).
+HARD_REASON_FEATURES = ("n_block", "n_warn")
+
+
+def hard_reasons(features: Mapping[str, float]) -> float:
+    """How many hard reasons held the exception these features were scored with."""
+    return sum(features.get(name, 0.0) for name in HARD_REASON_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -237,7 +249,11 @@ class Learner:
                 not self._calibrated or self.n_labels % self.config.calibrate_every == 0):
             self.calibrator.fit()
             self._calibrated = True
-        for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
+        # A reject of a receipt a hard reason held is explained by that reason (the missing CoA, the
+        # out-of-spec value): it says nothing against the receipt's soft patterns. Counted against
+        # them, a vendor's unrelated faults closed its agreed over-deliveries again and again.
+        teaches_patterns = label.good or hard_reasons(label.features) == 0
+        for entry in label.soft_codes if teaches_patterns else ():  # "<material>|<pattern>"
             material, _, code = entry.rpartition("|")
             key = (label.vendor_id, material or label.material_id, code)
             recent = self.patterns.get(key)

@@ -86,12 +86,13 @@ class SoftEnvelope:
         except (KeyError, ValueError):
             return False  # no evidence to judge by: hard
 
-    def pattern(self, reason: Reason) -> str:
-        """The pattern people's decisions on this reason are counted by: its code, and its band."""
+    def pattern(self, reason: Reason, at_least: float = 0.0) -> str:
+        """The pattern people's decisions on this reason are counted by: its code, and its band
+        (of the evidence value, or ``at_least`` where the subject holds something more extreme)."""
         if self.band <= 0:
             return reason.code
         try:
-            value = abs(float(reason.evidence[self.band_by or self.evidence]))
+            value = max(abs(float(reason.evidence[self.band_by or self.evidence])), at_least)
         except (KeyError, ValueError):
             return reason.code
         return f"{reason.code}@{int(value // self.band)}" if math.isfinite(value) else reason.code

@@ -504,8 +504,19 @@ def pattern_key(ctx: ReceivingContext, reason: Reason) -> PatternKey:
     """Vendor x material x reason (and its band, e.g. ``QUANTITY_OVER@3`` for 3-4 % over): what
     people's decisions on a soft reason are counted by."""
     envelope = SOFT_REASONS.get(reason.code)
-    code = envelope.pattern(reason) if envelope is not None else reason.code
-    return ctx.receipt["vendor_id"], _material_of(ctx, reason), code
+    if envelope is None:
+        return ctx.receipt["vendor_id"], _material_of(ctx, reason), reason.code
+    # A CoA signal is banded by the receipt's most extreme CoA value: a 2-sigma signal on a receipt
+    # whose other value stands 8 sigma from the vendor's history is not the pattern people accepted.
+    at_least = _most_extreme_z(ctx) if envelope.band_by == "z" else 0.0
+    return ctx.receipt["vendor_id"], _material_of(ctx, reason), envelope.pattern(reason, at_least)
+
+
+def _most_extreme_z(ctx: ReceivingContext) -> float:
+    """The largest distance of any CoA value of the receipt, from the vendor's history or its
+    chart's reference window, in their sigma."""
+    return max((abs(z) for f in ctx.lines for c in f.coa_facts for z in (c.z, c.ref_z)
+                if z is not None and math.isfinite(z)), default=0.0)
 
 
 def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -83,6 +84,43 @@ def test_a_pattern_is_cleared_by_consistent_accepts_and_closed_by_a_reject() -> 
     assert not learner.accepted(key)
     features = learner.pattern_features([key])
     assert features["pattern_accept_share"] == pytest.approx((3 + 1) / (5 + 2))
+
+
+def test_a_control_chart_signal_is_banded_by_the_receipts_most_extreme_coa_value() -> None:
+    def fact(z: float | None, ref_z: float | None = None) -> rules.CoaFact:
+        return rules.CoaFact("purity", 99.0, 98.0, 100.0, z, (60, 99.0, 0.1), ref_z=ref_z)
+
+    def context(*facts: rules.CoaFact) -> Any:
+        line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=list(facts))
+        return SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
+
+    signal = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="2.4")
+    assert rules.pattern_key(context(fact(2.4, 2.6)), signal) == ("V1", "M1", "SPC_SIGNAL@2")
+    # another value of the receipt stands 8 sigma out (from the history, or from the chart's reference)
+    assert rules.pattern_key(context(fact(2.4), fact(-8.3)), signal) == ("V1", "M1", "SPC_SIGNAL@8")
+    assert rules.pattern_key(context(fact(2.4), fact(1.0, 5.2)), signal) == ("V1", "M1", "SPC_SIGNAL@5")
+    assert rules.pattern_key(context(fact(None), fact(math.nan, math.inf)), signal) == ("V1", "M1", "SPC_SIGNAL@2")
+    # an over-delivery is banded by its own size only
+    over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
+    assert rules.pattern_key(context(fact(9.0)), over) == ("V1", "M1", "QUANTITY_OVER@3")
+
+
+def test_a_reject_a_hard_reason_explains_does_not_close_the_soft_pattern() -> None:
+    learner = Learner(LearnerConfig(accepts_needed=3))
+    key = ("V1", "M1", "QUANTITY_OVER")
+    for i in range(3):
+        learner.learn(_label(i, True), i)
+    missing_coa = {"n_block": 1.0, "reason_missing_coa": 1.0}  # over-delivered, and its CoA is missing
+    for i in range(3, 8):
+        learner.learn(Label(f"d{i}", "V1", "M1", ("QUANTITY_OVER",), missing_coa, False, 0.2), i)
+    assert learner.accepted(key)  # five rejects, each explained by the missing CoA
+    assert learner.pattern_features([key])["pattern_accept_share"] == pytest.approx((3 + 1) / (3 + 2))
+    assert learner.n_labels == 8  # the model itself learnt from them
+    learner.learn(Label("d8", "V1", "M1", ("QUANTITY_OVER",), missing_coa, True, 0.2), 8)
+    assert learner.pattern_totals[key] == [4, 0]  # an accept despite a hard reason counts for the pattern
+    for i in (9, 10):  # rejects of the over-delivery alone
+        learner.learn(Label(f"d{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_block": 0.0}, False, 0.6), i)
+    assert not learner.accepted(key)
 
 
 def test_replicas_applying_the_same_labels_hold_the_same_model() -> None:
