@@ -26,7 +26,7 @@ Design (argued):
   hard reason explains it (a receipt rejected for its missing CoA teaches nothing about its
   over-delivery); an accept counts for every soft pattern of the receipt.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
-  (refitted every ``calibrate_every`` labels, once ``min_calibration_labels`` exist) of the
+  (used once ``min_calibration_labels`` exist, refitted with every label after) of the
   hand-offs the confidence decided: exceptions a rule held whatever the confidence (a hard reason,
   a soft one not cleared) are left out — their outcomes at a high score (faulty over-deliveries)
   pulled clean receipts of the same score below the threshold. Spot
@@ -80,7 +80,6 @@ def hard_reasons(features: Mapping[str, float]) -> float:
 @dataclass(frozen=True)
 class LearnerConfig:
     learning_rate: float = 0.01
-    calibrate_every: int = 25
     min_calibration_labels: int = 100
     accepts_needed: int = 3
     pattern_window: int = 10
@@ -245,8 +244,8 @@ class Learner:
         if not label.by_rule:  # where the confidence decided: a rule's exceptions are another population
             self.calibrator.learn_one(raw, label.good, weight)
         self.n_labels += 1
-        if len(self.calibrator) >= self.config.min_calibration_labels and (
-                not self._calibrated or self.n_labels % self.config.calibrate_every == 0):
+        # from then on the calibrator refits with every new label, at the next score it gives
+        if not self._calibrated and len(self.calibrator) >= self.config.min_calibration_labels:
             self.calibrator.fit()
             self._calibrated = True
         # A reject of a receipt a hard reason held is explained by that reason (the missing CoA, the

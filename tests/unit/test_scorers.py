@@ -17,7 +17,7 @@ from lotflow.scorers.prior import CheckPrior
 
 # the prior, the River model on it, and the calibrated learner (calibrating after 20 labels here)
 SCORERS: list[Callable[[], Any]] = [CheckPrior, OnlineConfidence,
-                                    lambda: Learner(LearnerConfig(min_calibration_labels=20, calibrate_every=5))]
+                                    lambda: Learner(LearnerConfig(min_calibration_labels=20))]
 
 
 def samples(seed: int, n: int = 200) -> list[tuple[dict[str, float], bool]]:
