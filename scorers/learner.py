@@ -22,9 +22,10 @@ Design (argued):
   only once people have accepted that vendor x material x reason (and band: 3-4 % over is not
   4-5 % over) ``accepts_needed`` times with at most ``max_rejects`` reject among its last
   ``pattern_window`` decisions, *and* the calibrated confidence passes the node's threshold,
-  *and* the vendor is not tightened by drift. A reject counts against a pattern only when no
-  hard reason explains it (a receipt rejected for its missing CoA teaches nothing about its
-  over-delivery); an accept counts for every soft pattern of the receipt.
+  *and* the vendor is not tightened by drift. An accept counts for every soft pattern of the
+  receipt; a reject is explained away where it can be (``_taught``): by a hard reason (a receipt
+  rejected for its missing CoA teaches nothing about its over-delivery), else by the soft
+  patterns not yet cleared.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
   (used once ``min_calibration_labels`` exist, refitted with every label after) of the
   hand-offs the confidence decided: exceptions a rule held whatever the confidence (a hard reason,
@@ -248,13 +249,7 @@ class Learner:
         if not self._calibrated and len(self.calibrator) >= self.config.min_calibration_labels:
             self.calibrator.fit()
             self._calibrated = True
-        # A reject of a receipt a hard reason held is explained by that reason (the missing CoA, the
-        # out-of-spec value): it says nothing against the receipt's soft patterns. Counted against
-        # them, a vendor's unrelated faults closed its agreed over-deliveries again and again.
-        teaches_patterns = label.good or hard_reasons(label.features) == 0
-        for entry in label.soft_codes if teaches_patterns else ():  # "<material>|<pattern>"
-            material, _, code = entry.rpartition("|")
-            key = (label.vendor_id, material or label.material_id, code)
+        for key in self._taught(label):
             recent = self.patterns.get(key)
             if recent is None:
                 recent = self.patterns[key] = collections.deque(maxlen=self.config.pattern_window)
@@ -267,6 +262,22 @@ class Learner:
             self.spot[0] += 1
             self.spot[1] += int(label.good)
         self._watch(label)
+
+    def _taught(self, label: Label) -> list[PatternKey]:
+        """The soft patterns a label counts for. An accept counts for every soft pattern of the
+        receipt. A reject is explained first by a hard reason (the missing CoA, the out-of-spec value),
+        and then counts against no soft pattern; else by the soft patterns people had not cleared
+        yet, and only if all were cleared (a surprise) against every one. Counted against all of them,
+        a vendor's unrelated faults closed its agreed over-deliveries again and again."""
+        keys = []
+        for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
+            material, _, code = entry.rpartition("|")
+            keys.append((label.vendor_id, material or label.material_id, code))
+        if label.good or not keys:
+            return keys
+        if hard_reasons(label.features) > 0:
+            return []
+        return [key for key in keys if not self.accepted(key)] or keys
 
     def _watch(self, label: Label) -> None:
         """ADWIN on the vendor's model errors: tighten when the error rises, relax after agreement."""

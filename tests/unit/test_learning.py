@@ -123,6 +123,24 @@ def test_a_reject_a_hard_reason_explains_does_not_close_the_soft_pattern() -> No
     assert not learner.accepted(key)
 
 
+def test_a_reject_is_charged_to_the_soft_patterns_people_had_not_cleared() -> None:
+    learner = Learner(LearnerConfig(accepts_needed=3))
+    over, chart = ("V1", "M1", "QUANTITY_OVER@2"), ("V1", "M1", "SPC_SIGNAL@5")
+    for i in range(3):
+        learner.learn(Label(f"d{i}", "V1", "M1", ("M1|QUANTITY_OVER@2",), {"n_soft": 1.0}, True, 0.9), i)
+    both = ("M1|QUANTITY_OVER@2", "M1|SPC_SIGNAL@5")
+    for i in (3, 4):  # the agreed over-delivery again, with a far CoA value: the value explains the rejects
+        learner.learn(Label(f"d{i}", "V1", "M1", both, {"n_soft": 2.0}, False, 0.1), i)
+    assert learner.accepted(over) and learner.pattern_totals[over] == [3, 0]
+    assert learner.pattern_totals[chart] == [0, 2]
+    for i in range(5, 13):  # people accept the far values from now on: the rejects leave its last 10
+        learner.learn(Label(f"d{i}", "V1", "M1", ("M1|SPC_SIGNAL@5",), {"n_soft": 1.0}, True, 0.5), i)
+    assert learner.accepted(chart)
+    # both cleared, and still rejected: a surprise, counted against both
+    learner.learn(Label("d13", "V1", "M1", both, {"n_soft": 2.0}, False, 0.9), 13)
+    assert learner.pattern_totals[over] == [3, 1] and learner.pattern_totals[chart] == [8, 3]
+
+
 def test_replicas_applying_the_same_labels_hold_the_same_model() -> None:
     rng = random.Random(3)
     labels = [_label(i, rng.random() < 0.7, vendor=f"V{i % 3}", confidence=rng.random(), spot=rng.random() < 0.1,
