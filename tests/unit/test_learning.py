@@ -133,12 +133,12 @@ def test_a_reject_is_charged_to_the_soft_patterns_people_had_not_cleared() -> No
         learner.learn(Label(f"d{i}", "V1", "M1", both, {"n_soft": 2.0}, False, 0.1), i)
     assert learner.accepted(over) and learner.pattern_totals[over] == [3, 0]
     assert learner.pattern_totals[chart] == [0, 2]
-    for i in range(5, 13):  # people accept the far values from now on: the rejects leave its last 10
+    for i in range(5, 14):  # people accept the far values from now on: a reject leaves its last 10
         learner.learn(Label(f"d{i}", "V1", "M1", ("M1|SPC_SIGNAL@5",), {"n_soft": 1.0}, True, 0.5), i)
     assert learner.accepted(chart)
     # both cleared, and still rejected: a surprise, counted against both
-    learner.learn(Label("d13", "V1", "M1", both, {"n_soft": 2.0}, False, 0.9), 13)
-    assert learner.pattern_totals[over] == [3, 1] and learner.pattern_totals[chart] == [8, 3]
+    learner.learn(Label("d14", "V1", "M1", both, {"n_soft": 2.0}, False, 0.9), 14)
+    assert learner.pattern_totals[over] == [3, 1] and learner.pattern_totals[chart] == [9, 3]
 
 
 def test_replicas_applying_the_same_labels_hold_the_same_model() -> None:
