@@ -49,6 +49,7 @@ class ChartConfig:
     trend_length: int = 6  # Nelson rule 3: this many steadily rising or falling
     charts: frozenset[str] = ALL_CHARTS  # the signals that count (the others are computed, not raised)
     clip_z: float = math.inf  # the CUSUMs see z clipped to +-clip_z: heavy-tailed data, one far lot is no shift
+    point_limit: float = 3.0  # Nelson rule 1: one value beyond this many sigma (Shewhart's 3 by default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,7 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
     want_ewma, want_1, want_2, want_3 = ("EWMA" in enabled, "NELSON_1" in enabled, "NELSON_2" in enabled,
                                          "NELSON_3" in enabled)
     want_5, want_6 = "NELSON_5" in enabled, "NELSON_6" in enabled
-    run_length, trend_length = config.run_length, config.trend_length
+    run_length, trend_length, point_limit = config.run_length, config.trend_length, config.point_limit
     clip_square = clip * clip
     since, cp, cm, ew, i, var = chart["since"], chart["cp"], chart["cm"], chart["ew"], chart["i"], chart["var"]
     # (a chart dict from before the run lengths were kept starts them at 0)
@@ -173,7 +174,7 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
         recent.append(z)
         if len(recent) > 5:  # what Nelson 5 and 6 look at
             del recent[0]
-        if want_1 and abs(z) > 3:
+        if want_1 and abs(z) > point_limit:
             fired.append("NELSON_1")
         if want_2 and (pos >= run_length or neg >= run_length):
             fired.append("NELSON_2")
