@@ -80,6 +80,17 @@ def test_a_doubled_spread_is_seen_by_the_variance_chart() -> None:
     assert "CUSUM_VARIANCE" in hits and lots < 40
 
 
+def test_nelson_rule_1_fires_beyond_its_point_limit() -> None:
+    reference = [50.0, 10.0, 49.0]  # n, mean, m2: sigma 1
+    shewhart = ChartConfig(charts=frozenset({"NELSON_1"}))
+    wide = ChartConfig(charts=frozenset({"NELSON_1"}), point_limit=4.0)
+    assert [s.chart for s in scan(reference, [10.0, 13.5], shewhart)] == ["NELSON_1"]
+    assert scan(reference, [10.0, 13.5], wide) == []
+    [signal] = scan(reference, [10.0, 5.5], wide)
+    assert signal.chart == "NELSON_1" and signal.evidence["z"] == "-4.5"
+    assert "-4.5 sigma from the reference mean" in signal.message
+
+
 def test_run_rules_and_the_message_a_reviewer_reads() -> None:
     config = ChartConfig(reference_n=4)
     chart = empty_chart()
