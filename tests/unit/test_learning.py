@@ -289,7 +289,7 @@ def _purity_receipt(run: Run, n: int, purity: float) -> dict[str, Any]:
     return decision
 
 
-def test_exceptions_a_rule_held_teach_the_model_but_not_the_calibration() -> None:
+def test_exceptions_a_soft_rule_held_teach_the_model_but_not_the_calibration() -> None:
     learner = Learner(LearnerConfig(min_calibration_labels=10))
     for i in range(40):  # faulty over-deliveries at a high score: a rule held them, whatever the score
         learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95, by_rule=True), i)
@@ -298,6 +298,12 @@ def test_exceptions_a_rule_held_teach_the_model_but_not_the_calibration() -> Non
         learner.learn(Label(f"D-{i}", "V2", "M1", (), {"prior_logit": 4.2}, True, 0.97, spot_check=True), i)
     assert len(learner.calibrator) == 20
     assert learner.calibrate(learner.raw_score({"prior_logit": 4.2})) == pytest.approx(1.0)
+    # receipts a hard reason held, at low scores: mostly bad, and points of the calibration
+    hard = {"n_block": 1.0, "prior_logit": -1.0}
+    for i in range(60, 80):
+        learner.learn(Label(f"D-{i}", "V1", "M1", (), hard, i % 10 == 0, 0.3, by_rule=True), i)
+    assert len(learner.calibrator) == 40
+    assert learner.calibrate(learner.raw_score(hard)) < 0.2  # was 1.0 with the spot checks alone
 
 
 def test_hostile_labels_do_not_poison_the_learner() -> None:
