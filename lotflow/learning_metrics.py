@@ -62,6 +62,7 @@ Ref = tuple[str, int, int]
 
 SPOT_CHECK = "SPOT_CHECK"
 NEW_PATTERN = "SILENT_COA_COMOVEMENT"
+LOW_CONFIDENCE = "(low confidence)"  # a held receipt whose reasons are all INFO notes
 LABELS_NEEDED = 2000
 ECE_BINS = 10
 _LABELS = re.compile(r"/L(\d+)")
@@ -161,8 +162,11 @@ def join_outcomes(truths: Iterable[Record], verified: Iterable[Record], exceptio
         if labels is None:
             labels = bisect.bisect_left(posted, first_when)  # decisions posted strictly before it
         prior = first.get("prior_decision") if first is not None else None
-        codes = sorted({str(reason.get("code", "")) for _, kind, r in found if kind == "EXCEPTION"
-                        and not is_spot_check(r) for reason in r.get("reasons") or ()})
+        holding = [r for _, kind, r in found if kind == "EXCEPTION" and not is_spot_check(r)]
+        reasons = [reason for r in holding for reason in r.get("reasons") or ()]
+        codes = sorted({str(reason.get("code", "")) for reason in reasons})
+        if holding and all(str(reason.get("severity", "")) == "INFO" for reason in reasons):
+            codes.append(LOW_CONFIDENCE)  # no rule held it: the confidence did (its INFO notes explain)
         codes += sorted({f"DEAD_LETTER:{r.get('error_class', '')}" for _, kind, r in found if kind == "DEAD_LETTER"})
         out.append(replace(
             base, held=dead or held_exception, exception=spot or held_exception, spot_check=spot,
@@ -223,7 +227,7 @@ def breakdown(outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
     """What the misses were: the reason codes of false alarms (clean receipts held; one receipt can
     count under several codes) and the ground-truth kinds of missed faults, most frequent first."""
     alarms = collections.Counter(code for o in outcomes if o.decided and o.held and not o.is_fault
-                                 for code in o.codes or ("(no reason)",))
+                                 for code in o.codes or (LOW_CONFIDENCE,))
     missed = collections.Counter(o.fault for o in outcomes if o.decided and o.is_fault and not o.held)
     return {"false_alarm_reasons": dict(alarms.most_common()), "missed_fault_kinds": dict(missed.most_common())}
 

@@ -310,7 +310,7 @@ def _learn_all(learner: Learner, items: Iterable[tuple[int, Label]], total: int,
             last = time.monotonic()
             progress(f"learnt {i + 1}/{total}")
     if learner.n_labels >= learner.config.min_calibration_labels and len(learner.calibrator):
-        learner.calibrator.fit()  # calibrated on every label learnt, not only up to the last refit
+        learner.calibrator.fit()  # on every calibration point learnt (else at the first score)
 
 
 def labels_from_clickhouse(client: Any, database: str, node: str) -> list[tuple[int, Label]]:
@@ -318,13 +318,14 @@ def labels_from_clickhouse(client: Any, database: str, node: str) -> list[tuple[
     from clickhouse_connect.driver.binding import quote_identifier
 
     result = client.query(
-        "SELECT kafka_offset, label_id, vendor_id, material_id, soft_codes, features, good, confidence, spot_check "
-        f"FROM {quote_identifier(database)}.labels FINAL WHERE node = {{node:String}} ORDER BY kafka_offset",
+        "SELECT kafka_offset, label_id, vendor_id, material_id, soft_codes, features, good, confidence, spot_check, "
+        f"by_rule FROM {quote_identifier(database)}.labels FINAL WHERE node = {{node:String}} ORDER BY kafka_offset",
         parameters={"node": node})
     return [(int(offset), Label(str(label_id), str(vendor), str(material), tuple(soft),
                                 {str(k): float(v) for k, v in dict(features).items()}, bool(good), float(confidence),
-                                bool(spot)))
-            for offset, label_id, vendor, material, soft, features, good, confidence, spot in result.result_rows]
+                                bool(spot), bool(by_rule)))
+            for offset, label_id, vendor, material, soft, features, good, confidence, spot, by_rule
+            in result.result_rows]
 
 
 # --- the sample file -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ Design (argued):
   rejected for its missing CoA teaches nothing about its over-delivery), else by the soft
   patterns not yet cleared.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
-  (used once ``min_calibration_labels`` exist, refitted with every label after) of the
+  (used once it holds ``min_calibration_labels`` points, refitted with every label after) of the
   hand-offs the confidence decided and of those a hard reason held; exceptions held by a soft
   reason people had not cleared are left out — their outcomes at a high score (faulty
   over-deliveries) pulled clean receipts of the same score below the threshold. Spot

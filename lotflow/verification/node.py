@@ -66,6 +66,9 @@ class Reason:
         }
 
 
+MAX_BAND = 20  # the last band of a soft reason's pattern: this many band widths and beyond
+
+
 @dataclass(frozen=True, slots=True)
 class SoftEnvelope:
     """Where a reason is soft: always (``evidence`` empty), or while ``|evidence value| <= limit``."""
@@ -92,10 +95,15 @@ class SoftEnvelope:
         if self.band <= 0:
             return reason.code
         try:
-            value = max(abs(float(reason.evidence[self.band_by or self.evidence])), at_least)
+            own = abs(float(reason.evidence[self.band_by or self.evidence]))
         except (KeyError, ValueError):
             return reason.code
-        return f"{reason.code}@{int(value // self.band)}" if math.isfinite(value) else reason.code
+        if not math.isfinite(own):
+            return reason.code
+        value = max(own, at_least) if math.isfinite(at_least) else own
+        # bounded: a reference of identical values (rounded reporting) puts z near 1e9, and a pattern
+        # per distance would be one nobody ever clears, and one more key in every checkpoint
+        return f"{reason.code}@{min(int(value // self.band), MAX_BAND)}"
 
 
 @dataclass(frozen=True, slots=True)

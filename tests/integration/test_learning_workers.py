@@ -72,20 +72,27 @@ def _exceptions(settings: Settings, count: int) -> list[dict[str, Any]]:
 
 
 def _diagnosis(settings: Settings, *workers: WorkerProcess) -> str:
-    """What each worker learnt and what the labels topic holds: tells a missing label from a diverging model."""
+    """What each worker learnt and what the labels topic holds: tells a missing label from a diverging
+    model. Each part says its own error instead of raising: the diagnosis must not hide the failure."""
     lines = []
     for worker in workers:
         try:
             model = _model(worker)
             lines.append(f"{worker.settings.worker_instance_id}: labels {model['labels']} to offset "
                          f"{model['labels_offset']}, fingerprint {model['fingerprint']}, drift {model['drift_events']}")
-        except OSError as exc:
-            lines.append(f"{worker.settings.worker_instance_id}: /model unreadable: {exc}")
-    labels = read_all(settings.model_copy(update={"partitions": 1}), topics.LABELS)
-    lines.append(f"labels topic: {len(labels)} committed labels: "
-                 f"{[(label['exception_id'][-6:], label['good']) for label in labels]}")
-    dead = read_all(settings, topics.DEAD_LETTERS)
-    lines.append(f"dead letters: {[(d['error_class'], d['reason'][:120]) for d in dead]}")
+        except Exception as exc:
+            lines.append(f"{worker.settings.worker_instance_id}: /model unreadable: {exc!r}")
+    try:
+        labels = read_all(settings.model_copy(update={"partitions": 1}), topics.LABELS)
+        lines.append(f"labels topic: {len(labels)} committed labels: "
+                     f"{[(label['exception_id'][-6:], label['good']) for label in labels]}")
+    except Exception as exc:
+        lines.append(f"labels topic unreadable: {exc!r}")
+    try:
+        dead = read_all(settings, topics.DEAD_LETTERS)
+        lines.append(f"dead letters: {[(d['error_class'], d['reason'][:120]) for d in dead]}")
+    except Exception as exc:
+        lines.append(f"dead letters unreadable: {exc!r}")
     return "\n".join(lines)
 
 

@@ -100,6 +100,12 @@ def test_a_control_chart_signal_is_banded_by_the_receipts_most_extreme_coa_value
     assert rules.pattern_key(context(fact(2.4), fact(-8.3)), signal) == ("V1", "M1", "SPC_SIGNAL@8")
     assert rules.pattern_key(context(fact(2.4), fact(1.0, 5.2)), signal) == ("V1", "M1", "SPC_SIGNAL@5")
     assert rules.pattern_key(context(fact(None), fact(math.nan, math.inf)), signal) == ("V1", "M1", "SPC_SIGNAL@2")
+    # bounded: a reference of identical values puts z near 1e9
+    assert rules.pattern_key(context(fact(2.4, 3e9)), signal) == ("V1", "M1", "SPC_SIGNAL@20")
+    far = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="1e12")
+    assert rules.pattern_key(context(fact(2.4)), far) == ("V1", "M1", "SPC_SIGNAL@20")
+    unreadable = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="nan")
+    assert rules.pattern_key(context(fact(2.4)), unreadable) == ("V1", "M1", "SPC_SIGNAL")
     # an over-delivery is banded by its own size only
     over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
     assert rules.pattern_key(context(fact(9.0)), over) == ("V1", "M1", "QUANTITY_OVER@3")

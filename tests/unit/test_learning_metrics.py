@@ -80,14 +80,18 @@ def test_join_orders_by_publish_order_and_classifies_outcomes() -> None:
 
 def test_the_misses_are_broken_down_by_reason_and_fault_kind() -> None:
     truths = [truth(0), truth(1), truth(2, fault="SILENT_COA_DRIFT"), truth(3), truth(4)]
+    trend = output(5, reasons=("VENDOR_TREND",))
+    trend["reasons"][0]["severity"] = "INFO"  # held by the confidence alone
     exceptions = [output(0, reasons=("QUANTITY_OVER", "SPC_SIGNAL")), output(1, reasons=("SPC_SIGNAL",)),
-                  output(4, reasons=("SPOT_CHECK",))]
-    got = join_outcomes(truths, [output(2), output(3), output(4)], exceptions,
+                  output(4, reasons=("SPOT_CHECK",)), trend]
+    got = join_outcomes([*truths, truth(5)], [output(2), output(3), output(4)], exceptions,
                         [{"source_topic": RECEIPTS, "source_partition": 0, "source_offset": 3, "failed_at": 5,
                           "error_class": "SchemaError"}])
     assert got[0].codes == ("QUANTITY_OVER", "SPC_SIGNAL") and got[4].codes == ()  # a spot check holds nothing
+    assert got[5].codes == ("VENDOR_TREND", "(low confidence)")
     assert breakdown(got) == {
-        "false_alarm_reasons": {"SPC_SIGNAL": 2, "QUANTITY_OVER": 1, "DEAD_LETTER:SchemaError": 1},
+        "false_alarm_reasons": {"SPC_SIGNAL": 2, "QUANTITY_OVER": 1, "DEAD_LETTER:SchemaError": 1,
+                                "VENDOR_TREND": 1, "(low confidence)": 1},
         "missed_fault_kinds": {"SILENT_COA_DRIFT": 1}}
     assert final_figures(got, labels_needed=0)["missed_fault_kinds"] == {"SILENT_COA_DRIFT": 1}
 
