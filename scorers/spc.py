@@ -108,16 +108,8 @@ def observe(chart: Chart, value: float, config: ChartConfig = ChartConfig()) -> 
     if not fired:
         return []
     signals = _describe(chart, fired, value, z, n, mean, sigma, config)
-    if _resets(fired):
-        _reset(chart)
+    _reset(chart)
     return signals
-
-
-def _resets(fired: list[str]) -> bool:
-    """Whether these signals start the charts again: not Nelson rule 1 alone. One far value is a
-    look at that lot, not at the process; resetting the CUSUMs on it zeroed the evidence of a
-    spread that had grown (its far lots came often enough to keep the variance CUSUM at 0)."""
-    return any(name != "NELSON_1" for name in fired)
 
 
 def _sigma(n: float, mean: float, m2: float) -> float:
@@ -149,10 +141,9 @@ def _run(chart: Chart, zs: list[float], config: ChartConfig) -> list[str]:
     fired: list[str] = []
     for z in zs:
         if fired:  # the previous value signalled: the charts start again from this one
-            if _resets(fired):
-                since = i = pos = neg = up = down = 0
-                cp = cm = ew = var = 0.0
-                recent = []
+            since = i = pos = neg = up = down = 0
+            cp = cm = ew = var = 0.0
+            recent = []
             fired = []
         since += 1
         clipped = -clip if z < -clip else clip if z > clip else z  # robust (Huber): one outlier is no shift

@@ -55,7 +55,9 @@ ATYPICAL_Z = 3.5
 # Nelson 1 counts at 4 sigma, not 3: one lot far from the frozen reference is what a drift the
 # vendor's running history has absorbed looks like (learning run: 4-6 sigma values verified at
 # 0.98 once the model had unlearnt the prior's distance penalty), and at 3 the heavy tails of
-# clean lots fire it.
+# clean lots fire it. Its signal resets the charts like any other: kept, because a run where
+# rule 1 alone left the CUSUMs running missed 20 slow vendor drifts instead of 1 (recall 96.8 %
+# against 98.6 %). The average run lengths above were measured without rule 1.
 REF_Z_FREE = 3.0  # a value this far from its chart's reference is ordinary scatter
 JOINT_Z_FREE = 2.0  # and the lot's values together this far
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
