@@ -27,7 +27,8 @@ Design (argued):
   rejected for its missing CoA teaches nothing about its over-delivery), else by the soft
   patterns not yet cleared.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
-  (used once it holds ``min_calibration_labels`` points, refitted with every label after) of the
+  (used once ``min_calibration_labels`` of its points are receipts the confidence decided,
+  refitted with every label after) of the
   hand-offs the confidence decided and of those a hard reason held; exceptions held by a soft
   reason people had not cleared are left out — their outcomes at a high score (faulty
   over-deliveries) pulled clean receipts of the same score below the threshold. Spot
@@ -172,6 +173,7 @@ class Learner:
             maxlen=self.config.quality_window)  # (confidence shown, good, spot check)
         self.spot = [0, 0]  # spot checks [decided, good]
         self._calibrated = False
+        self._decided_points = 0  # calibration points where the confidence decided (not a rule)
 
     # --- scoring ---------------------------------------------------------------
     @property
@@ -244,9 +246,12 @@ class Learner:
         self.scorer.learn_one(x, label.good)
         if self._calibrates(label):
             self.calibrator.learn_one(raw, label.good, weight)
+            self._decided_points += not label.by_rule
         self.n_labels += 1
-        # from then on the calibrator refits with every new label, at the next score it gives
-        if not self._calibrated and len(self.calibrator) >= self.config.min_calibration_labels:
+        # Used once the confidence itself decided enough receipts (points a hard reason held come
+        # early and in numbers, all at low scores: a first fit on them overshot, measured on the
+        # short learning run); from then on refitted with every new label, at the next score.
+        if not self._calibrated and self._decided_points >= self.config.min_calibration_labels:
             self.calibrator.fit()
             self._calibrated = True
         for key in self._taught(label):
@@ -342,6 +347,7 @@ class Learner:
         return (self.labels_offset, self.n_labels, self.scorer.n_labels,
                 sorted(regression.weights.items()), regression.intercept,
                 self.calibrator._scores, self.calibrator._outcomes, self.calibrator._weights, self._calibrated,
+                self._decided_points,
                 sorted((k, list(v)) for k, v in self.patterns.items()), sorted(self.pattern_totals.items()),
                 sorted((v, d.estimation, d.width) for v, d in self.errors.items()),
                 sorted((v, repr(d)) for v, d in self.tightened.items()), list(self.recent), self.spot)
@@ -349,7 +355,7 @@ class Learner:
     def _state(self) -> dict[str, Any]:
         return {"format": self.format, "config": self.config, "offset": self.labels_offset,
                 "n": self.n_labels, "scorer": self.scorer, "calibrator": self.calibrator,
-                "calibrated": self._calibrated,
+                "calibrated": self._calibrated, "decided_points": self._decided_points,
                 "patterns": sorted((k, list(v)) for k, v in self.patterns.items()),
                 "totals": sorted(self.pattern_totals.items()), "errors": sorted(self.errors.items()),
                 "tightened": sorted(self.tightened.items()), "drift_events": self.drift_events,
@@ -369,6 +375,8 @@ class Learner:
         learner.scorer = state["scorer"]
         learner.calibrator = state["calibrator"]
         learner._calibrated = state["calibrated"]
+        # a checkpoint from before hard-reason points: every point was one the confidence decided
+        learner._decided_points = state.get("decided_points", len(learner.calibrator))
         learner.patterns = {k: collections.deque(v, maxlen=learner.config.pattern_window)
                             for k, v in state["patterns"]}
         learner.pattern_totals = {k: list(v) for k, v in state["totals"]}

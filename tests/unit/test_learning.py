@@ -310,6 +310,16 @@ def test_exceptions_a_soft_rule_held_teach_the_model_but_not_the_calibration() -
         learner.learn(Label(f"D-{i}", "V1", "M1", (), hard, i % 10 == 0, 0.3, by_rule=True), i)
     assert len(learner.calibrator) == 40
     assert learner.calibrate(learner.raw_score(hard)) < 0.2  # was 1.0 with the spot checks alone
+    # but they do not start the calibration: that waits for points where the confidence decided
+    early = Learner(LearnerConfig(min_calibration_labels=10))
+    for i in range(30):
+        early.learn(Label(f"D-{i}", "V1", "M1", (), hard, False, 0.3, by_rule=True), i)
+    assert len(early.calibrator) == 30 and early.calibrate(0.9) == 0.9  # not calibrated yet
+    for i in range(30, 40):
+        early.learn(Label(f"D-{i}", "V2", "M1", (), {"prior_logit": 4.2}, True, 0.97, spot_check=True), i)
+    assert early.calibrate(0.9) != 0.9
+    restored = Learner.from_bytes(early.to_bytes())
+    assert restored.fingerprint() == early.fingerprint()
 
 
 def test_hostile_labels_do_not_poison_the_learner() -> None:
