@@ -639,7 +639,8 @@ def run_core(settings: Settings, opts: LearningOptions, *, worker_error: Callabl
         reader = LiveReader(settings)
         reviewer = Reviewer(stack.url, stack.token, reader.truth, opts, say).start()
         say(f"publishing {opts.count} receipts (seed {opts.seed}, faults {faults_used!r}, "
-            f"rate {opts.rate or 'max'}/s); reviewer: delay {opts.delay_s:g}s, error rate {opts.error_rate:.1%}")
+            f"rate {opts.rate or 'max'}/s); reviewer: delay {opts.delay_s:g}s, error rate {opts.error_rate:.1%}; "
+            f"the calibration corrects for {settings.label_error_rate:.1%} wrong labels")
         publisher = Publisher(settings, opts, mix).start()
         deadline = started + opts.run_timeout()
         complete, all_decided_at, printed, last_progress, last_join = False, None, 0, 0.0, 0.0
@@ -862,11 +863,14 @@ def run_learning_demo(base: Settings, opts: LearningOptions, out: Path | None = 
     run_id = time.strftime("%Y%m%d%H%M%S")
     wait = base.document_wait_s if "LOTFLOW_DOCUMENT_WAIT_S" in os.environ else LEARN_WAIT_S
     sink_batch = base.sink_batch_s if "LOTFLOW_SINK_BATCH_S" in os.environ else LEARN_SINK_BATCH_S
+    # the plant knows how often its reviewers err (an attribute agreement study): here, the simulated
+    # reviewer's configured rate, unless the environment says otherwise
+    label_errors = base.label_error_rate if "LOTFLOW_LABEL_ERROR_RATE" in os.environ else min(opts.error_rate, 0.49)
     var = base.var_dir
     settings = base.model_copy(update={
         "topic_prefix": f"{LEARN_PREFIX}{run_id}.", "app_id": f"lotflow-learn-{run_id}",
         "sink_group": f"lotflow-learn-sink-{run_id}", "clickhouse_database": f"lotflow_learn_{run_id}",
-        "document_wait_s": wait, "sink_batch_s": sink_batch,
+        "document_wait_s": wait, "sink_batch_s": sink_batch, "label_error_rate": label_errors,
         "worker_web_port": _port_or_free(base.worker_web_port),
         "sink_metrics_port": _port_or_free(base.sink_metrics_port),
         "review_users_file": var / f"learning-users-{run_id}.json",
@@ -894,7 +898,8 @@ def run_learning_demo(base: Settings, opts: LearningOptions, out: Path | None = 
         result = run_core(settings, opts, worker_error=worker_error, say=say)
         result["parameters"] = {**asdict(opts), "topic_prefix": settings.topic_prefix,
                                 "clickhouse_database": settings.clickhouse_database, "document_wait_s": wait,
-                                "sink_batch_s": sink_batch, "run_id": run_id}
+                                "sink_batch_s": sink_batch, "label_error_rate": settings.label_error_rate,
+                                "run_id": run_id}
         print_report(result, opts, say)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str))

@@ -52,7 +52,12 @@ class IsotonicCalibrator:
         # blocks of (sum of outcomes, weight, first score, last score), merged while they violate
         blocks: list[list[float]] = []
         for i in order:
-            blocks.append([self._outcomes[i], self._weights[i], self._scores[i], self._scores[i]])
+            score = self._scores[i]
+            if blocks and blocks[-1][3] == score:  # tied scores are one point (as scikit-learn pools them)
+                blocks[-1][0] += self._outcomes[i]
+                blocks[-1][1] += self._weights[i]
+            else:
+                blocks.append([self._outcomes[i], self._weights[i], score, score])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
                 total, weight, _, last = blocks.pop()
                 blocks[-1][0] += total

@@ -76,7 +76,8 @@ class InputEvent:
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
-    return LearnerConfig(accepts_needed=settings.soft_accepts_needed, spot_check_share=settings.spot_check_share)
+    return LearnerConfig(accepts_needed=settings.soft_accepts_needed, spot_check_share=settings.spot_check_share,
+                         label_error_rate=settings.label_error_rate)
 
 
 def build_node(settings: Settings, learner: Learner | None = None) -> VerificationNode[rules.ReceivingContext]:

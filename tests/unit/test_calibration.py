@@ -45,6 +45,24 @@ def test_weighted_isotonic_calibration_matches_scikit_learn_with_sample_weights(
         assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
 
 
+def test_tied_scores_are_pooled_as_scikit_learn_pools_them() -> None:
+    """Receipts with the same features between two labels share a score; the fit must pool them
+    (it kept each good one as its own block and showed 1.0 where 90 % were good)."""
+    sklearn_isotonic = pytest.importorskip("sklearn.isotonic")
+    rng = random.Random(4)
+    scores = [rng.choice((0.2, 0.5, 0.5, 0.88, 0.88, 0.88)) for _ in range(900)]
+    outcomes = [rng.random() < {0.2: 0.3, 0.5: 0.7, 0.88: 0.9}[s] for s in scores]
+    weights = [10.0 if rng.random() < 0.1 else 1.0 for _ in scores]
+    ours = IsotonicCalibrator()
+    for s, good, w in zip(scores, outcomes, weights, strict=True):
+        ours.learn_one(s, good, w)
+    reference = sklearn_isotonic.IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
+    reference.fit(scores, [1.0 if g else 0.0 for g in outcomes], sample_weight=weights)
+    for probe in (0.0, 0.2, 0.3, 0.5, 0.7, 0.88, 1.0):
+        assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
+    assert ours.predict(0.88) == pytest.approx(0.9, abs=0.05)
+
+
 def test_calibration_lowers_the_error_of_an_overconfident_model() -> None:
     rng = random.Random(2)
     train_scores, train_outcomes = _labelled(rng, 3000)

@@ -322,6 +322,31 @@ def test_exceptions_a_soft_rule_held_teach_the_model_but_not_the_calibration() -
     assert restored.fingerprint() == early.fingerprint()
 
 
+def test_the_calibration_corrects_for_reviewers_who_err_either_way() -> None:
+    """Receipts at two scores, 99.5 % and 60 % good; reviewers flip 5 % of answers either way. The
+    labels then say about 95 % and 62 %; the corrected map says what the receipts are."""
+    rng = random.Random(3)
+    truth = {2.0: 0.995, -0.5: 0.60}
+    # (a regression that does not move: two scores, the calibration alone under test)
+    noisy = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, label_error_rate=0.05))
+    naive = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10))
+    for i in range(8000):
+        logit = 2.0 if i % 2 else -0.5
+        good = rng.random() < truth[logit]
+        said = good != (rng.random() < 0.05)
+        for learner in (noisy, naive):
+            learner.learn(Label(f"D-{i}", "V1", "M1", (), {"prior_logit": logit}, said, 0.5), i)
+    for logit, rate in truth.items():
+        raw = noisy.raw_score({"prior_logit": logit})
+        assert noisy.calibrate(raw) == pytest.approx(rate, abs=0.02)
+        assert naive.calibrate(naive.raw_score({"prior_logit": logit})) == pytest.approx(
+            rate * 0.9 + 0.05, abs=0.02)  # what the labels say
+    # bounded to [0, 1] where the labels say less than the error rate could
+    assert 0.0 <= noisy.calibrate(-50.0) <= noisy.calibrate(50.0) <= 1.0
+    # the process's settings win over those a checkpoint was saved with
+    assert LearnerConfig().label_error_rate == 0.0
+
+
 def test_hostile_labels_do_not_poison_the_learner() -> None:
     learner = Learner()
     nan = float("nan")
