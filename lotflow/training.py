@@ -219,7 +219,7 @@ class TrainResult:
 def confidence_of(learner: Learner, features: Mapping[str, float]) -> float:
     """What the learner says about these features: the calibrated blended score (as a node scores)."""
     x = {k: float(v) for k, v in features.items() if math.isfinite(v)}
-    return learner.calibrate(learner.raw_score(x))
+    return learner.confidence(x)
 
 
 def _with_prior_logit(learner: Learner, features: Mapping[str, float]) -> dict[str, float]:
@@ -309,8 +309,10 @@ def _learn_all(learner: Learner, items: Iterable[tuple[int, Label]], total: int,
         if progress is not None and time.monotonic() - last >= 1.0:
             last = time.monotonic()
             progress(f"learnt {i + 1}/{total}")
-    if learner.n_labels >= learner.config.min_calibration_labels and len(learner.calibrator):
-        learner.calibrator.fit()  # on every calibration point learnt (else at the first score)
+    if learner.n_labels >= learner.config.min_calibration_labels:
+        for calibrator in (learner.calibrator, learner.soft_calibrator):
+            if len(calibrator):
+                calibrator.fit()  # on every calibration point learnt (else at the first score)
 
 
 def labels_from_clickhouse(client: Any, database: str, node: str) -> list[tuple[int, Label]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
-from lotflow.scorers.learner import Learner, PatternKey
+from lotflow.scorers.learner import HARD_REASON_FEATURES, SOFT_REASON_FEATURE, Learner, PatternKey
 from lotflow.verification.explain import Contribution, Describe, explain
 
 __all__ = [
@@ -245,10 +245,10 @@ class VerificationNode(Generic[Context]):
         x = {k: v for k, v in self.features(context, reasons).items() if math.isfinite(v)}
         hard, soft = self.config.split(reasons)
         # the rule counts as the prior weighs them: hard ones, and soft ones with what people decided
-        x["n_block"] = float(sum(r.severity is Severity.BLOCK for r in hard))
-        x["n_warn"] = float(len(hard)) - x["n_block"]
+        block = float(sum(r.severity is Severity.BLOCK for r in hard))
+        x.update(zip(HARD_REASON_FEATURES, (block, float(len(hard)) - block), strict=True))
         if soft:
-            x["n_soft"] = float(len(soft))
+            x[SOFT_REASON_FEATURE] = float(len(soft))
         keys = [self.pattern_key(context, r) for r in soft]
         x.update(learner.pattern_features(keys))
         prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
@@ -261,7 +261,7 @@ class VerificationNode(Generic[Context]):
                                   {"vendor_id": vendor, "error_before": f"{drift.error_before:.4g}",
                                    "error_after": f"{drift.error_after:.4g}",
                                    "detected_at_label": str(drift.detected_at_label)}))
-        confidence = learner.calibrate(learner.raw_score(x))
+        confidence = learner.confidence(x)
         verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
         prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
         evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,

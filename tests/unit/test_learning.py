@@ -4,6 +4,7 @@ identical replicas and checkpoints, and the processor acting on what was learnt.
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -355,6 +356,30 @@ def test_the_calibration_corrects_for_reviewers_who_err_either_way() -> None:
     assert 0.0 <= noisy.calibrate(-50.0) <= noisy.calibrate(50.0) <= 1.0
     # the process's settings win over those a checkpoint was saved with
     assert LearnerConfig().label_error_rate == 0.0
+
+
+def test_receipts_with_a_cleared_soft_reason_have_a_calibration_map_of_their_own() -> None:
+    """Clean-by-every-rule receipts and receipts with a cleared soft reason at the same raw score:
+    all of the first are good, 80 % of the second. One map says 0.9 for both; two say each."""
+    rng = random.Random(5)
+    learner = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, min_group_points=20))
+    plain, soft = {"prior_logit": 3.0}, {"prior_logit": 3.0, "n_soft": 1.0}
+    assert learner.raw_score(plain) == learner.raw_score(soft)  # the prior does not tell them apart here
+    for i in range(400):
+        x = soft if i % 2 else plain
+        good = not i % 2 or rng.random() < 0.8
+        learner.learn(Label(f"D-{i}", "V1", "M1", ("M1|QUANTITY_OVER@1",) if i % 2 else (), x, good, 0.5), i)
+    assert len(learner.calibrator) == len(learner.soft_calibrator) == 200
+    assert learner.confidence(plain) == pytest.approx(1.0)
+    assert learner.confidence(soft) == pytest.approx(0.8, abs=0.06)
+    assert learner.predict_proba_one(soft)[True] == learner.confidence(soft)
+    restored = Learner.from_bytes(learner.to_bytes())
+    assert restored.fingerprint() == learner.fingerprint() and restored.confidence(soft) == learner.confidence(soft)
+    # a checkpoint from before the split (one map): loads, and the soft receipts use the one map
+    state = learner._state()
+    del state["soft_calibrator"]
+    old = Learner.from_bytes(pickle.dumps(state))
+    assert len(old.soft_calibrator) == 0 and old.confidence(soft) == old.confidence(plain)
 
 
 def test_hostile_labels_do_not_poison_the_learner() -> None:
