@@ -67,7 +67,6 @@ class Reason:
 
 
 MAX_BAND = 20  # the last band of a soft reason's pattern: this many band widths and beyond
-MAX_PER = 64  # characters of the evidence value a pattern is kept per (a property name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +80,6 @@ class SoftEnvelope:
     # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 %, so each band is its own.
     band: float = 0.0
     band_by: str = ""
-    # and per value of ``evidence[per]`` where set: a chart signal on purity is not one on viscosity
-    # (each chart's reference sigma is its own estimate, so each draws its own line between the bands)
-    per: str = ""
 
     def holds(self, reason: Reason) -> bool:
         if not self.evidence:
@@ -96,21 +92,18 @@ class SoftEnvelope:
     def pattern(self, reason: Reason, at_least: float = 0.0) -> str:
         """The pattern people's decisions on this reason are counted by: its code, and its band
         (of the evidence value, or ``at_least`` where the subject holds something more extreme)."""
-        name = reason.code
-        if self.per and reason.evidence.get(self.per):  # ("|" separates a label's material from its pattern)
-            name = f"{name}:{str(reason.evidence[self.per]).replace('|', '/')[:MAX_PER]}"
         if self.band <= 0:
-            return name
+            return reason.code
         try:
             own = abs(float(reason.evidence[self.band_by or self.evidence]))
         except (KeyError, ValueError):
-            return name
+            return reason.code
         if not math.isfinite(own):
-            return name
+            return reason.code
         value = max(own, at_least) if math.isfinite(at_least) else own
         # bounded: a reference of identical values (rounded reporting) puts z near 1e9, and a pattern
         # per distance would be one nobody ever clears, and one more key in every checkpoint
-        return f"{name}@{min(int(value // self.band), MAX_BAND)}"
+        return f"{reason.code}@{min(int(value // self.band), MAX_BAND)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -488,7 +488,7 @@ SOFT_REASONS: dict[str, SoftEnvelope] = {
                                   band=1.0),
     "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0, band=5.0),
     "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)",
-                               band=1.0, band_by="z", per="property"),
+                               band=1.0, band_by="z"),
     "COA_ATYPICAL": SoftEnvelope("an in-spec CoA value atypical for the vendor (INFO: weighed by the model)"),
     "UNIT_CONVERTED": SoftEnvelope("a receipt line in another unit, converted (INFO)"),
     "VENDOR_TREND": SoftEnvelope("a vendor whose recent receipts failed rules more often (INFO)"),
@@ -512,18 +512,16 @@ def pattern_key(ctx: ReceivingContext, reason: Reason) -> PatternKey:
     envelope = SOFT_REASONS.get(reason.code)
     if envelope is None:
         return ctx.receipt["vendor_id"], _material_of(ctx, reason), reason.code
-    # A CoA signal is per property, banded by its own distance, or by the receipt's most extreme CoA
-    # value without a signal of its own: a 2-sigma signal on a receipt whose other value stands 8
-    # sigma from the vendor's history is not the pattern people accepted. Each signalling value is
-    # its own pattern, and the receipt is verified only when people cleared every one.
-    at_least = _most_extreme_unsignalled_z(ctx) if envelope.band_by == "z" else 0.0
+    # A CoA signal is banded by the receipt's most extreme CoA value: a 2-sigma signal on a receipt
+    # whose other value stands 8 sigma from the vendor's history is not the pattern people accepted.
+    at_least = _most_extreme_z(ctx) if envelope.band_by == "z" else 0.0
     return ctx.receipt["vendor_id"], _material_of(ctx, reason), envelope.pattern(reason, at_least)
 
 
-def _most_extreme_unsignalled_z(ctx: ReceivingContext) -> float:
-    """The largest distance of a CoA value of the receipt that raised no chart signal, from the
-    vendor's history or its chart's reference window, in their sigma."""
-    return max((abs(z) for f in ctx.lines for c in f.coa_facts if not c.signals for z in (c.z, c.ref_z)
+def _most_extreme_z(ctx: ReceivingContext) -> float:
+    """The largest distance of any CoA value of the receipt, from the vendor's history or its
+    chart's reference window, in their sigma."""
+    return max((abs(z) for f in ctx.lines for c in f.coa_facts for z in (c.z, c.ref_z)
                 if z is not None and math.isfinite(z)), default=0.0)
 
 

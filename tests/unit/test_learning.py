@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from lotflow.scorers import spc
 from lotflow.scorers.learner import Label, Learner, LearnerConfig, spot_check_draw
 from lotflow.settings import Settings
 from lotflow.streams import topics
@@ -88,7 +87,7 @@ def test_a_pattern_is_cleared_by_consistent_accepts_and_closed_by_a_reject() -> 
     assert features["pattern_accept_share"] == pytest.approx((3 + 1) / (5 + 2))
 
 
-def test_a_control_chart_signal_is_per_property_banded_by_the_receipts_most_extreme_coa_value() -> None:
+def test_a_control_chart_signal_is_banded_by_the_receipts_most_extreme_coa_value() -> None:
     def fact(z: float | None, ref_z: float | None = None) -> rules.CoaFact:
         return rules.CoaFact("purity", 99.0, 98.0, 100.0, z, (60, 99.0, 0.1), ref_z=ref_z)
 
@@ -108,15 +107,6 @@ def test_a_control_chart_signal_is_per_property_banded_by_the_receipts_most_extr
     assert rules.pattern_key(context(fact(2.4)), far) == ("V1", "M1", "SPC_SIGNAL@20")
     unreadable = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="nan")
     assert rules.pattern_key(context(fact(2.4)), unreadable) == ("V1", "M1", "SPC_SIGNAL")
-    # per property: each chart draws its own line; values that signal have their own patterns
-    purity = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="4.6", property="purity")
-    viscous = rules.CoaFact("viscosity", 150.0, 100.0, 200.0, 1.0, (60, 150.0, 5.0), ref_z=7.5,
-                            signals=[spc.Signal("NELSON_1", "far", {})])
-    assert rules.pattern_key(context(fact(2.4, 3.1)), purity) == ("V1", "M1", "SPC_SIGNAL:purity@4")
-    assert rules.pattern_key(context(fact(2.4, 3.1), viscous), purity) == ("V1", "M1", "SPC_SIGNAL:purity@4")
-    assert rules.pattern_key(context(fact(2.4, 6.2)), purity) == ("V1", "M1", "SPC_SIGNAL:purity@6")
-    odd = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="1", property="a|b" * 100)
-    assert rules.pattern_key(context(), odd) == ("V1", "M1", "SPC_SIGNAL:" + ("a/b" * 100)[:64] + "@1")
     # an over-delivery is banded by its own size only
     over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
     assert rules.pattern_key(context(fact(9.0)), over) == ("V1", "M1", "QUANTITY_OVER@3")
