@@ -865,7 +865,9 @@ def run_learning_demo(base: Settings, opts: LearningOptions, out: Path | None = 
     sink_batch = base.sink_batch_s if "LOTFLOW_SINK_BATCH_S" in os.environ else LEARN_SINK_BATCH_S
     # the plant knows how often its reviewers err (an attribute agreement study): here, the simulated
     # reviewer's configured rate, unless the environment says otherwise
-    label_errors = base.label_error_rate if "LOTFLOW_LABEL_ERROR_RATE" in os.environ else min(opts.error_rate, 0.49)
+    # (at 50 % or more wrong the answers say nothing, or the opposite: no correction)
+    label_errors = base.label_error_rate if "LOTFLOW_LABEL_ERROR_RATE" in os.environ else \
+        opts.error_rate if opts.error_rate < 0.5 else 0.0
     var = base.var_dir
     settings = base.model_copy(update={
         "topic_prefix": f"{LEARN_PREFIX}{run_id}.", "app_id": f"lotflow-learn-{run_id}",

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,13 +52,11 @@ class IsotonicCalibrator:
         order = sorted(range(len(self._scores)), key=lambda i: self._scores[i])
         # blocks of (sum of outcomes, weight, first score, last score), merged while they violate
         blocks: list[list[float]] = []
-        for i in order:
-            score = self._scores[i]
-            if blocks and blocks[-1][3] == score:  # tied scores are one point (as scikit-learn pools them)
-                blocks[-1][0] += self._outcomes[i]
-                blocks[-1][1] += self._weights[i]
-            else:
-                blocks.append([self._outcomes[i], self._weights[i], score, score])
+        for score, tied in itertools.groupby(order, key=lambda i: self._scores[i]):
+            # tied scores are one point, pooled before any merge (as scikit-learn pools them)
+            members = list(tied)
+            blocks.append([sum(self._outcomes[i] for i in members), sum(self._weights[i] for i in members),
+                           score, score])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
                 total, weight, _, last = blocks.pop()
                 blocks[-1][0] += total

@@ -319,7 +319,7 @@ class ReceivingProcessor:
                          "tolerance_pct": f"{line.tolerance_pct:g}", "receipt_id": last["rid"]})
         x = {"n_block": 1.0, "reason_po_revised_below_received": 1.0}
         learner = self.node.learner
-        confidence = learner.calibrate(learner.raw_score(x))
+        confidence = learner.confidence(x)
         evaluation = Evaluation((reason,), x, decide(self.node.config, confidence, [reason]), learner.version,
                                 prior_decision="EXCEPTION")
         subject = Subject(

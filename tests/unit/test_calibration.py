@@ -61,6 +61,11 @@ def test_tied_scores_are_pooled_as_scikit_learn_pools_them() -> None:
     for probe in (0.0, 0.2, 0.3, 0.5, 0.7, 0.88, 1.0):
         assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
     assert ours.predict(0.88) == pytest.approx(0.9, abs=0.05)
+    # a tie group whose first point is bad must not be merged point by point into the one below
+    small = IsotonicCalibrator()
+    for score, good in ((0.1, True), (0.1, False), (0.5, False), (0.5, True), (0.5, True), (0.5, True)):
+        small.learn_one(score, good)
+    assert small.predict(0.1) == pytest.approx(0.5) and small.predict(0.5) == pytest.approx(0.75)
 
 
 def test_calibration_lowers_the_error_of_an_overconfident_model() -> None:

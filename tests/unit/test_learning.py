@@ -14,6 +14,7 @@ import pytest
 from lotflow.scorers.learner import Label, Learner, LearnerConfig, spot_check_draw
 from lotflow.settings import Settings
 from lotflow.streams import topics
+from lotflow.streams.learning import Checkpoint
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Reason, Severity
 
@@ -166,8 +167,8 @@ def test_replicas_applying_the_same_labels_hold_the_same_model() -> None:
     for offset, label in enumerate(labels):
         restored.learn(label, offset)
     assert restored.fingerprint() == a.fingerprint() and restored.n_labels == 400
-    x = {"n_soft": 1.0, "prior_logit": 1.0}
-    assert restored.calibrate(restored.raw_score(x)) == a.calibrate(a.raw_score(x))
+    for x in ({"n_soft": 1.0, "prior_logit": 1.0}, {"prior_logit": 1.0}):
+        assert restored.confidence(x) == a.confidence(x)
     with pytest.raises(ValueError, match="checkpoint"):
         Learner.from_bytes(b"\x80\x05K\x01.")  # a pickle of 1, not a learner
 
@@ -300,7 +301,7 @@ def test_exceptions_a_soft_rule_held_teach_the_model_but_not_the_calibration() -
     learner = Learner(LearnerConfig(min_calibration_labels=10))
     for i in range(40):  # faulty over-deliveries at a high score: a rule held them, whatever the score
         learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95, by_rule=True), i)
-    assert len(learner.calibrator) == 0 and learner.n_labels == 40
+    assert len(learner.calibrator) == len(learner.soft_calibrator) == 0 and learner.n_labels == 40
     for i in range(40, 60):  # where the confidence decided: spot checks, all good
         learner.learn(Label(f"D-{i}", "V2", "M1", (), {"prior_logit": 4.2}, True, 0.97, spot_check=True), i)
     assert len(learner.calibrator) == 20
@@ -338,14 +339,22 @@ def test_the_calibration_corrects_for_reviewers_who_err_either_way() -> None:
         for learner in (noisy, naive):
             learner.learn(Label(f"D-{i}", "V1", "M1", (), {"prior_logit": logit}, said, 0.5), i)
     for logit, rate in truth.items():
-        raw = noisy.raw_score({"prior_logit": logit})
-        assert noisy.calibrate(raw) == pytest.approx(rate, abs=0.02)
-        assert naive.calibrate(naive.raw_score({"prior_logit": logit})) == pytest.approx(
-            rate * 0.9 + 0.05, abs=0.02)  # what the labels say
-    # bounded to [0, 1] where the labels say less than the error rate could
-    assert 0.0 <= noisy.calibrate(-50.0) <= noisy.calibrate(50.0) <= 1.0
-    # the process's settings win over those a checkpoint was saved with
-    assert LearnerConfig().label_error_rate == 0.0
+        assert noisy.confidence({"prior_logit": logit}) == pytest.approx(rate, abs=0.02)
+        assert naive.confidence({"prior_logit": logit}) == pytest.approx(rate * 0.9 + 0.05, abs=0.02)  # the labels
+    # labels that say all good (all bad) where the rate says some are wrong: clipped to exactly 1 (0)
+    clipped = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, label_error_rate=0.05))
+    for i in range(40):
+        clipped.learn(Label(f"D-{i}", "V1", "M1", (), {"prior_logit": 4.0 if i % 2 else -3.0}, bool(i % 2), 0.5), i)
+    assert clipped.confidence({"prior_logit": 4.0}) == 1.0 and clipped.confidence({"prior_logit": -3.0}) == 0.0
+    # the settings of the process win over those a checkpoint was saved with, and show in the fingerprint
+    saved = Checkpoint("receiving", naive.labels_offset, naive.n_labels, naive.fingerprint(), "test", 0,
+                       naive.to_bytes(), 0)
+    told = saved.learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, label_error_rate=0.05))
+    assert told.confidence({"prior_logit": 2.0}) == pytest.approx(noisy.confidence({"prior_logit": 2.0}))
+    assert told.fingerprint() != naive.fingerprint()
+    for wrong in (-0.1, 0.5, 0.9, math.nan):
+        with pytest.raises(ValueError, match="label_error_rate"):
+            LearnerConfig(label_error_rate=wrong)
 
 
 def test_receipts_with_a_cleared_soft_reason_have_a_calibration_map_of_their_own() -> None:
