@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -36,13 +37,20 @@ def test_weighted_isotonic_calibration_matches_scikit_learn_with_sample_weights(
     rng = random.Random(3)
     scores, outcomes = _labelled(rng, 600)
     weights = [10.0 if rng.random() < 0.1 else 1.0 for _ in scores]
+    _assert_weighted_fit_matches(sklearn_isotonic, scores, outcomes, weights,
+                                 [i / 100 for i in range(101)] + scores[:40])
+
+
+def _assert_weighted_fit_matches(sklearn_isotonic: Any, scores: list[float], outcomes: list[bool],
+                                 weights: list[float], probes: list[float]) -> IsotonicCalibrator:
     ours = IsotonicCalibrator()
     for s, good, w in zip(scores, outcomes, weights, strict=True):
         ours.learn_one(s, good, w)
     reference = sklearn_isotonic.IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
     reference.fit(scores, [1.0 if g else 0.0 for g in outcomes], sample_weight=weights)
-    for probe in [i / 100 for i in range(101)] + scores[:40]:
+    for probe in probes:
         assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
+    return ours
 
 
 def test_tied_scores_are_pooled_as_scikit_learn_pools_them() -> None:
@@ -53,13 +61,8 @@ def test_tied_scores_are_pooled_as_scikit_learn_pools_them() -> None:
     scores = [rng.choice((0.2, 0.5, 0.5, 0.88, 0.88, 0.88)) for _ in range(900)]
     outcomes = [rng.random() < {0.2: 0.3, 0.5: 0.7, 0.88: 0.9}[s] for s in scores]
     weights = [10.0 if rng.random() < 0.1 else 1.0 for _ in scores]
-    ours = IsotonicCalibrator()
-    for s, good, w in zip(scores, outcomes, weights, strict=True):
-        ours.learn_one(s, good, w)
-    reference = sklearn_isotonic.IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
-    reference.fit(scores, [1.0 if g else 0.0 for g in outcomes], sample_weight=weights)
-    for probe in (0.0, 0.2, 0.3, 0.5, 0.7, 0.88, 1.0):
-        assert ours.predict(probe) == pytest.approx(float(reference.predict([probe])[0]), abs=1e-9)
+    probes = [0.0, 0.2, 0.3, 0.5, 0.7, 0.88, 1.0]
+    ours = _assert_weighted_fit_matches(sklearn_isotonic, scores, outcomes, weights, probes)
     assert ours.predict(0.88) == pytest.approx(0.9, abs=0.05)
     # a tie group whose first point is bad must not be merged point by point into the one below
     small = IsotonicCalibrator()
