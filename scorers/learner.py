@@ -227,7 +227,8 @@ class Learner:
         The map is fitted on people's labels, and a share ``label_error_rate`` of them is wrong
         either way: where a fraction p of receipts is good, a fraction p (1 - 2e) + e of labels
         says so. So the labels of clean receipts top out at 1 - e, and a map that believed them
-        showed 0.966 where 99.7 % were good (learning run, 2 % reviewer errors). Inverting the
+        showed 0.966 on average in its top bin, where 99.7 % were good (learning run 7, 2 % reviewer
+        errors). Inverting the
         flip (Natarajan et al., *Learning with noisy labels*, 2013) gives the rate of good
         receipts rather than of "good" answers."""
         if not self._calibrated:
