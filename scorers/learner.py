@@ -228,9 +228,8 @@ class Learner:
         either way: where a fraction p of receipts is good, a fraction p (1 - 2e) + e of labels
         says so. So the labels of clean receipts top out at 1 - e, and a map that believed them
         showed 0.966 on average in its top bin, where 99.7 % were good (learning run 7, 2 % reviewer
-        errors). Inverting the
-        flip (Natarajan et al., *Learning with noisy labels*, 2013) gives the rate of good
-        receipts rather than of "good" answers."""
+        errors). Inverting the flip (Natarajan et al., *Learning with noisy labels*, 2013) gives the
+        rate of good receipts rather than of "good" answers."""
         if not self._calibrated:
             return raw
         own = self.soft_calibrator if soft and len(self.soft_calibrator) >= self.config.min_group_points \
