@@ -310,9 +310,7 @@ def _learn_all(learner: Learner, items: Iterable[tuple[int, Label]], total: int,
             last = time.monotonic()
             progress(f"learnt {i + 1}/{total}")
     if learner.n_labels >= learner.config.min_calibration_labels:
-        for calibrator in (learner.calibrator, learner.soft_calibrator):
-            if len(calibrator):
-                calibrator.fit()  # on every calibration point learnt (else at the first score)
+        learner.fit_calibration()
 
 
 def labels_from_clickhouse(client: Any, database: str, node: str) -> list[tuple[int, Label]]:

@@ -294,8 +294,7 @@ class Learner:
         # early and in numbers, all at low scores: a first fit on them overshot, measured on the
         # short learning run); from then on refitted with every new label, at the next score.
         if not self._calibrated and self._decided_points >= self.config.min_calibration_labels:
-            self.calibrator.fit()
-            self.soft_calibrator.fit()
+            self.fit_calibration()
             self._calibrated = True
         for key in self._taught(label):
             recent = self.patterns.get(key)
@@ -310,6 +309,11 @@ class Learner:
             self.spot[0] += 1
             self.spot[1] += int(label.good)
         self._watch(label)
+
+    def fit_calibration(self) -> None:
+        """Fit both maps on every point learnt now (else each refits lazily at its next score)."""
+        self.calibrator.fit()
+        self.soft_calibrator.fit()
 
     @staticmethod
     def _calibrates(label: Label) -> bool:
