@@ -64,6 +64,9 @@ class Settings(BaseSettings):
                                                                         "sent to a person as SPOT_CHECK")
     soft_accepts_needed: int = Field(default=3, ge=1, description="consistent accepts of a vendor x material x "
                                                                   "soft reason before the model may verify it")
+    soft_graded_accepts: int = Field(default=2, ge=1, description="accepts at least as large before a size of a "
+                                     "graded soft reason (an over-delivery of 3.4 %) may be verified, plus one per "
+                                     "reject at most as large")
     label_error_rate: float = Field(default=0.0, ge=0, lt=0.5, description="share of people's decisions "
                                     "that are wrong (attribute agreement study); the calibration corrects for it")
     model_checkpoint_every: int = Field(default=200, ge=1, description="labels between model checkpoints")

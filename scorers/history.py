@@ -11,7 +11,7 @@ import itertools
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -229,6 +229,7 @@ class ChartView:
     epoch: int  # the baseline in force: lots before it do not count
     reference: Stat | None  # the reference window's statistics (of this epoch)
     values: list[float]  # since the last signal and the baseline, oldest first, at most CHART_WINDOW
+    recent: list[float] = field(default_factory=list)  # the same, signals or not: the process level
 
     def frozen(self, reference_n: int) -> bool:
         return self.reference is not None and self.reference[0] >= reference_n
@@ -237,7 +238,7 @@ class ChartView:
 def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     """The chart pooled from its slices (one per partition that has seen a lot)."""
     if not slices:
-        return ChartView(0, None, [])
+        return ChartView(0, None, [], [])
     epoch = max(s["e"] for s in slices)
     current = [s for s in slices if s["e"] == epoch]
     reference = merge_stats([s["ref"] for s in current if s["ref"][0] > 0])
@@ -247,11 +248,12 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     # so equal times at its edge fall back.
     points = list(itertools.chain.from_iterable(part["v"] for part in current))
     points.sort(key=_TIME)
-    points = points[bisect.bisect_right(points, since, key=_TIME):]
     window = points[-CHART_WINDOW - 1:]
     if any(a[0] == b[0] for a, b in itertools.pairwise(window)):
         points.sort()
-    return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]])
+    recent = [value for _, value in points[-CHART_WINDOW:]]
+    points = points[bisect.bisect_right(points, since, key=_TIME):]
+    return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]], recent)
 
 
 _TIME = operator.itemgetter(0)

@@ -19,13 +19,23 @@ Design (argued):
   ``pattern_labels_log``). One model learns how much a consistent acceptance is worth, and the
   counts themselves decide the gate below.
 * **The gate.** A soft reason (``lotflow.verification.receiving.SOFT_REASONS``) may be verified
-  only once people have accepted that vendor x material x reason (and band: 3-4 % over is not
-  4-5 % over) ``accepts_needed`` times with at most ``max_rejects`` reject among its last
-  ``pattern_window`` decisions, *and* the calibrated confidence passes the node's threshold,
-  *and* the vendor is not tightened by drift. An accept counts for every soft pattern of the
-  receipt; a reject is explained away where it can be (``_taught``): by a hard reason (a receipt
-  rejected for its missing CoA teaches nothing about its over-delivery), else by the soft
-  patterns not yet cleared.
+  only once people have accepted that vendor x material x reason ``accepts_needed`` times with at
+  most ``max_rejects`` reject among its last ``pattern_window`` decisions, *and* the calibrated
+  confidence passes the node's threshold, *and* the vendor is not tightened by drift. An accept
+  counts for every soft pattern of the receipt; a reject is explained away where it can be
+  (``_taught``): by a hard reason (a receipt rejected for its missing CoA teaches nothing about
+  its over-delivery), else by the soft patterns not yet cleared.
+* **Graded patterns.** Where a reason has a size (an over-delivery of 3.4 %, a CoA value 3.7
+  sigma from its chart's reference) the pattern carries it, ``QUANTITY_OVER~3.4``, and people's
+  decisions are kept with their sizes (the last ``graded_window``). A size is cleared when people
+  accepted ``graded_accepts`` at least as large, one more per reject at most as large, and those
+  rejects are at most ``max_rejects``: what a correct reviewer decides grows worse with the size
+  (an agreement allows up to 4 % over; a lot 4 sigma out is a fault), so an accept at 3.8 %
+  speaks for 3.1 %, and a reject at 2.5 % against 3.1 %. Bands (3-4 % over, 4-5 %) made each
+  band wait for its own three accepts, and a band pooled over a lot's properties mixed good and
+  bad lots wherever the properties' reference sigmas erred differently (learning runs 10-13). A
+  reject of a lot with several open sizes is charged to those beyond every size people accepted
+  lately, where there are any.
 * **Calibration.** The model's score is mapped through an isotonic fit of labelled outcomes
   (used once ``min_calibration_labels`` of its points are receipts the confidence decided,
   refitted with every label after) of the
@@ -61,13 +71,15 @@ from lotflow.scorers.calibration import (
 )
 from lotflow.scorers.model import OnlineConfidence
 
-__all__ = ["HARD_REASON_FEATURES", "SOFT_REASON_FEATURE", "DriftState", "Label", "Learner", "LearnerConfig",
-           "PatternKey", "Quality", "hard_reasons", "is_soft", "spot_check_draw"]
+__all__ = ["GRADE", "HARD_REASON_FEATURES", "SOFT_REASON_FEATURE", "DriftState", "Label", "Learner", "LearnerConfig",
+           "PatternKey", "Quality", "hard_reasons", "is_soft", "split_grade", "spot_check_draw"]
 
 Features = dict[str, float]
-PatternKey = tuple[str, str, str]  # vendor, material, reason code
-FORMAT = 2  # bumped when the pickled layout changes: an older release refuses a newer checkpoint
-READABLE_FORMATS = (1, 2)  # 1: before the soft map (its soft points are in the one map until they age out)
+PatternKey = tuple[str, str, str]  # vendor, material, reason code (graded: "<code>~<size>")
+FORMAT = 3  # bumped when the pickled layout changes: an older release refuses a newer checkpoint
+# 1: before the soft map (its soft points are in the one map until they age out); 2: before graded patterns
+READABLE_FORMATS = (1, 2, 3)
+GRADE = "~"  # separates a graded pattern's code from its size
 CALIBRATION_LABELS = 10_000  # the newest kept for the fit: a checkpoint stays well under 1 MB
 
 
@@ -96,6 +108,9 @@ class LearnerConfig:
     # rejects tolerated among the pattern's last ``pattern_window`` decisions: a reviewer's slip, or a
     # receipt rejected for another of its faults, does not close a pattern people keep accepting
     max_rejects: int = 1
+    graded_window: int = 30  # sized decisions kept per graded pattern
+    # a graded size is cleared by this many accepts at least as large, plus one per reject at most as large
+    graded_accepts: int = 2
     relax_after: int = 20
     adwin_delta: float = 0.002
     spot_check_share: float = 0.02
@@ -162,6 +177,26 @@ class Quality:
     drift_events: int
 
 
+def split_grade(key: PatternKey) -> tuple[PatternKey, float | None]:
+    """A graded pattern's key without its size, and the size (``None``: not graded).
+
+    >>> split_grade(("V1", "M1", "QUANTITY_OVER~3.4"))
+    (('V1', 'M1', 'QUANTITY_OVER'), 3.4)
+    >>> split_grade(("V1", "M1", "MISSING_COA"))
+    (('V1', 'M1', 'MISSING_COA'), None)
+    """
+    code, sep, size = key[2].rpartition(GRADE)
+    if not sep:
+        return key, None
+    try:
+        value = float(size)
+    except ValueError:
+        return key, None
+    if not math.isfinite(value):
+        return key, None
+    return (key[0], key[1], code), value
+
+
 def spot_check_draw(subject_id: str) -> float:
     """A uniform number in [0, 1) fixed by the subject id: the same receipt is always drawn alike."""
     digest = hashlib.blake2b(subject_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -182,6 +217,7 @@ class Learner:
         self.soft_calibrator = IsotonicCalibrator(max_labels=CALIBRATION_LABELS)  # and with one
         self.patterns: dict[PatternKey, collections.deque[bool]] = {}
         self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
+        self.graded: dict[PatternKey, collections.deque[tuple[float, bool]]] = {}  # (size, good), newest last
         self.errors: dict[str, drift.ADWIN] = {}
         self.tightened: dict[str, DriftState] = {}
         self.drift_events: list[dict[str, Any]] = []
@@ -203,7 +239,9 @@ class Learner:
             return {}
         shares, counts = [], []
         for key in keys:
-            accepted, rejected = self.pattern_totals.get(key, (0, 0))
+            name, size = split_grade(key)
+            accepted, rejected = self._graded_counts(name, size) if size is not None else \
+                self.pattern_totals.get(key, (0, 0))
             shares.append((accepted + 1) / (accepted + rejected + 2))  # Laplace: 0.5 with no decision
             counts.append(accepted + rejected)
         return {"pattern_accept_share": min(shares), "pattern_labels_log": math.log1p(min(counts))}
@@ -258,9 +296,19 @@ class Learner:
 
     def accepted(self, key: PatternKey) -> bool:
         """People accepted this pattern consistently: enough accepts, at most ``max_rejects`` among the recent."""
+        name, size = split_grade(key)
+        if size is not None:
+            accepted, rejected = self._graded_counts(name, size)
+            return accepted >= self.config.graded_accepts + rejected and rejected <= self.config.max_rejects
         recent = self.patterns.get(key)
         return (recent is not None and sum(recent) >= self.config.accepts_needed
                 and len(recent) - sum(recent) <= self.config.max_rejects)
+
+    def _graded_counts(self, name: PatternKey, size: float) -> tuple[int, int]:
+        """(accepts at least as large as ``size``, rejects at most as large) of a graded pattern."""
+        points = self.graded.get(name, ())
+        return (sum(1 for s, good in points if good and s >= size),
+                sum(1 for s, good in points if not good and s <= size))
 
     def drift_of(self, vendor: str) -> DriftState | None:
         return self.tightened.get(vendor)
@@ -297,6 +345,13 @@ class Learner:
             self.fit_calibration()
             self._calibrated = True
         for key in self._taught(label):
+            name, size = split_grade(key)
+            if size is not None:
+                points = self.graded.get(name)
+                if points is None:
+                    points = self.graded[name] = collections.deque(maxlen=self.config.graded_window)
+                points.append((size, label.good))
+                continue
             recent = self.patterns.get(key)
             if recent is None:
                 recent = self.patterns[key] = collections.deque(maxlen=self.config.pattern_window)
@@ -338,7 +393,18 @@ class Learner:
             return keys
         if hard_reasons(label.features) > 0:
             return []
-        return [key for key in keys if not self.accepted(key)] or keys
+        open_keys = [key for key in keys if not self.accepted(key)]
+        # of a lot's graded values, those beyond all people accepted explain the reject: one value 5
+        # sigma out charged with it, not its neighbour at 2.7 that people accept every day
+        beyond = [key for key in open_keys if self._beyond_accepted(key)]
+        return beyond or open_keys or keys
+
+    def _beyond_accepted(self, key: PatternKey) -> bool:
+        """Not graded, or larger than every accepted size of its pattern people decided lately."""
+        name, size = split_grade(key)
+        if size is None:
+            return True
+        return all(s < size for s, good in self.graded.get(name, ()) if good)
 
     def _watch(self, label: Label) -> None:
         """ADWIN on the vendor's model errors: tighten when the error rises, relax after agreement."""
@@ -363,6 +429,7 @@ class Learner:
         """Forget what people decided on these patterns (a person re-baselined them)."""
         for code in codes:
             self.patterns.pop((vendor, material, code), None)
+            self.graded.pop(split_grade((vendor, material, code))[0], None)
 
     # --- quality ---------------------------------------------------------------
     def quality(self) -> Quality:
@@ -393,13 +460,15 @@ class Learner:
         regression = self.scorer.model
         # (with the settings that change what the same labels give: a replica told another error rate
         # or group size shows another fingerprint)
-        return (self.config.label_error_rate, self.config.min_group_points,
+        return (self.config.label_error_rate, self.config.min_group_points, self.config.graded_window,
+                self.config.graded_accepts,
                 self.labels_offset, self.n_labels, self.scorer.n_labels,
                 sorted(regression.weights.items()), regression.intercept,
                 self.calibrator._scores, self.calibrator._outcomes, self.calibrator._weights, self._calibrated,
                 self.soft_calibrator._scores, self.soft_calibrator._outcomes, self.soft_calibrator._weights,
                 self._decided_points,
                 sorted((k, list(v)) for k, v in self.patterns.items()), sorted(self.pattern_totals.items()),
+                sorted((k, list(v)) for k, v in self.graded.items()),
                 sorted((v, d.estimation, d.width) for v, d in self.errors.items()),
                 sorted((v, repr(d)) for v, d in self.tightened.items()), list(self.recent), self.spot)
 
@@ -409,7 +478,8 @@ class Learner:
                 "soft_calibrator": self.soft_calibrator,
                 "calibrated": self._calibrated, "decided_points": self._decided_points,
                 "patterns": sorted((k, list(v)) for k, v in self.patterns.items()),
-                "totals": sorted(self.pattern_totals.items()), "errors": sorted(self.errors.items()),
+                "totals": sorted(self.pattern_totals.items()),
+                "graded": sorted((k, list(v)) for k, v in self.graded.items()), "errors": sorted(self.errors.items()),
                 "tightened": sorted(self.tightened.items()), "drift_events": self.drift_events,
                 "recent": list(self.recent), "spot": self.spot}
 
@@ -435,6 +505,8 @@ class Learner:
         learner.patterns = {k: collections.deque(v, maxlen=learner.config.pattern_window)
                             for k, v in state["patterns"]}
         learner.pattern_totals = {k: list(v) for k, v in state["totals"]}
+        learner.graded = {k: collections.deque((tuple(p) for p in v), maxlen=learner.config.graded_window)
+                          for k, v in state.get("graded", ())}
         learner.errors = dict(state["errors"])
         learner.tightened = dict(state["tightened"])
         learner.drift_events = list(state["drift_events"])

@@ -76,8 +76,8 @@ class InputEvent:
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
-    return LearnerConfig(accepts_needed=settings.soft_accepts_needed, spot_check_share=settings.spot_check_share,
-                         label_error_rate=settings.label_error_rate)
+    return LearnerConfig(accepts_needed=settings.soft_accepts_needed, graded_accepts=settings.soft_graded_accepts,
+                         spot_check_share=settings.spot_check_share, label_error_rate=settings.label_error_rate)
 
 
 def build_node(settings: Settings, learner: Learner | None = None) -> VerificationNode[rules.ReceivingContext]:
@@ -87,7 +87,7 @@ def build_node(settings: Settings, learner: Learner | None = None) -> Verificati
         features=rules.features,
         learner=learner or Learner(learner_config(settings)),
         identity=rules.identity,
-        pattern_key=rules.pattern_key,
+        pattern_keys=rules.pattern_keys,
         describe=rules.DESCRIBE,
     )
 

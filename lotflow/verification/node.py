@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
-from lotflow.scorers.learner import HARD_REASON_FEATURES, SOFT_REASON_FEATURE, Learner, PatternKey
+from lotflow.scorers.learner import GRADE, HARD_REASON_FEATURES, SOFT_REASON_FEATURE, Learner, PatternKey
 from lotflow.verification.explain import Contribution, Describe, explain
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Verdict",
     "VerificationNode",
     "decide",
+    "graded",
 ]
 
 Context = TypeVar("Context")
@@ -66,7 +67,13 @@ class Reason:
         }
 
 
-MAX_BAND = 20  # the last band of a soft reason's pattern: this many band widths and beyond
+MAX_GRADE = 99.0  # the largest size a graded pattern carries: this many units and beyond
+
+
+def graded(code: str, size: float) -> str:
+    """The pattern of a reason of this size (``QUANTITY_OVER~3.40``), bounded (a reference of
+    identical values puts z near 1e9: one pattern for all of them, not one per distance)."""
+    return f"{code}{GRADE}{min(abs(size), MAX_GRADE):.2f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +83,9 @@ class SoftEnvelope:
     meaning: str
     evidence: str = ""
     limit: float = 0.0
-    # People's decisions are counted per band of ``|evidence[band_by]|`` this wide (0: one pattern):
-    # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 %, so each band is its own.
-    band: float = 0.0
-    band_by: str = ""
+    # People's decisions are kept with the size of ``|evidence[graded_by]|`` (empty: one pattern):
+    # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 % (``Learner`` graded patterns).
+    graded_by: str = ""
 
     def holds(self, reason: Reason) -> bool:
         if not self.evidence:
@@ -89,21 +95,16 @@ class SoftEnvelope:
         except (KeyError, ValueError):
             return False  # no evidence to judge by: hard
 
-    def pattern(self, reason: Reason, at_least: float = 0.0) -> str:
-        """The pattern people's decisions on this reason are counted by: its code, and its band
-        (of the evidence value, or ``at_least`` where the subject holds something more extreme)."""
-        if self.band <= 0:
+    def pattern(self, reason: Reason) -> str:
+        """The pattern people's decisions on this reason are counted by: its code, with its size
+        where it is graded."""
+        if not self.graded_by:
             return reason.code
         try:
-            own = abs(float(reason.evidence[self.band_by or self.evidence]))
+            size = float(reason.evidence[self.graded_by])
         except (KeyError, ValueError):
             return reason.code
-        if not math.isfinite(own):
-            return reason.code
-        value = max(own, at_least) if math.isfinite(at_least) else own
-        # bounded: a reference of identical values (rounded reporting) puts z near 1e9, and a pattern
-        # per distance would be one nobody ever clears, and one more key in every checkpoint
-        return f"{reason.code}@{min(int(value // self.band), MAX_BAND)}"
+        return graded(reason.code, size) if math.isfinite(size) else reason.code
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +217,9 @@ LOGIT_LIMIT = 30.0  # the prior's logit as a feature, bounded (a dozen failed ru
 class VerificationNode(Generic[Context]):
     """checks -> features -> score -> decide, for one pattern's context type.
 
-    ``identity`` names the subject and its vendor; ``pattern_key`` the vendor x material x
-    reason a soft reason belongs to (what people's decisions on it are counted by).
+    ``identity`` names the subject and its vendor; ``pattern_keys`` the vendor x material x
+    reason patterns a soft reason belongs to (what people's decisions on it are counted by; a
+    control-chart signal: one per property of the lot that stands out).
     """
 
     config: NodeConfig
@@ -225,7 +227,7 @@ class VerificationNode(Generic[Context]):
     features: Callable[[Context, Sequence[Reason]], Features]
     learner: Learner
     identity: Callable[[Context], tuple[str, str]]
-    pattern_key: Callable[[Context, Reason], PatternKey]
+    pattern_keys: Callable[[Context, Reason], Sequence[PatternKey]]
     describe: Describe[Context] = field(default_factory=lambda: Describe({}))
 
     def evaluate(self, context: Context) -> Evaluation:
@@ -242,7 +244,7 @@ class VerificationNode(Generic[Context]):
         x.update(zip(HARD_REASON_FEATURES, (block, float(len(hard)) - block), strict=True))
         if soft:
             x[SOFT_REASON_FEATURE] = float(len(soft))
-        keys = [self.pattern_key(context, r) for r in soft]
+        keys = list(dict.fromkeys(key for r in soft for key in self.pattern_keys(context, r)))
         x.update(learner.pattern_features(keys))
         prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
         x["prior_logit"] = prior_logit

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ from lotflow.scorers import history, spc
 from lotflow.scorers.history import ChartView
 from lotflow.scorers.learner import PatternKey
 from lotflow.verification.explain import Describe, signed
-from lotflow.verification.node import SPOT_CHECK, NodeConfig, Reason, Route, Severity, SoftEnvelope, Verdict
+from lotflow.verification.node import SPOT_CHECK, NodeConfig, Reason, Route, Severity, SoftEnvelope, Verdict, graded
 from lotflow.verification.queues import ReasonClass, route
 from lotflow.verification.units import IncompatibleUnits, conversion_factor, property_factor
 
@@ -35,11 +37,12 @@ __all__ = [
     "merge_coa",
     "missing_documents",
     "node_config",
-    "pattern_key",
+    "pattern_keys",
     "pattern_of",
     "pattern_text",
     "recommendation",
     "revise_po",
+    "spc_pattern_keys",
 ]
 
 Record = dict[str, Any]
@@ -59,6 +62,16 @@ ATYPICAL_Z = 3.5
 # rule 1 alone left the CUSUMs running missed 20 slow vendor drifts instead of 1 (recall 96.8 %
 # against 98.6 %). The average run lengths above were measured without rule 1.
 REF_Z_FREE = 3.0  # a value this far from its chart's reference is ordinary scatter
+# On a control-chart signal, a value of the lot further than this from its chart's reference is a
+# pattern people must have accepted (``spc_pattern_keys``): below 4 sigma of the truth (a fault)
+# while the reference sigma overstates it up to 1.6 x.
+SPC_FREE_Z = 2.5
+# The process level: the mean z of a chart's last LEVEL_N values (this lot's included), once it has
+# LEVEL_MIN, counts when it is LEVEL_FREE reference sigma out and LEVEL_T standard errors of those
+# values from zero (a one-sample t statistic: the spread of a vendor whose variance jumped is not
+# a moved mean).
+LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
+_PATTERN_UNSAFE = re.compile(r"[|~/:]")  # separators of a pattern string, not in a property name
 JOINT_Z_FREE = 2.0  # and the lot's values together this far
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
                         charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE", "NELSON_3", "NELSON_1"}))
@@ -163,6 +176,7 @@ class CoaFact:
     chart: ChartView | None = None  # the vendor x material x property control chart
     ref_z: float | None = None  # distance from the chart's frozen reference window, in its sigma
     signals: list[spc.Signal] = field(default_factory=list)
+    level: float | None = None  # where the recent lots' mean moved, in reference sigma (None: it did not)
 
 
 @dataclass(slots=True)
@@ -228,11 +242,32 @@ def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]
         if chart is not None and value is not None and math.isfinite(value) and chart.frozen(CHART.reference_n):
             assert chart.reference is not None
             _, mean, std = history.stat_summary(chart.reference)
-            fact.ref_z = (value - mean) / max(std, 1e-9 * max(1.0, abs(mean)))
+            scale = max(std, 1e-9 * max(1.0, abs(mean)))
+            fact.ref_z = (value - mean) / scale
             if prop["min"] <= value <= prop["max"]:  # out of spec is a rule's, not a chart's
                 fact.signals = spc.scan(chart.reference, [*chart.values, value], CHART)
+                fact.level = process_level([(v - mean) / scale for v in chart.recent[-(LEVEL_N - 1):]], fact.ref_z)
         facts.append(fact)
     return facts
+
+
+def process_level(recent: Sequence[float], z: float) -> float | None:
+    """The mean of the recent standardized values and ``z`` (the newest) where it moved: at least
+    ``LEVEL_FREE`` out and ``LEVEL_T`` standard errors from zero; None otherwise.
+
+    >>> round(process_level([2.1, 2.4, 1.9, 2.6], 2.2), 2)
+    2.24
+    >>> process_level([3.0, -2.5, 2.8, -3.1], 2.9) is None  # spread, not a level
+    True
+    """
+    zs = [v for v in (*recent, z) if math.isfinite(v)]
+    if len(zs) < LEVEL_MIN:
+        return None
+    level = statistics.fmean(zs)
+    spread = statistics.stdev(zs)
+    if abs(level) < LEVEL_FREE or abs(level) * math.sqrt(len(zs)) < LEVEL_T * spread:
+        return None
+    return level
 
 
 def derive(receipt: Record, po: Record | None, received: Mapping[str, float], coas: Mapping[str, CoaLot],
@@ -485,10 +520,11 @@ ROUTES: dict[str, Route] = {
 # here where the model weighs them.
 SOFT_REASONS: dict[str, SoftEnvelope] = {
     "QUANTITY_OVER": SoftEnvelope("over-delivery up to 5 % of the ordered quantity", "deviation_pct", 5.0,
-                                  band=1.0),
-    "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0, band=5.0),
-    "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)",
-                               band=1.0, band_by="z"),
+                                  graded_by="deviation_pct"),
+    "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0,
+                                  graded_by="deviation_pct"),
+    # graded per property of the lot (``spc_pattern_keys``)
+    "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)"),
     "COA_ATYPICAL": SoftEnvelope("an in-spec CoA value atypical for the vendor (INFO: weighed by the model)"),
     "UNIT_CONVERTED": SoftEnvelope("a receipt line in another unit, converted (INFO)"),
     "VENDOR_TREND": SoftEnvelope("a vendor whose recent receipts failed rules more often (INFO)"),
@@ -506,23 +542,46 @@ def identity(ctx: ReceivingContext) -> tuple[str, str]:
     return ctx.receipt["receipt_id"], ctx.receipt["vendor_id"]
 
 
-def pattern_key(ctx: ReceivingContext, reason: Reason) -> PatternKey:
-    """Vendor x material x reason (and its band, e.g. ``QUANTITY_OVER@3`` for 3-4 % over): what
-    people's decisions on a soft reason are counted by."""
+def pattern_keys(ctx: ReceivingContext, reason: Reason) -> list[PatternKey]:
+    """Vendor x material x reason, with its size where it is graded (``QUANTITY_OVER~3.40`` for
+    3.4 % over): what people's decisions on a soft reason are counted by. A control-chart signal
+    stands for the lot's values as a whole: one pattern per property that stands out
+    (``spc_pattern_keys``)."""
+    if reason.code == "SPC_SIGNAL":
+        keys = spc_pattern_keys(ctx)
+        if keys:
+            return keys
     envelope = SOFT_REASONS.get(reason.code)
-    if envelope is None:
-        return ctx.receipt["vendor_id"], _material_of(ctx, reason), reason.code
-    # A CoA signal is banded by the receipt's most extreme CoA value: a 2-sigma signal on a receipt
-    # whose other value stands 8 sigma from the vendor's history is not the pattern people accepted.
-    at_least = _most_extreme_z(ctx) if envelope.band_by == "z" else 0.0
-    return ctx.receipt["vendor_id"], _material_of(ctx, reason), envelope.pattern(reason, at_least)
+    pattern = envelope.pattern(reason) if envelope is not None else reason.code
+    return [(ctx.receipt["vendor_id"], _material_of(ctx, reason), pattern)]
 
 
-def _most_extreme_z(ctx: ReceivingContext) -> float:
-    """The largest distance of any CoA value of the receipt, from the vendor's history or its
-    chart's reference window, in their sigma."""
-    return max((abs(z) for f in ctx.lines for c in f.coa_facts for z in (c.z, c.ref_z)
-                if z is not None and math.isfinite(z)), default=0.0)
+def spc_pattern_keys(ctx: ReceivingContext) -> list[PatternKey]:
+    """The graded patterns of a receipt's CoA values on a control-chart signal, per vendor x
+    material x property: ``SPC_SIGNAL:<property>~<|z|>`` for each value that signals or stands
+    more than ``SPC_FREE_Z`` reference sigma out, and ``SPC_LEVEL:<property>~<|level|>`` where the
+    recent lots' mean has moved (``CoaFact.level``). Per property, because each chart's reference
+    sigma errs its own way (0.6-1.5 x the truth from 50 heavy-tailed lots): one band pooled over
+    a lot's properties mixed good and bad lots. The level, because a drifting process makes every
+    lot bad whatever its own value, and lots accepted early in the drift would clear the later
+    ones. A re-baselined chart's patterns are new ones (``/<epoch>``)."""
+    sizes: dict[tuple[str, str], float] = {}
+    for f in ctx.lines:
+        material = f.line["material_id"]
+        for c in f.coa_facts:
+            if c.ref_z is None or not math.isfinite(c.ref_z):
+                continue
+            prop = _PATTERN_UNSAFE.sub("_", c.prop)
+            suffix = f"/{c.chart.epoch}" if c.chart is not None and c.chart.epoch else ""
+            points = []
+            if c.signals or abs(c.ref_z) > SPC_FREE_Z:
+                points.append((f"SPC_SIGNAL:{prop}{suffix}", abs(c.ref_z)))
+            if c.level is not None:
+                points.append((f"SPC_LEVEL:{prop}{suffix}", abs(c.level)))
+            for code, size in points:
+                sizes[(material, code)] = max(sizes.get((material, code), 0.0), size)
+    vendor = ctx.receipt["vendor_id"]
+    return [(vendor, material, graded(code, size)) for (material, code), size in sizes.items()]
 
 
 def features(ctx: ReceivingContext, reasons: Sequence[Reason]) -> dict[str, float]:

@@ -3,15 +3,19 @@ identical replicas and checkpoints, and the processor acting on what was learnt.
 
 from __future__ import annotations
 
+import collections
 import math
 import pickle
 import random
+import statistics
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from lotflow.scorers.learner import Label, Learner, LearnerConfig, spot_check_draw
+from lotflow.scorers import spc
+from lotflow.scorers.history import ChartView
+from lotflow.scorers.learner import Label, Learner, LearnerConfig, split_grade, spot_check_draw
 from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.learning import Checkpoint
@@ -88,29 +92,118 @@ def test_a_pattern_is_cleared_by_consistent_accepts_and_closed_by_a_reject() -> 
     assert features["pattern_accept_share"] == pytest.approx((3 + 1) / (5 + 2))
 
 
-def test_a_control_chart_signal_is_banded_by_the_receipts_most_extreme_coa_value() -> None:
-    def fact(z: float | None, ref_z: float | None = None) -> rules.CoaFact:
-        return rules.CoaFact("purity", 99.0, 98.0, 100.0, z, (60, 99.0, 0.1), ref_z=ref_z)
+def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
+    signalled = [spc.Signal("NELSON_1", "far", {})]
 
-    def context(*facts: rules.CoaFact) -> Any:
-        line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=list(facts))
-        return SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
+    def fact(prop: str, ref_z: float | None, *, signal: bool = False, level: float | None = None,
+             epoch: int = 0) -> rules.CoaFact:
+        chart = ChartView(epoch, (60, 99.0, 0.01), [])
+        return rules.CoaFact(prop, 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=ref_z,
+                             signals=signalled if signal else [], level=level)
 
-    signal = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="2.4")
-    assert rules.pattern_key(context(fact(2.4, 2.6)), signal) == ("V1", "M1", "SPC_SIGNAL@2")
-    # another value of the receipt stands 8 sigma out (from the history, or from the chart's reference)
-    assert rules.pattern_key(context(fact(2.4), fact(-8.3)), signal) == ("V1", "M1", "SPC_SIGNAL@8")
-    assert rules.pattern_key(context(fact(2.4), fact(1.0, 5.2)), signal) == ("V1", "M1", "SPC_SIGNAL@5")
-    assert rules.pattern_key(context(fact(None), fact(math.nan, math.inf)), signal) == ("V1", "M1", "SPC_SIGNAL@2")
-    # bounded: a reference of identical values puts z near 1e9
-    assert rules.pattern_key(context(fact(2.4, 3e9)), signal) == ("V1", "M1", "SPC_SIGNAL@20")
-    far = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="1e12")
-    assert rules.pattern_key(context(fact(2.4)), far) == ("V1", "M1", "SPC_SIGNAL@20")
-    unreadable = _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="nan")
-    assert rules.pattern_key(context(fact(2.4)), unreadable) == ("V1", "M1", "SPC_SIGNAL")
-    # an over-delivery is banded by its own size only
+    def keys(*facts: rules.CoaFact, material: str = "M1", more: tuple[rules.CoaFact, ...] = ()) -> list[Any]:
+        lines = [SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": material},
+                                 coa_facts=list(facts))]
+        if more:
+            lines.append(SimpleNamespace(line={"vendor_lot": "L-2", "po_line": 2, "material_id": material},
+                                         coa_facts=list(more)))
+        ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=lines)
+        return rules.pattern_keys(ctx, _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="2.4"))
+
+    # the signalled value, and only those others that stand out (beyond SPC_FREE_Z)
+    assert keys(fact("purity", 2.6, signal=True), fact("water", -1.0)) == [("V1", "M1", "SPC_SIGNAL:purity~2.60")]
+    assert keys(fact("purity", 0.4, signal=True), fact("water", -3.1)) == [
+        ("V1", "M1", "SPC_SIGNAL:purity~0.40"), ("V1", "M1", "SPC_SIGNAL:water~3.10")]
+    # a moved process level is a pattern of its own
+    assert keys(fact("purity", 1.2, signal=True, level=-2.4)) == [
+        ("V1", "M1", "SPC_SIGNAL:purity~1.20"), ("V1", "M1", "SPC_LEVEL:purity~2.40")]
+    # two lots of one material: the farther value; a re-baselined chart: a pattern of its own
+    assert keys(fact("purity", 2.6, signal=True), more=(fact("purity", 4.0),)) == [
+        ("V1", "M1", "SPC_SIGNAL:purity~4.00")]
+    assert keys(fact("purity", 2.6, signal=True, epoch=1234)) == [("V1", "M1", "SPC_SIGNAL:purity/1234~2.60")]
+    # bounded (a reference of identical values puts z near 1e9); separators in a name made harmless
+    assert keys(fact("a|b~c", 3e9, signal=True)) == [("V1", "M1", "SPC_SIGNAL:a_b_c~99.00")]
+    # no value to grade by: the reason's own pattern
+    assert keys(fact("purity", None), fact("water", math.nan)) == [("V1", "M1", "SPC_SIGNAL")]
+    # an over-delivery is graded by its own size only
     over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
-    assert rules.pattern_key(context(fact(9.0)), over) == ("V1", "M1", "QUANTITY_OVER@3")
+    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[SimpleNamespace(
+        line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[fact("purity", 9.0)])])
+    assert rules.pattern_keys(ctx, over) == [("V1", "M1", "QUANTITY_OVER~3.50")]
+    assert rules.pattern_keys(ctx, _reason("QUANTITY_OVER", deviation_pct="nan")) == [("V1", "M1", "QUANTITY_OVER")]
+
+
+def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_rejected_smaller() -> None:
+    learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=6))
+
+    def teach(n: int, size: float, good: bool) -> None:
+        learner.learn(Label(f"d{n}", "V1", "M1", (f"M1|QUANTITY_OVER~{size:.2f}",), {"n_soft": 1.0}, good, 0.5), n)
+
+    def cleared(size: float) -> bool:
+        return learner.accepted(("V1", "M1", f"QUANTITY_OVER~{size:.2f}"))
+
+    teach(0, 3.8, True)
+    assert not cleared(3.0)
+    teach(1, 3.5, True)
+    assert cleared(3.0) and cleared(3.5) and not cleared(3.6) and not cleared(4.2)
+    assert not learner.accepted(("V1", "M1", "PRICE_ANOMALY~3.00"))  # another reason: another pattern
+    teach(2, 3.9, True)
+    assert cleared(3.6) and not cleared(3.85)
+    teach(3, 4.5, False)  # a reject larger than the size says nothing about it
+    assert cleared(3.6)
+    teach(4, 2.5, False)  # a reject as small asks one more accept; two rejects close it
+    assert cleared(3.0) and not cleared(3.6)
+    teach(5, 2.0, False)
+    assert not cleared(3.0) and cleared(1.9)
+    assert learner.pattern_features([("V1", "M1", "QUANTITY_OVER~3.00")])["pattern_accept_share"] == \
+        pytest.approx((3 + 1) / (3 + 2 + 2))
+    for n in range(6, 9):  # the window is the last graded_window decisions: old accepts age out
+        teach(n, 1.0, True)
+    assert not cleared(1.9) and cleared(1.0)
+    restored = Learner.from_bytes(learner.to_bytes())
+    assert restored.fingerprint() == learner.fingerprint() and restored.accepted(("V1", "M1", "QUANTITY_OVER~1.00"))
+
+
+def test_a_reject_is_charged_to_the_lots_values_beyond_what_people_accepted() -> None:
+    learner = Learner(LearnerConfig(graded_accepts=2))
+    near, far = "M1|SPC_SIGNAL:purity~2.70", "M1|SPC_SIGNAL:water~5.00"
+    learner.learn(Label("d0", "V1", "M1", (near,), {"n_soft": 1.0}, True, 0.5), 0)  # purity 2.7 accepted once
+    learner.learn(Label("d1", "V1", "M1", (near, far), {"n_soft": 1.0}, False, 0.5), 1)
+    assert learner.graded[("V1", "M1", "SPC_SIGNAL:purity")] == collections.deque([(2.7, True)])
+    assert learner.graded[("V1", "M1", "SPC_SIGNAL:water")] == collections.deque([(5.0, False)])
+    # neither open value beyond what people accepted: both charged
+    learner.learn(Label("d2", "V1", "M1", ("M1|SPC_SIGNAL:purity~2.60", "M1|SPC_SIGNAL:water~1.00"),
+                        {"n_soft": 1.0}, True, 0.5), 2)
+    learner.learn(Label("d3", "V1", "M1", ("M1|SPC_SIGNAL:purity~2.65", "M1|SPC_SIGNAL:water~0.50"),
+                        {"n_soft": 1.0}, False, 0.5), 3)
+    assert (2.65, False) in learner.graded[("V1", "M1", "SPC_SIGNAL:purity")]
+    assert (0.5, False) in learner.graded[("V1", "M1", "SPC_SIGNAL:water")]
+
+
+@pytest.mark.parametrize(("code", "name", "size"), [
+    ("QUANTITY_OVER~3.40", "QUANTITY_OVER", 3.4),
+    ("SPC_SIGNAL:purity/12~0.00", "SPC_SIGNAL:purity/12", 0.0),
+    ("QUANTITY_OVER@3", "QUANTITY_OVER@3", None),  # a band of an older release: a pattern of its own
+    ("QUANTITY_OVER~nan", "QUANTITY_OVER~nan", None),
+    ("QUANTITY_OVER~inf", "QUANTITY_OVER~inf", None),
+    ("QUANTITY_OVER~x", "QUANTITY_OVER~x", None),
+    ("~", "~", None),
+])
+def test_split_grade(code: str, name: str, size: float | None) -> None:
+    assert split_grade(("V", "M", code)) == (("V", "M", name), size)
+
+
+def test_the_process_level_is_a_moved_mean_not_a_wider_spread() -> None:
+    drift = [2.1, 2.4, 1.9, 2.6, 2.0, 2.3, 2.2, 2.5, 1.8]
+    assert rules.process_level(drift, 2.2) == pytest.approx(statistics.fmean([*drift, 2.2]))
+    assert rules.process_level([-v for v in drift], -2.2) == pytest.approx(-statistics.fmean([*drift, 2.2]))
+    rng = random.Random(3)
+    jumped = [rng.gauss(0.0, 3.0) for _ in range(2000)]  # a variance jump: wide, centred
+    levels = [rules.process_level(jumped[i:i + 9], jumped[i + 9]) for i in range(0, 1990)]
+    assert sum(level is not None for level in levels) / len(levels) < 0.02
+    assert rules.process_level([0.1, -0.2, 0.3, 0.0, 0.2], 0.1) is None  # in control
+    assert rules.process_level([2.0, 2.0, 2.0], 2.0) is None  # too few values to say
+    assert rules.process_level([2.0, math.nan, 2.0, math.inf, 2.0, 2.0], 2.0) == 2.0  # unreadable ones skipped
 
 
 def test_a_reject_a_hard_reason_explains_does_not_close_the_soft_pattern() -> None:
@@ -228,27 +321,29 @@ def _labels(run: Run) -> list[dict[str, Any]]:
 
 
 def test_accepted_soft_deviations_are_then_verified_and_a_reject_sends_them_back() -> None:
-    run = Run()
+    run = Run(settings=Settings(document_wait_s=10, spot_check_share=0.0, soft_graded_accepts=3))
     learner = run.proc.node.learner
     for n in range(3):
-        exception = _over_receipt(run, n)
+        exception = _over_receipt(run, n, quantity=1035.0)
         assert exception["decision"] == "EXCEPTION" and exception["prior_decision"] == "EXCEPTION"
         assert [r["code"] for r in exception["reasons"]] == ["QUANTITY_OVER"]
         run.handle(DECISION(100 + n, exception["id"], role="receiving", po=f"PO-{n}"))
         [label] = _labels(run)[-1:]
-        assert label["good"] and label["soft_codes"] == ["MAT-1|QUANTITY_OVER@3"] and label["vendor_id"] == "V-1"
+        assert label["good"] and label["soft_codes"] == ["MAT-1|QUANTITY_OVER~3.50"] and label["vendor_id"] == "V-1"
         assert label["features"] == exception["features"]  # learnt on what it was scored with
         learner.learn(Label.from_record(label), n)  # what the worker's label feed does
-    verified = _over_receipt(run, 3)
+    verified = _over_receipt(run, 3, quantity=1035.0)
     assert verified["decision"] == "VERIFIED" and verified["prior_decision"] == "EXCEPTION"
     assert verified["model_version"].endswith("/L3/C0")
-    assert _over_receipt(run, 4, quantity=1035.0)["decision"] == "VERIFIED"
+    assert _over_receipt(run, 4, quantity=1030.0)["decision"] == "VERIFIED"  # less over than people accepted
+    assert _over_receipt(run, 5, quantity=1040.0)["decision"] == "EXCEPTION"  # more: not what they accepted
     # beyond the envelope it is hard: never verified, whatever people accepted
-    assert _over_receipt(run, 5, quantity=1070.0)["decision"] == "EXCEPTION"
-    # people reject the 3-4 % band twice (one reject in ten is tolerated): the next goes to people again
+    assert _over_receipt(run, 6, quantity=1070.0)["decision"] == "EXCEPTION"
+    # people reject 3 % over twice (one reject in the window is tolerated): 3 % goes to people again
     for offset in (10, 11):
-        learner.learn(Label(f"D-{offset}", "V-1", "MAT-1", ("QUANTITY_OVER@3",), {"n_soft": 1.0}, False, 0.95), offset)
-    assert _over_receipt(run, 6)["decision"] == "EXCEPTION"
+        learner.learn(Label(f"D-{offset}", "V-1", "MAT-1", ("QUANTITY_OVER~3.00",), {"n_soft": 1.0}, False, 0.95),
+                      offset)
+    assert _over_receipt(run, 7, quantity=1030.0)["decision"] == "EXCEPTION"
 
 
 def test_a_reassignment_teaches_nothing_and_a_spot_check_proceeds() -> None:
@@ -404,4 +499,4 @@ def test_a_label_counts_each_soft_reason_for_its_own_material() -> None:
     assert learner.accepted(("V1", "MAT-2", "QUANTITY_OVER@3"))
     assert not learner.accepted(("V1", "MAT-1", "QUANTITY_OVER@3"))
     ctx_reason = Reason("QUANTITY_OVER", "", Severity.BLOCK, {"po_line": "2", "deviation_pct": "3.5"})
-    assert rules.SOFT_REASONS["QUANTITY_OVER"].pattern(ctx_reason) == "QUANTITY_OVER@3"
+    assert rules.SOFT_REASONS["QUANTITY_OVER"].pattern(ctx_reason) == "QUANTITY_OVER~3.50"

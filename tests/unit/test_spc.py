@@ -171,6 +171,8 @@ def test_a_pooled_chart_takes_the_newest_values_of_every_partition_in_time_order
     # a signal at time 30 hides everything up to it; a newer baseline hides the old epoch
     right["r"] = 30
     assert chart_view([left, right]).values == [value for t, value in points if t > 30]
+    # (the process level looks past signals: the newest values whatever they signalled)
+    assert chart_view([left, right]).recent == [value for _, value in points[-CHART_WINDOW:]]
     rebased = rebaseline_chart(35)
     assert chart_view([left, right, rebased]).reference is None
     # one lot's value goes into the reference window until it is frozen, then onto the chart
