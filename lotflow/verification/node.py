@@ -256,7 +256,8 @@ class VerificationNode(Generic[Context]):
                                   {"vendor_id": vendor, "error_before": f"{drift.error_before:.4g}",
                                    "error_after": f"{drift.error_after:.4g}",
                                    "detected_at_label": str(drift.detected_at_label)}))
-        confidence = learner.confidence(x)
+        # held by a soft reason people had not cleared: whatever the score, and calibrated as such
+        confidence = learner.confidence(x, held_open=bool(soft) and not cleared and not hard)
         verdict = decide(self.config, confidence, reasons, soft_cleared=cleared)
         prior = decide(self.config, 1.0 / (1.0 + math.exp(-prior_logit)), reasons)
         evaluation = Evaluation(tuple(reasons), x, verdict, learner.version, prior_decision=prior.decision,

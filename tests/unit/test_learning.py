@@ -392,15 +392,20 @@ def _purity_receipt(run: Run, n: int, purity: float) -> dict[str, Any]:
     return decision
 
 
-def test_exceptions_a_soft_rule_held_teach_the_model_but_not_the_calibration() -> None:
-    learner = Learner(LearnerConfig(min_calibration_labels=10))
+def test_exceptions_a_soft_rule_held_teach_the_model_and_a_calibration_map_of_their_own() -> None:
+    learner = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, min_group_points=40))  # fixed scores
+    held = {"n_soft": 1.0, "prior_logit": 4.2}
     for i in range(40):  # faulty over-deliveries at a high score: a rule held them, whatever the score
-        learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), {"n_soft": 1.0}, False, 0.95, by_rule=True), i)
+        learner.learn(Label(f"D-{i}", "V1", "M1", ("QUANTITY_OVER",), held, i % 4 == 0, 0.95, by_rule=True), i)
     assert len(learner.calibrator) == len(learner.soft_calibrator) == 0 and learner.n_labels == 40
+    assert len(learner.open_calibrator) == 40
     for i in range(40, 60):  # where the confidence decided: spot checks, all good
         learner.learn(Label(f"D-{i}", "V2", "M1", (), {"prior_logit": 4.2}, True, 0.97, spot_check=True), i)
     assert len(learner.calibrator) == 20
     assert learner.calibrate(learner.raw_score({"prior_logit": 4.2})) == pytest.approx(1.0)
+    # the same score on a receipt such a rule holds: what people decided on those (1 in 4 good)
+    assert learner.confidence(held, held_open=True) == pytest.approx(0.25)
+    assert Learner.from_bytes(learner.to_bytes()).confidence(held, held_open=True) == pytest.approx(0.25)
     # receipts a hard reason held, at low scores: mostly bad, and points of the calibration
     hard = {"n_block": 1.0, "prior_logit": -1.0}
     for i in range(60, 80):
