@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,11 +260,14 @@ def process_level(recent: Sequence[float], z: float) -> float | None:
     True
     """
     zs = [v for v in (*recent, z) if math.isfinite(v)]
-    if len(zs) < LEVEL_MIN:
+    n = len(zs)
+    if n < LEVEL_MIN:
         return None
-    level = statistics.fmean(zs)
-    spread = statistics.stdev(zs)
-    if abs(level) < LEVEL_FREE or abs(level) * math.sqrt(len(zs)) < LEVEL_T * spread:
+    level = math.fsum(zs) / n  # plain sums: ``statistics`` cost ~30 us per CoA value on the hot path
+    if abs(level) < LEVEL_FREE:
+        return None
+    spread = math.sqrt(max(0.0, math.fsum((v - level) ** 2 for v in zs) / (n - 1)))
+    if abs(level) * math.sqrt(n) < LEVEL_T * spread:
         return None
     return level
 
