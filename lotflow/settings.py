@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     spot_check_share: float = Field(default=0.02, ge=0, le=1, description="share of would-be-verified receipts "
                                                                         "sent to a person as SPOT_CHECK")
     soft_accepts_needed: int = Field(default=3, ge=1, description="consistent accepts of a vendor x material x "
-                                                                  "soft reason before the model may verify it")
+                                                                  "soft reason without a size before the model may "
+                                                                  "verify it")
     soft_graded_accepts: int = Field(default=2, ge=1, description="accepts at least as large before a size of a "
                                      "graded soft reason (an over-delivery of 3.4 %) may be verified, plus one per "
                                      "reject at most as large")

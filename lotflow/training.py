@@ -9,9 +9,11 @@ Two sources of history:
   this cluster: its features (columns named like the feature keys; a missing or empty value is an
   absent feature), ``vendor_id``, ``material_id``, ``soft_codes`` (``;``-separated), ``good``
   (0/1 or true/false), ``confidence`` (optional: what the prior said; computed from the prior when
-  absent) and ``spot_check`` (optional). ``subject_id``, ``decision``, ``fault`` and ``benign`` are
-  carried along and ignored. Rows are learnt in file order at offsets ... -2, -1, so the learner's
-  ``labels_offset`` stays -1: workers replay the whole labels topic on top of it.
+  absent), ``spot_check`` and ``by_rule`` (optional: a rule held the receipt whatever its
+  confidence, as on a label; such a row without a hard reason calibrates its own map).
+  ``subject_id``, ``decision``, ``fault`` and ``benign`` are carried along and ignored. Rows are
+  learnt in file order at offsets ... -2, -1, so the learner's ``labels_offset`` stays -1: workers
+  replay the whole labels topic on top of it.
 
 The last ``--holdout`` share of the history (default 20 % of a file, none of the labels table: its
 held-out labels are replayed by workers anyway) is not learnt: the calibrated confidence of the
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lotflow.scorers.calibration import Bin, expected_calibration_error, reliability
-from lotflow.scorers.learner import Label, Learner, LearnerConfig
+from lotflow.scorers.learner import Label, Learner, LearnerConfig, hard_reasons
 from lotflow.settings import Settings
 
 __all__ = [
@@ -53,7 +55,7 @@ __all__ = [
 
 Say = Callable[[str], None]
 REQUIRED = ("vendor_id", "material_id", "good")
-OPTIONAL = ("soft_codes", "confidence", "spot_check")
+OPTIONAL = ("soft_codes", "confidence", "spot_check", "by_rule")
 IGNORED = ("subject_id", "decision", "fault", "benign", "label_id")  # carried along, never features
 NOT_FEATURES = frozenset((*REQUIRED, *OPTIONAL, *IGNORED))
 SAMPLE_START_MS = 1_735_689_600_000  # 2025-01-01: fixed, so a sample is the same for the same seed
@@ -75,6 +77,7 @@ class HistoryRow:
     confidence: float | None = None  # the prior's (None: computed from the prior when learnt)
     spot_check: bool = False
     subject_id: str = ""
+    by_rule: bool = False  # a rule held it whatever the confidence (as ``Label.by_rule``)
 
 
 def _is_empty(value: Any) -> bool:
@@ -120,12 +123,14 @@ def row_from_record(record: Mapping[str, Any], where: str) -> HistoryRow:
                 if name not in NOT_FEATURES and not _is_empty(value)}
     confidence = record.get("confidence")
     spot = record.get("spot_check")
+    by_rule = record.get("by_rule")
     return HistoryRow(
         vendor_id=str(record["vendor_id"]), material_id=str(record["material_id"]), soft_codes=soft,
         features=features, good=_bool(record["good"], "good", where),
         confidence=None if _is_empty(confidence) else _float(confidence, "confidence", where),
         spot_check=False if _is_empty(spot) else _bool(spot, "spot_check", where),
         subject_id="" if _is_empty(record.get("subject_id")) else str(record["subject_id"]),
+        by_rule=False if _is_empty(by_rule) else _bool(by_rule, "by_rule", where),
     )
 
 
@@ -160,7 +165,7 @@ def read_history(path: Path) -> list[HistoryRow]:
 
 
 def _columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    first = ["subject_id", "vendor_id", "material_id", "soft_codes", "good", "confidence", "spot_check",
+    first = ["subject_id", "vendor_id", "material_id", "soft_codes", "good", "confidence", "spot_check", "by_rule",
              "decision", "fault", "benign"]
     present = {name for record in records for name in record}
     return [c for c in first if c in present] + sorted(present - set(first))
@@ -186,7 +191,7 @@ def write_history(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     import pyarrow.parquet as pq
 
     strings = {"subject_id", "vendor_id", "material_id", "soft_codes", "decision", "fault", "benign"}
-    schema = pa.schema([(c, pa.string() if c in strings else pa.bool_() if c in ("good", "spot_check")
+    schema = pa.schema([(c, pa.string() if c in strings else pa.bool_() if c in ("good", "spot_check", "by_rule")
                          else pa.float64()) for c in columns])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
@@ -216,10 +221,11 @@ class TrainResult:
                 "fingerprint": learner.fingerprint()}
 
 
-def confidence_of(learner: Learner, features: Mapping[str, float]) -> float:
-    """What the learner says about these features: the calibrated blended score (as a node scores)."""
+def confidence_of(learner: Learner, features: Mapping[str, float], by_rule: bool = False) -> float:
+    """What the learner says about these features: the calibrated blended score (as a node scores;
+    ``by_rule``: a rule held the receipt, and with no hard reason that is a soft one not cleared)."""
     x = {k: float(v) for k, v in features.items() if math.isfinite(v)}
-    return learner.confidence(x)
+    return learner.confidence(x, held_open=by_rule and hard_reasons(x) == 0)
 
 
 def _with_prior_logit(learner: Learner, features: Mapping[str, float]) -> dict[str, float]:
@@ -234,7 +240,7 @@ def label_of(learner: Learner, row: HistoryRow, index: int) -> Label:
     x = _with_prior_logit(learner, row.features)
     confidence = row.confidence if row.confidence is not None else learner.prior_score(x)
     return Label(row.subject_id or f"history:{index}", row.vendor_id, row.material_id, row.soft_codes, x, row.good,
-                 confidence, row.spot_check)
+                 confidence, row.spot_check, row.by_rule)
 
 
 def _split(n: int, holdout: float) -> int:
@@ -248,7 +254,7 @@ def _evaluate(result: TrainResult, held: Sequence[Label]) -> TrainResult:
     if not held:
         return result
     learner = result.learner
-    confidences = [confidence_of(learner, label.features) for label in held]
+    confidences = [confidence_of(learner, label.features, label.by_rule) for label in held]
     outcomes = [label.good for label in held]
     result.ece = expected_calibration_error(confidences, outcomes)
     result.brier = sum((c - float(g)) ** 2 for c, g in zip(confidences, outcomes, strict=True)) / len(held)
@@ -419,7 +425,8 @@ def sample_records(settings: Settings, count: int, seed: int = 7, faults: str = 
         summary.rows += 1
         out.append({"subject_id": record["subject_id"], "vendor_id": record["vendor_id"], "material_id": material,
                     "soft_codes": ";".join(evaluation.soft_codes), "good": good,
-                    "confidence": float(record["confidence"]), "spot_check": False, "decision": record["decision"],
+                    "confidence": float(record["confidence"]), "spot_check": False, "by_rule": evaluation.by_rule,
+                    "decision": record["decision"],
                     "fault": truth["fault"], "benign": truth["benign"], **evaluation.features})
 
     processor = ReceivingProcessor(settings, source, DictState(encoded=True), DictState(), specs,

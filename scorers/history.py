@@ -229,7 +229,7 @@ class ChartView:
     epoch: int  # the baseline in force: lots before it do not count
     reference: Stat | None  # the reference window's statistics (of this epoch)
     values: list[float]  # since the last signal and the baseline, oldest first, at most CHART_WINDOW
-    recent: list[float] = field(default_factory=list)  # the same, signals or not: the process level
+    recent: list[float] = field(default_factory=list)  # the same, signals or not (the process level)
 
     def frozen(self, reference_n: int) -> bool:
         return self.reference is not None and self.reference[0] >= reference_n

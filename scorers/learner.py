@@ -19,14 +19,15 @@ Design (argued):
   ``pattern_labels_log``). One model learns how much a consistent acceptance is worth, and the
   counts themselves decide the gate below.
 * **The gate.** A soft reason (``lotflow.verification.receiving.SOFT_REASONS``) may be verified
-  only once people have accepted that vendor x material x reason ``accepts_needed`` times with at
-  most ``max_rejects`` reject among its last ``pattern_window`` decisions, *and* the calibrated
+  only once people have cleared that vendor x material x reason — one without a size: accepted
+  ``accepts_needed`` times with at most ``max_rejects`` reject among its last ``pattern_window``
+  decisions; a graded one: below — *and* the calibrated
   confidence passes the node's threshold, *and* the vendor is not tightened by drift. An accept
   counts for every soft pattern of the receipt; a reject is explained away where it can be
   (``_taught``): by a hard reason (a receipt rejected for its missing CoA teaches nothing about
   its over-delivery), else by the soft patterns not yet cleared.
 * **Graded patterns.** Where a reason has a size (an over-delivery of 3.4 %, a CoA value 3.7
-  sigma from its chart's reference) the pattern carries it, ``QUANTITY_OVER~3.4``, and people's
+  sigma from its chart's reference) the pattern carries it, ``QUANTITY_OVER~3.40``, and people's
   decisions are kept with their sizes (the last ``graded_window``). A size is cleared when people
   accepted ``graded_accepts`` at least as large, one more per reject at most as large, and those
   rejects are at most ``max_rejects``: what a correct reviewer decides grows worse with the size
@@ -74,7 +75,7 @@ from lotflow.scorers.calibration import (
 from lotflow.scorers.model import OnlineConfidence
 
 __all__ = ["GRADE", "HARD_REASON_FEATURES", "SOFT_REASON_FEATURE", "DriftState", "Label", "Learner", "LearnerConfig",
-           "PatternKey", "Quality", "hard_reasons", "is_soft", "split_grade", "spot_check_draw"]
+           "PatternKey", "Quality", "hard_reasons", "is_soft", "largest_sizes", "split_grade", "spot_check_draw"]
 
 Features = dict[str, float]
 PatternKey = tuple[str, str, str]  # vendor, material, reason code (graded: "<code>~<size>")
@@ -199,6 +200,25 @@ def split_grade(key: PatternKey) -> tuple[PatternKey, float | None]:
     return (key[0], key[1], code), value
 
 
+def largest_sizes(keys: Iterable[PatternKey]) -> list[PatternKey]:
+    """The keys with each graded pattern once, at its largest size (first-seen order).
+
+    Clearing is monotone (a cleared size clears every smaller one), so the gate is the same; and
+    one decision is one point of the pattern, however many lines of the receipt carried it.
+
+    >>> largest_sizes([("V", "M", "Q~3.50"), ("V", "M", "X"), ("V", "M", "Q~4.20"), ("V", "M", "Q~1.00")])
+    [('V', 'M', 'Q~4.20'), ('V', 'M', 'X')]
+    """
+    best: dict[tuple[bool, PatternKey], tuple[float, PatternKey]] = {}  # (graded?, name): (size, key)
+    for key in keys:
+        name, size = split_grade(key)
+        if size is None:
+            best.setdefault((False, key), (math.inf, key))
+        elif (True, name) not in best or size > best[(True, name)][0]:
+            best[(True, name)] = (size, key)
+    return [key for _, key in best.values()]
+
+
 def spot_check_draw(subject_id: str) -> float:
     """A uniform number in [0, 1) fixed by the subject id: the same receipt is always drawn alike."""
     digest = hashlib.blake2b(subject_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -260,12 +280,12 @@ class Learner:
     def calibrate(self, raw: float, soft: bool = False, held_open: bool = False) -> float:
         """The calibrated confidence of a raw score (the raw score until the calibration starts).
 
-        Receipts scored with a soft reason and receipts without one have maps of their own (a
-        Mondrian split; one people had not cleared holds its receipt whatever the map says): in one
-        map their raw scores interleave at the top, and it showed 0.96-0.97 for both while all of
-        the clean-by-every-rule receipts and 89-94 % of the cleared ones were good (learning run 8).
-        Receipts held by a soft reason people had not cleared have a third (see the module doc).
-        The soft and the open map are each used once they have ``min_group_points`` points.
+        Three maps (a Mondrian split, ``_map_of``): receipts scored with no soft reason; with one
+        people had cleared or a hard reason held as well (in one map with the first their raw scores
+        interleave at the top, and it showed 0.96-0.97 for both while all of the clean-by-every-rule
+        receipts and 89-94 % of the cleared ones were good, learning run 8); and held by a soft
+        reason people had not cleared (``held_open``, see the module doc). The second and third
+        maps are each used once they have ``min_group_points`` points.
 
         The map is fitted on people's labels, and a share ``label_error_rate`` of them is wrong
         either way: where a fraction p of receipts is good, a fraction p (1 - 2e) + e of labels
@@ -305,7 +325,9 @@ class Learner:
                    self.labels_offset + 1)
 
     def accepted(self, key: PatternKey) -> bool:
-        """People accepted this pattern consistently: enough accepts, at most ``max_rejects`` among the recent."""
+        """People cleared this pattern: one without a size, enough accepts and at most ``max_rejects``
+        among its recent decisions; a graded size, ``graded_accepts`` accepts at least as large plus one per
+        reject at most as large, and at most ``max_rejects`` of those (module doc)."""
         name, size = split_grade(key)
         if size is not None:
             accepted, rejected = self._graded_counts(name, size)
@@ -399,6 +421,7 @@ class Learner:
         for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
             material, _, code = entry.rpartition("|")
             keys.append((label.vendor_id, material or label.material_id, code))
+        keys = largest_sizes(keys)  # one point per pattern and decision
         if label.good or not keys:
             return keys
         if hard_reasons(label.features) > 0:
@@ -471,7 +494,8 @@ class Learner:
         # (with the settings that change what the same labels give: a replica told another error rate
         # or group size shows another fingerprint)
         return (self.config.label_error_rate, self.config.min_group_points, self.config.graded_window,
-                self.config.graded_accepts,
+                self.config.graded_accepts, self.config.accepts_needed, self.config.max_rejects,
+                self.config.pattern_window,
                 self.labels_offset, self.n_labels, self.scorer.n_labels,
                 sorted(regression.weights.items()), regression.intercept,
                 self.calibrator._scores, self.calibrator._outcomes, self.calibrator._weights, self._calibrated,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
-from lotflow.scorers.learner import GRADE, HARD_REASON_FEATURES, SOFT_REASON_FEATURE, Learner, PatternKey
+from lotflow.scorers.learner import GRADE, HARD_REASON_FEATURES, SOFT_REASON_FEATURE, Learner, PatternKey, largest_sizes
 from lotflow.verification.explain import Contribution, Describe, explain
 
 __all__ = [
@@ -70,10 +70,15 @@ class Reason:
 MAX_GRADE = 99.0  # the largest size a graded pattern carries: this many units and beyond
 
 
-def graded(code: str, size: float) -> str:
+def graded(code: str, size: float, *, signed: bool = False) -> str:
     """The pattern of a reason of this size (``QUANTITY_OVER~3.40``), bounded (a reference of
-    identical values puts z near 1e9: one pattern for all of them, not one per distance)."""
-    return f"{code}{GRADE}{min(abs(size), MAX_GRADE):.2f}"
+    identical values puts z near 1e9: one pattern for all of them, not one per distance).
+    ``signed``: each direction is a pattern of its own (``PRICE_ANOMALY-~20.00``: an accepted
+    discount says nothing about an overcharge). Not a number: the bare code."""
+    if math.isnan(size):
+        return code
+    direction = ("-" if size < 0 else "+") if signed else ""
+    return f"{code}{direction}{GRADE}{min(abs(size), MAX_GRADE):.2f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +89,10 @@ class SoftEnvelope:
     evidence: str = ""
     limit: float = 0.0
     # People's decisions are kept with the size of ``|evidence[graded_by]|`` (empty: one pattern):
-    # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 % (``Learner`` graded patterns).
+    # a vendor allowed 4 % over is accepted at 3 % and rejected at 4.5 % (``Learner`` graded patterns);
+    # ``signed``: each sign of the value its own pattern.
     graded_by: str = ""
+    signed: bool = False
 
     def holds(self, reason: Reason) -> bool:
         if not self.evidence:
@@ -104,7 +111,7 @@ class SoftEnvelope:
             size = float(reason.evidence[self.graded_by])
         except (KeyError, ValueError):
             return reason.code
-        return graded(reason.code, size) if math.isfinite(size) else reason.code
+        return graded(reason.code, size, signed=self.signed) if math.isfinite(size) else reason.code
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +251,7 @@ class VerificationNode(Generic[Context]):
         x.update(zip(HARD_REASON_FEATURES, (block, float(len(hard)) - block), strict=True))
         if soft:
             x[SOFT_REASON_FEATURE] = float(len(soft))
-        keys = list(dict.fromkeys(key for r in soft for key in self.pattern_keys(context, r)))
+        keys = largest_sizes(key for r in soft for key in self.pattern_keys(context, r))
         x.update(learner.pattern_features(keys))
         prior_logit = max(-LOGIT_LIMIT, min(LOGIT_LIMIT, learner.scorer.prior.logit(x)))
         x["prior_logit"] = prior_logit

@@ -70,7 +70,7 @@ SPC_FREE_Z = 2.5
 # values from zero (a one-sample t statistic: the spread of a vendor whose variance jumped is not
 # a moved mean).
 LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
-_PATTERN_UNSAFE = re.compile(r"[|~/:]")  # separators of a pattern string, not in a property name
+_PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
 JOINT_Z_FREE = 2.0  # and the lot's values together this far
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
                         charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE", "NELSON_3", "NELSON_1"}))
@@ -256,17 +256,17 @@ def process_level(recent: Sequence[float], z: float) -> float | None:
 
     >>> round(process_level([2.1, 2.4, 1.9, 2.6], 2.2), 2)
     2.24
-    >>> process_level([3.0, -2.5, 2.8, -3.1], 2.9) is None  # spread, not a level
+    >>> process_level([3.0, 0.2, 3.1, 0.1], 2.9) is None  # 1.9 out, but within 3 standard errors
     True
     """
-    zs = [v for v in (*recent, z) if math.isfinite(v)]
+    zs = [max(-1e6, min(1e6, v)) for v in (*recent, z) if math.isfinite(v)]  # bounded: no overflow squaring
     n = len(zs)
     if n < LEVEL_MIN:
         return None
     level = math.fsum(zs) / n  # plain sums: ``statistics`` cost ~30 us per CoA value on the hot path
     if abs(level) < LEVEL_FREE:
         return None
-    spread = math.sqrt(max(0.0, math.fsum((v - level) ** 2 for v in zs) / (n - 1)))
+    spread = math.sqrt(max(0.0, math.fsum((v - level) * (v - level) for v in zs) / (n - 1)))
     if abs(level) * math.sqrt(n) < LEVEL_T * spread:
         return None
     return level
@@ -524,7 +524,7 @@ SOFT_REASONS: dict[str, SoftEnvelope] = {
     "QUANTITY_OVER": SoftEnvelope("over-delivery up to 5 % of the ordered quantity", "deviation_pct", 5.0,
                                   graded_by="deviation_pct"),
     "PRICE_ANOMALY": SoftEnvelope("a price deviation up to 25 % either way", "deviation_pct", 25.0,
-                                  graded_by="deviation_pct"),
+                                  graded_by="deviation_pct", signed=True),
     # graded per property of the lot (``spc_pattern_keys``)
     "SPC_SIGNAL": SoftEnvelope("an in-spec CoA value on a control-chart signal (mean shift, spread, run rule)"),
     "COA_ATYPICAL": SoftEnvelope("an in-spec CoA value atypical for the vendor (INFO: weighed by the model)"),
@@ -547,7 +547,7 @@ def identity(ctx: ReceivingContext) -> tuple[str, str]:
 def pattern_keys(ctx: ReceivingContext, reason: Reason) -> list[PatternKey]:
     """Vendor x material x reason, with its size where it is graded (``QUANTITY_OVER~3.40`` for
     3.4 % over): what people's decisions on a soft reason are counted by. A control-chart signal
-    stands for the lot's values as a whole: one pattern per property that stands out
+    stands for the receipt's CoA values as a whole: one pattern per property that stands out
     (``spc_pattern_keys``)."""
     if reason.code == "SPC_SIGNAL":
         keys = spc_pattern_keys(ctx)
@@ -562,7 +562,8 @@ def spc_pattern_keys(ctx: ReceivingContext) -> list[PatternKey]:
     """The graded patterns of a receipt's CoA values on a control-chart signal, per vendor x
     material x property: ``SPC_SIGNAL:<property>~<|z|>`` for each value that signals or stands
     more than ``SPC_FREE_Z`` reference sigma out, and ``SPC_LEVEL:<property>~<|level|>`` where the
-    recent lots' mean has moved (``CoaFact.level``). Per property, because each chart's reference
+    recent lots' mean has moved (``CoaFact.level``), over every lot of the receipt (the largest per
+    material and property). Per property, because each chart's reference
     sigma errs its own way (0.6-1.5 x the truth from 50 heavy-tailed lots): one band pooled over
     a lot's properties mixed good and bad lots. The level, because a drifting process makes every
     lot bad whatever its own value, and lots accepted early in the drift would clear the later
@@ -571,8 +572,8 @@ def spc_pattern_keys(ctx: ReceivingContext) -> list[PatternKey]:
     for f in ctx.lines:
         material = f.line["material_id"]
         for c in f.coa_facts:
-            if c.ref_z is None or not math.isfinite(c.ref_z):
-                continue
+            if c.ref_z is None or not math.isfinite(c.ref_z) or c.value is None or not c.low <= c.value <= c.high:
+                continue  # out of spec is a rule's: a waiver accepted for it clears no in-spec distance
             prop = _PATTERN_UNSAFE.sub("_", c.prop)
             suffix = f"/{c.chart.epoch}" if c.chart is not None and c.chart.epoch else ""
             points = []
@@ -686,7 +687,8 @@ DESCRIBE: Describe[ReceivingContext] = Describe({
     "prior_logit": lambda ctx, reasons, v: f"the documented prior's score (logit {v:+.1f})",
     "pattern_accept_share": lambda ctx, reasons, v: f"people accepted {100 * v:.0f} % of this vendor's similar "
                                                     "exceptions (smoothed)",
-    "pattern_labels_log": lambda ctx, reasons, v: f"{math.expm1(v):.0f} decisions by people on this pattern",
+    "pattern_labels_log": lambda ctx, reasons, v: f"{math.expm1(v):.0f} decisions by people on this pattern "
+                                                  "(of a size: as large accepted, as small rejected)",
     "coa_ref_z_excess": lambda ctx, reasons, v: f"a CoA value {v + REF_Z_FREE:.1f} \u03c3 from its control chart's "
                                                 "reference",
     "coa_joint_z_excess": lambda ctx, reasons, v: f"the lot's CoA values together {v + JOINT_Z_FREE:.1f} \u03c3 "

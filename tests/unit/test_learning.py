@@ -15,12 +15,12 @@ import pytest
 
 from lotflow.scorers import spc
 from lotflow.scorers.history import ChartView
-from lotflow.scorers.learner import Label, Learner, LearnerConfig, split_grade, spot_check_draw
+from lotflow.scorers.learner import Label, Learner, LearnerConfig, largest_sizes, split_grade, spot_check_draw
 from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.learning import Checkpoint
 from lotflow.verification import receiving as rules
-from lotflow.verification.node import Reason, Severity
+from lotflow.verification.node import Reason, Severity, graded
 
 from .receiving_fixtures import coa, po, receipt
 from .test_receiving_processor import DECISION, Run, event
@@ -123,8 +123,11 @@ def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
     assert keys(fact("purity", 2.6, signal=True, epoch=1234)) == [("V1", "M1", "SPC_SIGNAL:purity/1234~2.60")]
     # bounded (a reference of identical values puts z near 1e9); separators in a name made harmless
     assert keys(fact("a|b~c", 3e9, signal=True)) == [("V1", "M1", "SPC_SIGNAL:a_b_c~99.00")]
-    # no value to grade by: the reason's own pattern
+    # no value to grade by: the reason's own pattern; out of spec is a rule's (a waiver clears no distance)
     assert keys(fact("purity", None), fact("water", math.nan)) == [("V1", "M1", "SPC_SIGNAL")]
+    off_spec = fact("purity", 12.0, signal=True)
+    off_spec.value = 101.0
+    assert keys(off_spec, fact("water", 2.6, signal=True)) == [("V1", "M1", "SPC_SIGNAL:water~2.60")]
     # an over-delivery is graded by its own size only
     over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
     ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[SimpleNamespace(
@@ -193,6 +196,42 @@ def test_split_grade(code: str, name: str, size: float | None) -> None:
     assert split_grade(("V", "M", code)) == (("V", "M", name), size)
 
 
+def test_one_decision_is_one_point_of_a_graded_pattern_at_its_largest_size() -> None:
+    # two lines of one material over-delivered 3.5 % and 4.2 %: one accept, not two
+    assert largest_sizes([("V", "M", "Q~3.50"), ("V", "M", "X"), ("V", "M", "Q~4.20"), ("V", "M", "Q~1.00")]) == [
+        ("V", "M", "Q~4.20"), ("V", "M", "X")]
+    # a bare code (no size to read) and a graded pattern of the same reason are two patterns
+    assert largest_sizes([("V", "M", "Q"), ("V", "M", "Q~3.00"), ("V", "M", "Q")]) == [
+        ("V", "M", "Q"), ("V", "M", "Q~3.00")]
+    learner = Learner(LearnerConfig(graded_accepts=2))
+    learner.learn(Label("d0", "V1", "M1", ("M1|QUANTITY_OVER~3.50", "M1|QUANTITY_OVER~4.20"), {"n_soft": 1.0},
+                        True, 0.5), 0)
+    assert list(learner.graded[("V1", "M1", "QUANTITY_OVER")]) == [(4.2, True)]
+    assert not learner.accepted(("V1", "M1", "QUANTITY_OVER~3.50"))
+
+
+def test_a_price_deviation_is_graded_per_direction_and_an_unreadable_size_is_the_bare_code() -> None:
+    price = rules.SOFT_REASONS["PRICE_ANOMALY"]
+    assert price.pattern(_reason("PRICE_ANOMALY", deviation_pct="-20")) == "PRICE_ANOMALY-~20.00"
+    assert price.pattern(_reason("PRICE_ANOMALY", deviation_pct="20")) == "PRICE_ANOMALY+~20.00"
+    assert rules.SOFT_REASONS["QUANTITY_OVER"].pattern(_reason("QUANTITY_OVER", deviation_pct="3.4")) == \
+        "QUANTITY_OVER~3.40"
+    assert graded("QUANTITY_OVER", math.nan) == "QUANTITY_OVER"
+    assert graded("QUANTITY_OVER", math.inf) == "QUANTITY_OVER~99.00"
+
+
+def test_a_checkpoint_of_format_2_loads_without_graded_patterns_or_the_third_map() -> None:
+    learner = Learner()
+    learner.learn(Label("d0", "V1", "M1", ("M1|QUANTITY_OVER@3",), {"n_soft": 1.0}, True, 0.5), 0)
+    state = learner._state()
+    state["format"] = 2
+    del state["graded"], state["open_calibrator"]
+    old = Learner.from_bytes(pickle.dumps(state))
+    assert old.graded == {} and len(old.open_calibrator) == 0
+    assert old.patterns == learner.patterns  # a band of that release stays a pattern of its own
+    assert old.fingerprint() == Learner.from_bytes(learner.to_bytes()).fingerprint()
+
+
 def test_the_process_level_is_a_moved_mean_not_a_wider_spread() -> None:
     drift = [2.1, 2.4, 1.9, 2.6, 2.0, 2.3, 2.2, 2.5, 1.8]
     assert rules.process_level(drift, 2.2) == pytest.approx(statistics.fmean([*drift, 2.2]))
@@ -202,6 +241,8 @@ def test_the_process_level_is_a_moved_mean_not_a_wider_spread() -> None:
     levels = [rules.process_level(jumped[i:i + 9], jumped[i + 9]) for i in range(0, 1990)]
     assert sum(level is not None for level in levels) / len(levels) < 0.02
     assert rules.process_level([0.1, -0.2, 0.3, 0.0, 0.2], 0.1) is None  # in control
+    assert rules.process_level([3.0, 0.2, 3.1, 0.1], 2.9) is None  # 1.9 out, within 3 standard errors
+    assert rules.process_level([1e300, 1e300, -1e300, 1e300, 1e300, 1e300, 1e300], 1e300) is not None  # no overflow
     assert rules.process_level([2.0, 2.0, 2.0], 2.0) is None  # too few values to say
     assert rules.process_level([2.0, math.nan, 2.0, math.inf, 2.0, 2.0], 2.0) == 2.0  # unreadable ones skipped
 

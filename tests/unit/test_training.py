@@ -51,6 +51,8 @@ def test_the_sample_has_one_row_per_decided_receipt_with_its_features_and_truth(
     with_reason = [r for r in rows if any(k.startswith("reason_") for k in r.features)]
     assert 0 < len(with_reason) < len(rows)
     assert any(r.soft_codes for r in rows)
+    # held by a soft reason people had not cleared (no hard one): their own calibration map
+    assert any(r.by_rule and r.features.get("n_block", 0) + r.features.get("n_warn", 0) == 0 for r in rows)
 
 
 def test_training_on_the_sample_is_calibrated_on_held_out_receipts(sample: Path) -> None:
@@ -86,14 +88,14 @@ def test_the_train_command_prints_the_held_out_ece_and_writes_the_learner(
 
 def test_parquet_history_round_trips(tmp_path: Path) -> None:
     records = [{"subject_id": "R-1", "vendor_id": "V-1", "material_id": "M-1", "soft_codes": ["A", "B"], "good": True,
-                "confidence": 0.9, "spot_check": False, "n_block": 0.0, "reason_a": 1.0},
+                "confidence": 0.9, "spot_check": False, "by_rule": True, "n_block": 0.0, "reason_a": 1.0},
                {"subject_id": "R-2", "vendor_id": "V-2", "material_id": "M-2", "soft_codes": "", "good": False,
                 "n_block": 2.0}]
     for name in ("h.parquet", "h.csv"):
         write_history(tmp_path / name, records)
         rows = read_history(tmp_path / name)
         assert rows[0] == HistoryRow("V-1", "M-1", ("A", "B"), {"n_block": 0.0, "reason_a": 1.0}, True, 0.9, False,
-                                     "R-1")
+                                     "R-1", by_rule=True)  # not a feature
         assert rows[1] == HistoryRow("V-2", "M-2", (), {"n_block": 2.0}, False, None, False, "R-2")
 
 
