@@ -226,7 +226,7 @@ class VerificationNode(Generic[Context]):
 
     ``identity`` names the subject and its vendor; ``pattern_keys`` the vendor x material x
     reason patterns a soft reason belongs to (what people's decisions on it are counted by; a
-    control-chart signal: one per property of the lot that stands out).
+    control-chart signal: one per CoA property of the receipt that stands out).
     """
 
     config: NodeConfig

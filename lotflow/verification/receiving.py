@@ -61,6 +61,7 @@ ATYPICAL_Z = 3.5
 # rule 1 alone left the CUSUMs running missed 20 slow vendor drifts instead of 1 (recall 96.8 %
 # against 98.6 %). The average run lengths above were measured without rule 1.
 REF_Z_FREE = 3.0  # a value this far from its chart's reference is ordinary scatter
+JOINT_Z_FREE = 2.0  # and the lot's values together this far
 # On a control-chart signal, a value of the lot further than this from its chart's reference is a
 # pattern people must have accepted (``spc_pattern_keys``): below 4 sigma of the truth (a fault)
 # while the reference sigma overstates it up to 1.6 x.
@@ -71,7 +72,6 @@ SPC_FREE_Z = 2.5
 # a moved mean).
 LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
 _PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
-JOINT_Z_FREE = 2.0  # and the lot's values together this far
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
                         charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE", "NELSON_3", "NELSON_1"}))
 VENDOR_TREND_RATE = 0.15
