@@ -522,21 +522,23 @@ def test_receipts_with_a_cleared_soft_reason_have_a_calibration_map_of_their_own
     assert len(old.soft_calibrator) == 0 and old.confidence(soft) == old.confidence(plain)
 
 
-def test_a_spot_check_weighs_one_over_share_in_the_first_map_and_one_in_the_soft_map() -> None:
-    """Run 17's slip: in the map of cleared soft reasons, one spot check a reviewer got wrong at
-    weight 10 pulled a plateau of good receipts below the threshold."""
-    learner = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, min_group_points=20,
-                                    spot_check_share=0.02, spot_weight_cap=10.0))
-    plain, soft = {"prior_logit": 3.0}, {"prior_logit": 3.0, "n_soft": 1.0}
-    for i in range(60):
-        x = soft if i % 2 else plain
-        learner.learn(Label(f"D-{i}", "V1", "M1", ("M1|QUANTITY_OVER",) if i % 2 else (), x, True, 0.5), i)
-    for i, x in enumerate((plain, soft), start=60):  # one rejected spot check in each map
-        codes = ("M1|QUANTITY_OVER",) if x is soft else ()
-        learner.learn(Label(f"D-{i}", "V1", "M1", codes, x, False, 0.95, spot_check=True), i)
-    assert learner.calibrator._weights[-1] == 10.0 and learner.soft_calibrator._weights[-1] == 1.0
-    assert learner.confidence(plain) == pytest.approx(30 / 40)  # 30 good of 30 + 10
-    assert learner.confidence(soft) == pytest.approx(30 / 31)
+def test_a_spot_check_is_one_label_in_the_fit_unless_a_weight_is_configured() -> None:
+    """Runs 17 and 19: a reviewer's slip on a spot check at weight 10 pulled a plateau of good
+    receipts below the threshold."""
+    plain = {"prior_logit": 3.0}
+
+    def fitted(cap: float) -> Learner:
+        learner = Learner(LearnerConfig(learning_rate=0.0, min_calibration_labels=10, spot_check_share=0.02,
+                                        spot_weight_cap=cap))
+        for i in range(30):
+            learner.learn(Label(f"D-{i}", "V1", "M1", (), plain, True, 0.5), i)
+        learner.learn(Label("D-30", "V1", "M1", (), plain, False, 0.95, spot_check=True), 30)
+        return learner
+
+    default, weighted = fitted(LearnerConfig().spot_weight_cap), fitted(10.0)
+    assert default.calibrator._weights[-1] == 1.0 and weighted.calibrator._weights[-1] == 10.0
+    assert default.confidence(plain) == pytest.approx(30 / 31)
+    assert weighted.confidence(plain) == pytest.approx(30 / 40)
 
 
 def test_hostile_labels_do_not_poison_the_learner() -> None:
