@@ -22,6 +22,7 @@ __all__ = [
     "ChartSlice",
     "ChartView",
     "PatternCounts",
+    "advance_view",
     "chart_key",
     "chart_view",
     "empty_profile",
@@ -230,6 +231,9 @@ class ChartView:
     reference: Stat | None  # the reference window's statistics (of this epoch)
     values: list[float]  # since the last signal and the baseline, oldest first, at most CHART_WINDOW
     recent: list[float] = field(default_factory=list)  # the same, signals or not (the process level)
+    # the latest of its newest point, its baseline and its last signal (ms): a lot after it only
+    # appends to the view (``advance_view``)
+    newest_ms: int = 0
 
     def frozen(self, reference_n: int) -> bool:
         return self.reference is not None and self.reference[0] >= reference_n
@@ -252,8 +256,29 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     if any(a[0] == b[0] for a, b in itertools.pairwise(window)):
         points.sort()
     recent = [value for _, value in points[-CHART_WINDOW:]]
+    newest = max(int(points[-1][0]) if points else 0, since)
     points = points[bisect.bisect_right(points, since, key=_TIME):]
-    return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]], recent)
+    return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]], recent, newest)
+
+
+def advance_view(view: ChartView, before: ChartSlice | None, after: ChartSlice, value: float,
+                 now_ms: int) -> ChartView | None:
+    """The pooled view once one partition's slice went from ``before`` to ``after`` by
+    ``observe_chart`` of ``value`` at ``now_ms``, without pooling the slices again: equal to
+    ``chart_view`` of the new slices when the lot only appended a point newer than every other
+    (a frozen reference, the same epoch, no signal); None where the view must be pooled again.
+    Each lot of a vendor changes its own slice, so a view cached by the slices' identity was
+    pooled again for nearly every lot (a tenth of the processor, py-spy)."""
+    if (before is None or before["e"] != view.epoch or after["e"] != view.epoch or after["ref"] is not before["ref"]
+            or after.get("r", 0) != before.get("r", 0) or now_ms <= view.newest_ms):
+        return None
+    points, previous = after["v"], before["v"]
+    if not points or points[-1][0] != now_ms or points[-1][1] != value:
+        return None
+    if len(points) > 1 and (not previous or points[-2] is not previous[-1]):
+        return None  # not the slice before with one point appended
+    return ChartView(view.epoch, view.reference, [*view.values[-(CHART_WINDOW - 1):], value],
+                     [*view.recent[-(CHART_WINDOW - 1):], value], now_ms)
 
 
 _TIME = operator.itemgetter(0)

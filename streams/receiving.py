@@ -177,8 +177,9 @@ class ReceivingProcessor:
         self._waiting: dict[str, dict[str, _Needs | None]] = {}
         self._read_to: dict[tuple[str, int], int] = {}  # input offsets handled in this batch
         self._history_key_cache: dict[str, tuple[Record, list[str]]] = {}
-        # (vendor, chart) -> the slices a pooled chart view was computed from, and the view
-        self._chart_views: dict[tuple[str, str], tuple[list[history.ChartSlice], history.ChartView]] = {}
+        # (vendor, chart) -> the slices a pooled chart view was computed from, their partitions, and the view
+        self._chart_views: dict[tuple[str, str],
+                                tuple[list[history.ChartSlice], list[int], history.ChartView]] = {}
         self._marks: dict[tuple[str, int], int] = {}  # the O| marks as committed, read once per partition
         self.replayed = 0
         self.more_due = False  # the last sweep stopped at its limit
@@ -539,7 +540,8 @@ class ReceivingProcessor:
         unit.put(self.po_state, partition, key, core)
         # The vendor's error rate counts rule failures only: counting every exception would
         # feed the confidence penalty back into itself.
-        for chart, part in self._learn_history(profile, ctx, evaluation, own_charts, now_ms).items():
+        for chart, part in self._learn_history(vendor, partition, profile, ctx, evaluation, own_charts,
+                                               now_ms).items():
             unit.put(self.vendor_state, partition, history.chart_key(vendor, partition, chart), part)
         unit.put(self.vendor_state, partition, f"{vendor}@{partition}", profile)
         return outputs
@@ -668,20 +670,38 @@ class ReceivingProcessor:
         """The vendor's chart pooled over every partition's slice; computed again only when a slice
         changed. Slices are replaced, never changed in place (``observe_chart``), and the cache
         holds the ones it was computed from, so identity is their version."""
-        slices = self._chart_slices(vendor, partition, chart, own)
+        slices, parts = self._chart_slices(vendor, partition, chart, own)
         cached = self._chart_views.get((vendor, chart))
         if cached is not None and len(cached[0]) == len(slices) and all(
                 a is b for a, b in zip(cached[0], slices, strict=True)):
-            return cached[1]
+            return cached[2]
         view = history.chart_view(slices)
-        self._chart_views[(vendor, chart)] = (slices, view)
+        self._chart_views[(vendor, chart)] = (slices, parts, view)
         return view
 
+    def _advance_view(self, vendor: str, partition: int, chart: str, before: history.ChartSlice | None,
+                      after: history.ChartSlice, value: float, now_ms: int) -> None:
+        """A lot moved this partition's slice from ``before`` to ``after``: the cached pooled view
+        follows it without pooling again where it can (``history.advance_view``). Should the lot's
+        state not commit, the table keeps ``before`` and the cache, keyed by identity, misses."""
+        cached = self._chart_views.get((vendor, chart))
+        if cached is None or partition not in cached[1]:
+            return
+        slices, parts, view = cached
+        i = parts.index(partition)
+        if slices[i] is not before:
+            return
+        advanced = history.advance_view(view, before, after, value, now_ms)
+        if advanced is not None:
+            self._chart_views[(vendor, chart)] = ([*slices[:i], after, *slices[i + 1:]], parts, advanced)
+
     def _chart_slices(self, vendor: str, partition: int, chart: str,
-                      own: history.ChartSlice | None) -> list[history.ChartSlice]:
+                      own: history.ChartSlice | None) -> tuple[list[history.ChartSlice], list[int]]:
         """Every partition's slice of one chart, in partition order (the pooled view is the same
-        whichever partition asks): ``own`` (this partition's), the rest from the table or as read."""
+        whichever partition asks), and their partitions: ``own`` (this partition's), the rest from
+        the table or as read."""
         out = []
+        parts = []
         for q in range(self.settings.partitions):
             if q == partition:
                 part = own
@@ -695,7 +715,8 @@ class ReceivingProcessor:
                     part = profile.get("spc", {}).get(chart) if profile else None
             if part is not None:
                 out.append(part)
-        return out
+                parts.append(q)
+        return out, parts
 
     def _history_keys(self, material_id: str) -> list[str]:
         spec = self.specs.get(material_id)
@@ -707,8 +728,8 @@ class ReceivingProcessor:
                 spec, [f"{material_id}|{p['name']}" for p in spec["properties"]])
         return cached[1]
 
-    def _learn_history(self, profile: history.Profile, ctx: rules.ReceivingContext, evaluation: Evaluation,
-                       own_charts: Mapping[str, history.ChartSlice | None],
+    def _learn_history(self, vendor: str, partition: int, profile: history.Profile, ctx: rules.ReceivingContext,
+                       evaluation: Evaluation, own_charts: Mapping[str, history.ChartSlice | None],
                        now_ms: int) -> dict[str, history.ChartSlice]:
         """Update ``profile`` with this decision; returns the chart slices it changed."""
         reasons = evaluation.reasons
@@ -731,9 +752,11 @@ class ReceivingProcessor:
                 if c.value is not None and math.isfinite(c.value):
                     name = f"{f.line['material_id']}|{c.prop}"
                     stats[name] = history.observe_value(stats.get(name), c.value)
-                    changed[name] = history.observe_chart(
-                        changed.get(name, own_charts.get(name)), c.chart or NO_CHART, c.value, now_ms,
-                        signalled=bool(c.signals), reference_n=rules.CHART.reference_n)
+                    before = changed.get(name, own_charts.get(name))
+                    after = changed[name] = history.observe_chart(
+                        before, c.chart or NO_CHART, c.value, now_ms, signalled=bool(c.signals),
+                        reference_n=rules.CHART.reference_n)
+                    self._advance_view(vendor, partition, name, before, after, c.value, now_ms)
         return changed
 
     # --- timers -----------------------------------------------------------------

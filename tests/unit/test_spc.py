@@ -178,3 +178,34 @@ def test_a_pooled_chart_takes_the_newest_values_of_every_partition_in_time_order
     # one lot's value goes into the reference window until it is frozen, then onto the chart
     part = observe_chart(None, chart_view([]), 10.0, 1, signalled=False, reference_n=2)
     assert part["ref"] == [1.0, 10.0, 0.0] and part["v"] == []
+
+
+def test_a_pooled_view_advanced_by_one_lot_equals_the_view_pooled_again() -> None:
+    """``advance_view`` (the cache's shortcut) against ``chart_view`` on the new slices, on random
+    slices: equal wherever it answers, and it answers for the common lot (frozen, newest, no signal)."""
+    import random
+
+    from lotflow.scorers.history import ChartView, advance_view, chart_view, observe_chart
+
+    rng = random.Random(3)
+    answered = declined = 0
+    for _ in range(3000):
+        epoch = rng.choice([0, 5])
+        slices = []
+        for _ in range(rng.randint(1, 4)):
+            times = sorted(rng.sample(range(10, 400), rng.randint(0, 20)))
+            slices.append({"e": rng.choice([epoch, epoch, 0]), "ref": [float(rng.choice([3, 60])), 1.0, 2.0],
+                           "v": [[t, round(rng.gauss(0, 1), 1)] for t in times], "r": rng.choice([0, 0, 50, 200])})
+        view = chart_view(slices)
+        i = rng.randrange(len(slices))
+        value = round(rng.gauss(0, 1), 1)
+        now = rng.choice([view.newest_ms, view.newest_ms + rng.randint(1, 50), rng.randint(0, 400)])
+        after = observe_chart(slices[i], view, value, now, signalled=rng.random() < 0.1, reference_n=50)
+        advanced = advance_view(view, slices[i], after, value, now)
+        if advanced is None:
+            declined += 1
+            continue
+        answered += 1
+        assert advanced == chart_view([*slices[:i], after, *slices[i + 1:]])
+    assert answered > 500 and declined > 500
+    assert advance_view(ChartView(0, None, [], []), None, {"e": 0, "ref": [0.0] * 3, "v": [[1, 1.0]]}, 1.0, 1) is None
