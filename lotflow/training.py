@@ -265,10 +265,11 @@ def _evaluate(result: TrainResult, held: Sequence[Label]) -> TrainResult:
 
 
 def _new_learner(config: LearnerConfig) -> Learner:
-    """A learner to train. ``Learner.learn`` weights a spot-check label by 1 / spot_check_share (capped),
-    which divides by zero where spot checks are off (LOTFLOW_SPOT_CHECK_SHARE=0) but old spot-check
-    labels exist: it then learns with the cap (the limit), and the caller gives it the configured
-    settings back after learning (a worker applies its own settings to a restored checkpoint anyway)."""
+    """A learner to train. ``Learner.learn`` weights a spot-check label by 1 / spot_check_share, capped
+    at ``spot_weight_cap`` (1 by default: one label). That divides by zero where spot checks are off
+    (LOTFLOW_SPOT_CHECK_SHARE=0) but old spot-check labels exist: it then learns with the cap (the
+    limit), and the caller gives it the configured settings back after learning (a worker applies
+    its own settings to a restored checkpoint anyway)."""
     if config.spot_check_share > 0:
         return Learner(config)
     return Learner(replace(config, spot_check_share=1.0 / config.spot_weight_cap))

@@ -37,7 +37,7 @@ class IsotonicCalibrator:
         return len(self._scores)
 
     def learn_one(self, score: float, good: bool, weight: float = 1.0) -> None:
-        """One labelled outcome; ``weight`` > 1 for a label that stands for several (a spot check)."""
+        """One labelled outcome; ``weight`` > 1 for a label that stands for several."""
         if not math.isfinite(score) or not weight > 0:
             return
         self._scores.append(score)

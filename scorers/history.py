@@ -277,6 +277,10 @@ def advance_view(view: ChartView, before: ChartSlice | None, after: ChartSlice, 
         return None
     if len(points) > 1 and (not previous or points[-2] is not previous[-1]):
         return None  # not the slice before with one point appended
+    if len(previous) >= len(points) and not all(previous[0][0] < t for t, _ in previous[1:]):
+        # the slice dropped its oldest point, which may still be in the view (a tie in time, ordered
+        # by value, or a clock that stepped back): only pooling again says what replaces it
+        return None
     return ChartView(view.epoch, view.reference, [*view.values[-(CHART_WINDOW - 1):], value],
                      [*view.recent[-(CHART_WINDOW - 1):], value], now_ms)
 

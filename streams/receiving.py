@@ -667,9 +667,10 @@ class ReceivingProcessor:
         return out
 
     def _chart_view(self, vendor: str, partition: int, chart: str, own: history.ChartSlice | None) -> history.ChartView:
-        """The vendor's chart pooled over every partition's slice; computed again only when a slice
-        changed. Slices are replaced, never changed in place (``observe_chart``), and the cache
-        holds the ones it was computed from, so identity is their version."""
+        """The vendor's chart pooled over every partition's slice; pooled again only when a slice
+        changed other than by a lot this worker advanced it with (``_advance_view``). Slices are
+        replaced, never changed in place (``observe_chart``), and the cache holds the ones it was
+        computed from, so identity is their version."""
         slices, parts = self._chart_slices(vendor, partition, chart, own)
         cached = self._chart_views.get((vendor, chart))
         if cached is not None and len(cached[0]) == len(slices) and all(

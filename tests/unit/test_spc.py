@@ -193,7 +193,9 @@ def test_a_pooled_view_advanced_by_one_lot_equals_the_view_pooled_again() -> Non
         epoch = rng.choice([0, 5])
         slices = []
         for _ in range(rng.randint(1, 4)):
-            times = sorted(rng.sample(range(10, 400), rng.randint(0, 20)))
+            times = sorted(rng.choices(range(10, 400), k=rng.randint(0, 20)))  # ties in time too
+            if rng.random() < 0.1:
+                rng.shuffle(times)  # a clock that stepped back
             slices.append({"e": rng.choice([epoch, epoch, 0]), "ref": [float(rng.choice([3, 60])), 1.0, 2.0],
                            "v": [[t, round(rng.gauss(0, 1), 1)] for t in times], "r": rng.choice([0, 0, 50, 200])})
         view = chart_view(slices)
