@@ -209,11 +209,15 @@ def exception_rate(profile: Profile) -> float:
 # --- control-chart slices -------------------------------------------------------------------
 # One slice per chart and partition, its own key in the vendor table (``chart_key``): {"e":
 # baseline epoch (ms), "ref": Stat of the reference window, "v": [[time ms, value], ...] the
-# newest CHART_WINDOW values after the reference froze, "r": time of the last signal (ms)}. The
-# charts run over the pooled values of every partition's slice. Their own keys, not a part of the
-# vendor profile: a lot reads and writes the slices of its own properties only (inside the
-# profile, every receipt copied and serialised ~8 KB of every chart of the vendor: a tenth of the
-# processor's time, measured).
+# newest CHART_WINDOW values of lots that passed the rules after the reference froze, "r": time of
+# the last signal (ms), "h": the same for lots a rule held}. The charts run over the pooled "v"
+# of every partition's slice; the process level over "v" and "h" together. Held lots count for
+# the level because a drifting vendor's held lots are its drift: a level of passed lots alone is
+# censored to the lots that looked ordinary (learning run 23: the drifting vendor's lots right
+# after a signal were verified with a level that its held lots, 4-6 sigma out, never reached).
+# Their own keys, not a part of the vendor profile: a lot reads and writes the slices of its own
+# properties only (inside the profile, every receipt copied and serialised ~8 KB of every chart of
+# the vendor: a tenth of the processor's time, measured).
 CHART_WINDOW = 20
 ChartSlice = dict[str, Any]
 
@@ -230,7 +234,8 @@ class ChartView:
     epoch: int  # the baseline in force: lots before it do not count
     reference: Stat | None  # the reference window's statistics (of this epoch)
     values: list[float]  # since the last signal and the baseline, oldest first, at most CHART_WINDOW
-    recent: list[float] = field(default_factory=list)  # the same, signals or not (the process level)
+    # the newest CHART_WINDOW values of every lot, passed or held, signals or not (the process level)
+    recent: list[float] = field(default_factory=list)
     # the latest of its newest point, its baseline and its last signal (ms): a lot after it only
     # appends to the view (``advance_view``)
     newest_ms: int = 0
@@ -247,18 +252,23 @@ def chart_view(slices: Sequence[ChartSlice]) -> ChartView:
     current = [s for s in slices if s["e"] == epoch]
     reference = merge_stats([s["ref"] for s in current if s["ref"][0] > 0])
     since = max([epoch, *(s.get("r", 0) for s in current)])
-    # By time alone (a C key on an int: ~3x a sort comparing the [time, value] lists), then what
-    # is newer than ``since`` by bisection; the window must be what sorting by (time, value) gives,
-    # so equal times at its edge fall back.
-    points = list(itertools.chain.from_iterable(part["v"] for part in current))
-    points.sort(key=_TIME)
-    window = points[-CHART_WINDOW - 1:]
-    if any(a[0] == b[0] for a, b in itertools.pairwise(window)):
-        points.sort()
-    recent = [value for _, value in points[-CHART_WINDOW:]]
-    newest = max(int(points[-1][0]) if points else 0, since)
+    points = _by_time(list(itertools.chain.from_iterable(part["v"] for part in current)))
+    held = list(itertools.chain.from_iterable(part.get("h", ()) for part in current))
+    every = _by_time([*points[-CHART_WINDOW:], *held]) if held else points
+    recent = [value for _, value in every[-CHART_WINDOW:]]
+    newest = max(int(every[-1][0]) if every else 0, since)
     points = points[bisect.bisect_right(points, since, key=_TIME):]
     return ChartView(epoch, reference, [value for _, value in points[-CHART_WINDOW:]], recent, newest)
+
+
+def _by_time(points: list[list[float]]) -> list[list[float]]:
+    """``points`` sorted in place as sorting by (time, value) would: by time alone (a C key on an
+    int: ~3x a sort comparing the lists), and by both only where equal times are at the newest
+    CHART_WINDOW's edge (what a window takes must not depend on the partitions' order)."""
+    points.sort(key=_TIME)
+    if any(a[0] == b[0] for a, b in itertools.pairwise(points[-CHART_WINDOW - 1:])):
+        points.sort()
+    return points
 
 
 def advance_view(view: ChartView, before: ChartSlice | None, after: ChartSlice, value: float,
@@ -266,13 +276,17 @@ def advance_view(view: ChartView, before: ChartSlice | None, after: ChartSlice, 
     """The pooled view once one partition's slice went from ``before`` to ``after`` by
     ``observe_chart`` of ``value`` at ``now_ms``, without pooling the slices again: equal to
     ``chart_view`` of the new slices when the lot only appended a point newer than every other
-    (a frozen reference, the same epoch, no signal); None where the view must be pooled again.
-    Each lot of a vendor changes its own slice, so a view cached by the slices' identity was
-    pooled again for nearly every lot (a tenth of the processor, py-spy)."""
+    (a frozen reference, the same epoch, no signal) to its passed or its held points; None where
+    the view must be pooled again. Each lot of a vendor changes its own slice, so a view cached by
+    the slices' identity was pooled again for nearly every lot (a tenth of the processor, py-spy)."""
     if (before is None or before["e"] != view.epoch or after["e"] != view.epoch or after["ref"] is not before["ref"]
             or after.get("r", 0) != before.get("r", 0) or now_ms <= view.newest_ms):
         return None
-    points, previous = after["v"], before["v"]
+    held = after["v"] is before["v"]
+    if after.get("h") is not before.get("h") and not held:
+        return None  # both lists changed: not one lot's point
+    name = "h" if held else "v"
+    points, previous = after.get(name, []), before.get(name, [])
     if not points or points[-1][0] != now_ms or points[-1][1] != value:
         return None
     if len(points) > 1 and (not previous or points[-2] is not previous[-1]):
@@ -281,34 +295,39 @@ def advance_view(view: ChartView, before: ChartSlice | None, after: ChartSlice, 
         # the slice dropped its oldest point, which may still be in the view (a tie in time, ordered
         # by value, or a clock that stepped back): only pooling again says what replaces it
         return None
-    return ChartView(view.epoch, view.reference, [*view.values[-(CHART_WINDOW - 1):], value],
-                     [*view.recent[-(CHART_WINDOW - 1):], value], now_ms)
+    values = view.values if held else [*view.values[-(CHART_WINDOW - 1):], value]
+    return ChartView(view.epoch, view.reference, values, [*view.recent[-(CHART_WINDOW - 1):], value], now_ms)
 
 
 _TIME = operator.itemgetter(0)
 
 
 def observe_chart(part: ChartSlice | None, view: ChartView, value: float, now_ms: int, *, signalled: bool,
-                  reference_n: int) -> ChartSlice:
+                  reference_n: int, held: bool = False) -> ChartSlice:
     """One lot's value, after its decision: into the reference window while it fills, then onto the
-    chart. ``part``: this partition's slice or None. Returns a new slice; ``part`` is left as it was
-    (slices are read without a copy and cached by identity: a changed slice is a new object)."""
+    chart; a lot a rule ``held`` only onto its held points (the process level's, once the reference
+    froze). ``part``: this partition's slice or None. Returns a new slice; ``part`` is left as it
+    was (slices are read without a copy and cached by identity: a changed slice is a new object)."""
     if part is None or part["e"] < view.epoch:
-        epoch, reference, values, signal_ms = view.epoch, [0.0, 0.0, 0.0], [], 0
+        epoch, reference, values, signal_ms, held_values = view.epoch, [0.0, 0.0, 0.0], [], 0, []
     else:
         epoch, reference, values, signal_ms = part["e"], part["ref"], part["v"], part.get("r", 0)
-    if not view.frozen(reference_n):
+        held_values = part.get("h", [])
+    if held:
+        if view.frozen(reference_n):
+            held_values = [*held_values[-(CHART_WINDOW - 1):], [now_ms, value]]
+    elif not view.frozen(reference_n):
         reference = observe_value(reference if reference[0] > 0 else None, value)
     else:
         values = [*values[-(CHART_WINDOW - 1):], [now_ms, value]]
-    if signalled:
+    if signalled and not held:
         signal_ms = now_ms
-    return {"e": epoch, "ref": reference, "v": values, "r": signal_ms}
+    return {"e": epoch, "ref": reference, "v": values, "r": signal_ms, "h": held_values}
 
 
 def rebaseline_chart(now_ms: int) -> ChartSlice:
     """A person accepted a new level (new test method): the reference window is learnt again."""
-    return {"e": now_ms, "ref": [0.0, 0.0, 0.0], "v": [], "r": now_ms}
+    return {"e": now_ms, "ref": [0.0, 0.0, 0.0], "v": [], "r": now_ms, "h": []}
 
 
 def legacy_charts(profile: Profile) -> dict[str, ChartSlice]:

@@ -745,19 +745,27 @@ class ReceivingProcessor:
             codes.append(rules.LOW_CONFIDENCE_CODE)  # the pattern key of an exception no rule raised
         history.observe_reasons(profile, [f.line["material_id"] for f in ctx.lines], codes)
         changed: dict[str, history.ChartSlice] = {}
-        if failed:
-            return changed  # only lots that passed the rules shape what "normal" looks like for this vendor
+        # Only lots that passed the rules shape what "normal" looks like for this vendor (its
+        # statistics, the reference windows, the charts' values); a held lot's in-spec values still
+        # measure its process, so they count for the process level (``history.observe_chart``). A
+        # duplicate receipt's lots were measured once already.
+        if failed and ctx.duplicate_receipt_of:
+            return changed
         stats = profile["stats"]
         for f in ctx.lines:
             for c in f.coa_facts:
-                if c.value is not None and math.isfinite(c.value):
-                    name = f"{f.line['material_id']}|{c.prop}"
+                if c.value is None or not math.isfinite(c.value):
+                    continue
+                if failed and (c.chart is None or c.ref_z is None or not c.low <= c.value <= c.high):
+                    continue  # a held value counts on a frozen chart, in spec (out of spec is the rule's)
+                name = f"{f.line['material_id']}|{c.prop}"
+                if not failed:
                     stats[name] = history.observe_value(stats.get(name), c.value)
-                    before = changed.get(name, own_charts.get(name))
-                    after = changed[name] = history.observe_chart(
-                        before, c.chart or NO_CHART, c.value, now_ms, signalled=bool(c.signals),
-                        reference_n=rules.CHART.reference_n)
-                    self._advance_view(vendor, partition, name, before, after, c.value, now_ms)
+                before = changed.get(name, own_charts.get(name))
+                after = changed[name] = history.observe_chart(
+                    before, c.chart or NO_CHART, c.value, now_ms, signalled=bool(c.signals),
+                    reference_n=rules.CHART.reference_n, held=failed)
+                self._advance_view(vendor, partition, name, before, after, c.value, now_ms)
         return changed
 
     # --- timers -----------------------------------------------------------------

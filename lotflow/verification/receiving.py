@@ -71,6 +71,7 @@ SPC_FREE_Z = 2.5
 # values from zero (a one-sample t statistic: the spread of a vendor whose variance jumped is not
 # a moved mean).
 LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
+PROCESS_LEVEL = "PROCESS_LEVEL"  # the chart of an SPC_SIGNAL raised by the level alone (an X-bar of LEVEL_N lots)
 _PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
                         charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE", "NELSON_3", "NELSON_1"}))
@@ -459,6 +460,15 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
                 out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: "
                               + "; ".join(sig.message for sig in c.signals), vendor_lot=lot, property=c.prop,
                               charts=charts, **c.signals[0].evidence))
+            elif c.level is not None and c.ref_z is not None:
+                # No chart signals on this lot's own value, but the recent lots' mean has moved: a
+                # drifting process makes every lot bad whatever its own value, and right after a
+                # signal the CUSUMs start again from zero (lots of the drifting vendor were verified
+                # there, learning runs 18 and 21).
+                out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: the last {LEVEL_N} lots "
+                              f"average {c.level:+.1f} sigma from the chart's reference (this lot {c.ref_z:+.1f})",
+                              vendor_lot=lot, property=c.prop, charts=PROCESS_LEVEL, z=c.ref_z,
+                              process_level=c.level))
             elif c.z is not None and abs(c.z) >= ATYPICAL_Z:
                 n, mean, std = c.history
                 # INFO: the confidence model weighs the distance; this only explains it.

@@ -136,6 +136,21 @@ def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
     assert rules.pattern_keys(ctx, _reason("QUANTITY_OVER", deviation_pct="nan")) == [("V1", "M1", "QUANTITY_OVER")]
 
 
+def test_a_moved_process_level_is_a_chart_signal_even_where_the_lot_itself_signals_nothing() -> None:
+    """Runs 18 and 21: lots of the drifting vendor right after a signal (the CUSUMs start again from
+    zero) had no reason at all and were verified at 0.98."""
+    chart = ChartView(0, (60, 99.0, 0.01), [])
+    quiet = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1, level=2.4)
+    plain = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
+    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[quiet, plain])
+    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
+    reasons = rules.check_certificates(ctx)  # type: ignore[arg-type]
+    assert [(r.code, r.severity, r.evidence["property"], r.evidence["charts"]) for r in reasons] == [
+        ("SPC_SIGNAL", Severity.WARN, "purity", rules.PROCESS_LEVEL)]
+    assert reasons[0].evidence["process_level"] == "2.4" and "average +2.4 sigma" in reasons[0].message
+    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_LEVEL:purity~2.40")]  # type: ignore[arg-type]
+
+
 def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_rejected_smaller() -> None:
     learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=6))
 

@@ -707,3 +707,25 @@ def test_a_pooled_chart_is_computed_again_exactly_when_one_of_its_slices_changed
     # this partition's own slice as staged in a unit (not yet in the table) counts too
     own = history.observe_chart(slices[0], second, 97.0, NOW_MS, signalled=False, reference_n=100)
     assert proc._chart_view("V-1", 0, chart, own) == history.chart_view([own, changed])
+
+
+def test_a_lot_a_rule_held_counts_for_the_process_level_only_and_a_duplicate_not_at_all() -> None:
+    # A drifting vendor's held lots are its drift: the level of passed lots alone was censored to
+    # the ordinary-looking ones (learning run 23). The reference, the charts' values and the
+    # vendor's statistics stay the passed lots'.
+    from lotflow.scorers import history
+
+    run = Run()
+    vendor_state = run.proc.vendor_state
+    key = history.chart_key("V-1", 0, "MAT-1|purity")
+    frozen = {"e": 0, "ref": [50.0, 99.0, 49 * 0.04], "v": [[NOW_MS - 1000, 99.1]], "r": 0}
+    vendor_state.apply(0, key, frozen, orjson.dumps(frozen))
+    run.handle(PO(0), COA(0, purity=99.3), RECEIPT(0, quantity=1500.0))  # 50 % over: a rule holds it
+    assert run.decisions()[-1]["decision"] == "EXCEPTION"
+    slice_ = vendor_state.get(key)
+    assert slice_["v"] == frozen["v"] and slice_["ref"] == frozen["ref"] and slice_["h"] == [[NOW_MS, 99.3]]
+    assert "MAT-1|purity" not in vendor_state.get("V-1@0")["stats"]
+    view = run.proc._chart_view("V-1", 0, "MAT-1|purity", slice_)
+    assert view.values == [99.1] and view.recent == [99.1, 99.3]
+    run.handle(RECEIPT(1, rid="R-2"))  # the same lot booked again: a duplicate, measured once already
+    assert "DUPLICATE_RECEIPT" in run.codes() and vendor_state.get(key)["h"] == [[NOW_MS, 99.3]]

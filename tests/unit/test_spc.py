@@ -173,6 +173,14 @@ def test_a_pooled_chart_takes_the_newest_values_of_every_partition_in_time_order
     assert chart_view([left, right]).values == [value for t, value in points if t > 30]
     # (the process level looks past signals: the newest values whatever they signalled)
     assert chart_view([left, right]).recent == [value for _, value in points[-CHART_WINDOW:]]
+    # a held lot's value counts for the level only; a held point newer than the rest is the newest
+    left["h"] = [[33, 9.0], [41, 8.0]]
+    view = chart_view([left, right])
+    assert view.values == [value for t, value in points if t > 30] and view.newest_ms == 41
+    assert view.recent == [value for _, value in sorted([*points, *left["h"]])[-CHART_WINDOW:]]
+    assert view.recent[-2:] == [points[-1][1], 8.0] and 9.0 in view.recent
+    held = observe_chart(left, view, 7.0, 50, signalled=True, reference_n=2, held=True)
+    assert held["v"] is left["v"] and held["r"] == left["r"] and held["h"] == [[33, 9.0], [41, 8.0], [50, 7.0]]
     rebased = rebaseline_chart(35)
     assert chart_view([left, right, rebased]).reference is None
     # one lot's value goes into the reference window until it is frozen, then onto the chart
@@ -188,7 +196,7 @@ def test_a_pooled_view_advanced_by_one_lot_equals_the_view_pooled_again() -> Non
     from lotflow.scorers.history import ChartView, advance_view, chart_view, observe_chart
 
     rng = random.Random(3)
-    answered = declined = 0
+    answered = declined = answered_held = 0
     for _ in range(3000):
         epoch = rng.choice([0, 5])
         slices = []
@@ -196,18 +204,22 @@ def test_a_pooled_view_advanced_by_one_lot_equals_the_view_pooled_again() -> Non
             times = sorted(rng.choices(range(10, 400), k=rng.randint(0, 20)))  # ties in time too
             if rng.random() < 0.1:
                 rng.shuffle(times)  # a clock that stepped back
+            held = sorted(rng.choices(range(10, 400), k=rng.choice([0, 0, rng.randint(0, 20)])))
             slices.append({"e": rng.choice([epoch, epoch, 0]), "ref": [float(rng.choice([3, 60])), 1.0, 2.0],
-                           "v": [[t, round(rng.gauss(0, 1), 1)] for t in times], "r": rng.choice([0, 0, 50, 200])})
+                           "v": [[t, round(rng.gauss(0, 1), 1)] for t in times], "r": rng.choice([0, 0, 50, 200]),
+                           **({"h": [[t, round(rng.gauss(3, 1), 1)] for t in held]} if rng.random() < 0.8 else {})})
         view = chart_view(slices)
         i = rng.randrange(len(slices))
         value = round(rng.gauss(0, 1), 1)
         now = rng.choice([view.newest_ms, view.newest_ms + rng.randint(1, 50), rng.randint(0, 400)])
-        after = observe_chart(slices[i], view, value, now, signalled=rng.random() < 0.1, reference_n=50)
+        held = rng.random() < 0.3
+        after = observe_chart(slices[i], view, value, now, signalled=rng.random() < 0.1, reference_n=50, held=held)
         advanced = advance_view(view, slices[i], after, value, now)
         if advanced is None:
             declined += 1
             continue
         answered += 1
+        answered_held += held
         assert advanced == chart_view([*slices[:i], after, *slices[i + 1:]])
-    assert answered > 500 and declined > 500
+    assert answered > 400 and declined > 500 and answered_held > 100, (answered, declined, answered_held)
     assert advance_view(ChartView(0, None, [], []), None, {"e": 0, "ref": [0.0] * 3, "v": [[1, 1.0]]}, 1.0, 1) is None
