@@ -66,10 +66,10 @@ JOINT_Z_FREE = 2.0  # and the lot's values together this far
 # pattern people must have accepted (``spc_pattern_keys``): below 4 sigma of the truth (a fault)
 # while the reference sigma overstates it up to 1.6 x.
 SPC_FREE_Z = 2.5
-# The process level: the mean z of a chart's last LEVEL_N values (this lot's included), once it has
-# LEVEL_MIN, counts when it is LEVEL_FREE reference sigma out and LEVEL_T standard errors of those
-# values from zero (a one-sample t statistic: the spread of a vendor whose variance jumped is not
-# a moved mean).
+# The process level: the mean z of a chart's last LEVEL_N values (this lot's included; every lot's,
+# held ones too: ``ChartView.recent``), once it has LEVEL_MIN, counts when it is LEVEL_FREE
+# reference sigma out and LEVEL_T standard errors of those values from zero (a one-sample t
+# statistic: the spread of a vendor whose variance jumped is not a moved mean).
 LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
 PROCESS_LEVEL = "PROCESS_LEVEL"  # the chart of an SPC_SIGNAL raised by the level alone (an X-bar of LEVEL_N lots)
 _PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
@@ -464,7 +464,7 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
                 # No chart signals on this lot's own value, but the recent lots' mean has moved: a
                 # drifting process makes every lot bad whatever its own value, and right after a
                 # signal the CUSUMs start again from zero (lots of the drifting vendor were verified
-                # there, learning runs 18 and 21).
+                # there, learning runs 18, 21 and 23).
                 out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: the last {LEVEL_N} lots "
                               f"average {c.level:+.1f} sigma from the chart's reference (this lot {c.ref_z:+.1f})",
                               vendor_lot=lot, property=c.prop, charts=PROCESS_LEVEL, z=c.ref_z,
