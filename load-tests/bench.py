@@ -2,11 +2,12 @@
 
 (a) raw confluent-kafka consume -> produce passthrough, (b) a bare Faust agent passthrough
 with default settings, (c) the receiving pipeline doing its real work on a backlog of 100,000
-simulated receipts, its worker's RSS sampled every second (start: half-way, past the warm-up
-of the state under the bench's 20 s retention; end: the last record; the series is kept) and
-its CPU time read from /proc; then end-to-end latency at a fixed receipt rate (every receipt
-published in that phase must be decided, or the bench fails), and again at a rate one worker
-sustains (``--low-rate``); (b') the bare Faust passthrough
+simulated receipts, its worker's RSS sampled every second (half-way and at the end, for the
+record: a backlog's state is not stationary) and its CPU time read from /proc; then end-to-end
+latency at a fixed receipt rate (every receipt published in that phase must be decided, or the
+bench fails), again at a rate one worker sustains (``--low-rate``), and the memory run: 100,000
+receipts at a steady rate one worker sustains, RSS half-way and at the end (the memory target's
+figures, ``measure_steady_memory``); (b') the bare Faust passthrough
 again: ``ratio_vs_faust`` is taken against the mean of (b) and (b'), which bracket (c) in time,
 since this machine's speed drifts over minutes; then where the time goes (``stage_us``: the
 pure processor's stages on the same traffic, producing and committing, and the rest of the
@@ -231,7 +232,8 @@ def end_positions(settings: Settings, specs: list[topics.TopicSpec]) -> dict[tup
 
 
 def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: float, latency_timeout: float,
-                   log_dir: Path, result: dict[str, Any], low_rate: float = 0.0) -> None:
+                   log_dir: Path, result: dict[str, Any], low_rate: float = 0.0, steady_receipts: int = 0,
+                   steady_rate: float = 0.0) -> None:
     """(c) throughput and memory over a long backlog, then latency; figures go into ``result``
     as they are measured."""
     admin.create_topics(settings)
@@ -261,28 +263,32 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
         result["events_per_batch_worker"] = done_last / max(batches, 1)
         # "start": half-way through the backlog, past the warm-up (the state grows to its steady
         # size under the 20 s retention, and the allocator to its high-water mark, within the
-        # first ~40 %: worker_rss_series_mb shows the ramp); "end": when all of it is handled.
+        # first ~40 %: worker_rss_backlog_series_mb shows the ramp); "end": when all of it is handled.
         half = next(n for n, (done, _) in enumerate(rss) if done >= inputs // 2)
-        result["worker_rss_start_mb"] = round(rss[half][1], 1)
-        result["worker_rss_end_mb"] = round(rss[-1][1], 1)
+        result["worker_rss_backlog_start_mb"] = round(rss[half][1], 1)
+        result["worker_rss_backlog_end_mb"] = round(rss[-1][1], 1)
         # The state's keys at the same two points, and the RSS above boot per key: under a backlog
         # the inputs of a partition are read at different points in time (documents first, the
-        # receipts later), so the keys alive within the retention need not be flat; RSS per key
-        # tells a leak (rising) from a bigger state (flat).
+        # receipts later), so the keys alive within the wall-clock retention need not be flat;
+        # RSS per key tells a leak (rising) from a bigger state (flat). The memory target is taken
+        # on a steady stream instead (``measure_steady_memory``).
         keys_start, keys_end = samples[half][1][2], samples[-1][1][2]
-        result["worker_state_keys_start"], result["worker_state_keys_end"] = keys_start, keys_end
+        result["worker_state_keys_backlog_start"], result["worker_state_keys_backlog_end"] = keys_start, keys_end
         boot = result["worker_rss_boot_mb"]
-        result["worker_rss_kb_per_state_key_start"] = 1024 * (result["worker_rss_start_mb"] - boot) / max(keys_start, 1)
-        result["worker_rss_kb_per_state_key_end"] = 1024 * (result["worker_rss_end_mb"] - boot) / max(keys_end, 1)
-        result["worker_rss_max_mb"] = round(max(mb for _, mb in rss), 1)
+        result["worker_rss_kb_per_state_key_backlog_start"] = \
+            1024 * (result["worker_rss_backlog_start_mb"] - boot) / max(keys_start, 1)
+        result["worker_rss_kb_per_state_key_backlog_end"] = \
+            1024 * (result["worker_rss_backlog_end_mb"] - boot) / max(keys_end, 1)
+        result["worker_rss_backlog_max_mb"] = round(max(mb for _, mb in rss), 1)
         step = max(1, len(rss) // 20)  # about twenty points of the run, for the record
-        result["worker_rss_series_mb"] = [[done, round(mb)] for done, mb in rss[::step]]
+        result["worker_rss_backlog_series_mb"] = [[done, round(mb)] for done, mb in rss[::step]]
         result["pipeline_msgs_per_s"] = msgs_per_s
         result["pipeline_receipts_per_s"] = msgs_per_s * receipts / inputs
         result["pipeline_input_messages"] = inputs
         result["pipeline_receipts"] = receipts
-        say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS {result['worker_rss_start_mb']} MB "
-            f"half-way, {result['worker_rss_end_mb']} MB at the end; state keys {keys_start} -> {keys_end}")
+        say(f"    pipeline {result['pipeline_msgs_per_s']:,.0f} msg/s; worker RSS "
+            f"{result['worker_rss_backlog_start_mb']} MB half-way, {result['worker_rss_backlog_end_mb']} MB at the "
+            f"end; state keys {keys_start} -> {keys_end}")
         # Each latency phase starts once the state of the phase before has been forgotten: the
         # 20 s retention would otherwise expire a whole backlog's state in a burst inside the
         # phase (a steady stream expires state as fast as it creates it; that part is measured).
@@ -294,6 +300,9 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
             measure_latency(settings, proc, int(latency_s * low_rate), low_rate, latency_timeout, log_dir, result,
                             key="latency_low_rate", seed=15)
             result["latency_low_rate"] = low_rate
+        if steady_receipts > 0:
+            time.sleep(BENCH_RETENTION_S + 10)
+            measure_steady_memory(settings, proc, steady_receipts, steady_rate, latency_timeout, log_dir, result)
     finally:
         if proc.poll() is None:
             result["worker_rss_after_latency_mb"] = round(process_rss_mb(proc.pid), 1)
@@ -381,6 +390,44 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
     if result[f"{key}_samples"] != result[f"{key}_samples_expected"]:
         raise BenchFailed(f"latency: {result[f'{key}_samples']} samples for "
                           f"{result[f'{key}_samples_expected']} decided receipts")
+
+
+def measure_steady_memory(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float,
+                          timeout: float, log_dir: Path, result: dict[str, Any]) -> None:
+    """Worker RSS over ``count`` receipts published at ``rate``/s, a rate one worker sustains: the
+    memory target's run. Start: when half of them were published (the state has long reached its
+    size under the 20 s retention); end: when every one is decided. A backlog's state is not
+    stationary (what is alive within a wall-clock retention depends on the mix read each second),
+    a steady stream's is, apart from open exceptions, which nobody decides here and which are
+    kept until a person does (``worker_state_keys_steady_*`` shows the keys at both points). Every
+    receipt is decided and timed, as in the latency phase (``steady_*`` latency figures)."""
+    samples: list[tuple[float, float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            if proc.poll() is None:
+                samples.append((time.monotonic(), process_rss_mb(proc.pid), state_keys(settings)))
+
+    sampler = threading.Thread(target=sample, name="steady-rss", daemon=True)
+    began = time.monotonic()
+    sampler.start()
+    try:
+        measure_latency(settings, proc, count, rate, timeout, log_dir, result, key="steady", seed=16)
+    finally:
+        done.set()
+        sampler.join(5)
+    if proc.poll() is None:
+        samples.append((time.monotonic(), process_rss_mb(proc.pid), state_keys(settings)))
+    half = next(s for s in samples if s[0] - began >= count / rate / 2)
+    result["steady_rate"] = rate
+    result["steady_receipts"] = count
+    result["worker_rss_start_mb"], result["worker_rss_end_mb"] = round(half[1], 1), round(samples[-1][1], 1)
+    result["worker_state_keys_steady_start"], result["worker_state_keys_steady_end"] = half[2], samples[-1][2]
+    step = max(1, len(samples) // 20)
+    result["worker_rss_steady_series_mb"] = [[round(t - began), round(mb)] for t, mb, _ in samples[::step]]
+    say(f"    steady {rate:g}/s: worker RSS {result['worker_rss_start_mb']} MB half-way, "
+        f"{result['worker_rss_end_mb']} MB at the end; state keys {half[2]} -> {samples[-1][2]}")
 
 
 def record_latency(reader: OutputReader, decisions: list[Decision], result: dict[str, Any],
@@ -554,6 +601,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--low-rate", type=float, default=200.0,
                         help="receipts/s of a second latency phase at a rate one worker sustains (0: none)")
+    parser.add_argument("--steady-receipts", type=int, default=100_000,
+                        help="receipts of the memory run, published at --steady-rate (0: none)")
+    parser.add_argument("--steady-rate", type=float, default=600.0,
+                        help="receipts/s of the memory run: a rate one worker sustains")
     parser.add_argument("--latency-timeout", type=float, default=120.0,
                         help="seconds after the latency phase's publishing by which every receipt must be decided")
     parser.add_argument("--sink-rows", type=int, default=400_000)
@@ -588,7 +639,7 @@ def main() -> int:
         say(f"    {results['faust_msgs_per_s']:,.0f} msg/s")
         try:
             bench_pipeline(settings, args.receipts, args.latency_seconds, args.rate, args.latency_timeout,
-                           log_dir, results, args.low_rate)
+                           log_dir, results, args.low_rate, args.steady_receipts, args.steady_rate)
         finally:
             write(out, results)  # keep what was measured if a later stage fails
         # The baseline again, after the pipeline: the machine's speed drifts over minutes, so the
