@@ -118,7 +118,7 @@ class LearnerConfig:
     # rejects tolerated among the pattern's last ``pattern_window`` decisions: a reviewer's slip, or a
     # receipt rejected for another of its faults, does not close a pattern people keep accepting
     max_rejects: int = 1
-    graded_window: int = 30  # sized decisions kept per graded pattern
+    graded_window: int = 30  # the last decisions kept per graded pattern (those charged to it count)
     # a graded size is cleared by this many accepts at least as large, plus one per reject at most as large
     graded_accepts: int = 2
     relax_after: int = 20
@@ -247,7 +247,8 @@ class Learner:
         self.open_calibrator = IsotonicCalibrator(max_labels=CALIBRATION_LABELS)  # held by one not cleared
         self.patterns: dict[PatternKey, collections.deque[bool]] = {}
         self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
-        self.graded: dict[PatternKey, collections.deque[tuple[float, bool]]] = {}  # (size, good), newest last
+        # (size, good), newest last; good None: a reject charged to another pattern of its receipt
+        self.graded: dict[PatternKey, collections.deque[tuple[float, bool | None]]] = {}
         self.errors: dict[str, drift.ADWIN] = {}
         self.tightened: dict[str, DriftState] = {}
         self.drift_events: list[dict[str, Any]] = []
@@ -346,8 +347,8 @@ class Learner:
     def _graded_counts(self, name: PatternKey, size: float) -> tuple[int, int]:
         """(accepts at least as large as ``size``, rejects at most as large) of a graded pattern."""
         points = self.graded.get(name, ())
-        return (sum(1 for s, good in points if good and s >= size),
-                sum(1 for s, good in points if not good and s <= size))
+        return (sum(1 for s, good in points if good is True and s >= size),
+                sum(1 for s, good in points if good is False and s <= size))
 
     def drift_of(self, vendor: str) -> DriftState | None:
         return self.tightened.get(vendor)
@@ -382,13 +383,20 @@ class Learner:
         if not self._calibrated and self._decided_points >= self.config.min_calibration_labels:
             self.fit_calibration()
             self._calibrated = True
-        for key in self._taught(label):
+        taught = self._taught(label)
+        for key in self._label_keys(label):
             name, size = split_grade(key)
             if size is not None:
+                # every decision of a receipt with the pattern moves its window; only those charged
+                # to it count. Uncounted, a reject charged to the lot's farther value left the window
+                # to the pattern's own rare decisions: accepts from before a vendor's spread tripled
+                # cleared its lots 4.2-4.3 sigma out after it (learning run 25, three faults verified).
                 points = self.graded.get(name)
                 if points is None:
                     points = self.graded[name] = collections.deque(maxlen=self.config.graded_window)
-                points.append((size, label.good))
+                points.append((size, label.good if key in taught else None))
+                continue
+            if key not in taught:
                 continue
             recent = self.patterns.get(key)
             if recent is None:
@@ -424,11 +432,7 @@ class Learner:
         and then counts against no soft pattern; else by the soft patterns people had not cleared
         yet, and only if all were cleared (a surprise) against every one. Counted against all of them,
         a vendor's unrelated faults closed its agreed over-deliveries again and again."""
-        keys = []
-        for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
-            material, _, code = entry.rpartition("|")
-            keys.append((label.vendor_id, material or label.material_id, code))
-        keys = largest_sizes(keys)  # one point per pattern and decision
+        keys = self._label_keys(label)
         if label.good or not keys:
             return keys
         if hard_reasons(label.features) > 0:
@@ -439,12 +443,21 @@ class Learner:
         beyond = [key for key in open_keys if self._beyond_accepted(key)]
         return beyond or open_keys or keys
 
+    @staticmethod
+    def _label_keys(label: Label) -> list[PatternKey]:
+        """The soft patterns of a label's receipt, each graded one once at its largest size."""
+        keys = []
+        for entry in label.soft_codes:  # "<material>|<pattern>" (a bare pattern: the label's material)
+            material, _, code = entry.rpartition("|")
+            keys.append((label.vendor_id, material or label.material_id, code))
+        return largest_sizes(keys)  # one point per pattern and decision
+
     def _beyond_accepted(self, key: PatternKey) -> bool:
         """Not graded, or larger than every accepted size of its pattern people decided lately."""
         name, size = split_grade(key)
         if size is None:
             return True
-        return all(s < size for s, good in self.graded.get(name, ()) if good)
+        return all(s < size for s, good in self.graded.get(name, ()) if good is True)
 
     def _watch(self, label: Label) -> None:
         """ADWIN on the vendor's model errors: tighten when the error rises, relax after agreement."""

@@ -187,8 +187,10 @@ def test_a_reject_is_charged_to_the_lots_values_beyond_what_people_accepted() ->
     near, far = "M1|SPC_SIGNAL:purity~2.70", "M1|SPC_SIGNAL:water~5.00"
     learner.learn(Label("d0", "V1", "M1", (near,), {"n_soft": 1.0}, True, 0.5), 0)  # purity 2.7 accepted once
     learner.learn(Label("d1", "V1", "M1", (near, far), {"n_soft": 1.0}, False, 0.5), 1)
-    assert learner.graded[("V1", "M1", "SPC_SIGNAL:purity")] == collections.deque([(2.7, True)])
+    # purity's window moves (the decision is one of its receipt's) without a point that counts
+    assert learner.graded[("V1", "M1", "SPC_SIGNAL:purity")] == collections.deque([(2.7, True), (2.7, None)])
     assert learner.graded[("V1", "M1", "SPC_SIGNAL:water")] == collections.deque([(5.0, False)])
+    assert learner._graded_counts(("V1", "M1", "SPC_SIGNAL:purity"), 2.7) == (1, 0)
     # neither open value beyond what people accepted: both charged
     learner.learn(Label("d2", "V1", "M1", ("M1|SPC_SIGNAL:purity~2.60", "M1|SPC_SIGNAL:water~1.00"),
                         {"n_soft": 1.0}, True, 0.5), 2)
@@ -580,3 +582,22 @@ def test_a_label_counts_each_soft_reason_for_its_own_material() -> None:
     assert not learner.accepted(("V1", "MAT-1", "QUANTITY_OVER@3"))
     ctx_reason = Reason("QUANTITY_OVER", "", Severity.BLOCK, {"po_line": "2", "deviation_pct": "3.5"})
     assert rules.SOFT_REASONS["QUANTITY_OVER"].pattern(ctx_reason) == "QUANTITY_OVER~3.50"
+
+
+def test_accepts_age_out_of_a_graded_window_that_rejects_charged_elsewhere_move_too() -> None:
+    """Learning run 25: the variance-jump vendor's density accepts from before its spread tripled
+    (4.38 and 4.81 sigma) still cleared lots 4.2-4.3 sigma out after it, because every reject since
+    was charged to a farther value of the same lot and left density's window unmoved."""
+    learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=5))
+    density, water = "M1|SPC_SIGNAL:density", "M1|SPC_SIGNAL:water"
+    for n, size in enumerate((4.81, 4.38)):
+        learner.learn(Label(f"a{n}", "V1", "M1", (f"{density}~{size:.2f}",), {"n_soft": 1.0}, True, 0.5), n)
+    assert learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))
+    for n in range(2, 6):  # rejects charged to the farther water value: not against density's 3.5
+        learner.learn(Label(f"r{n}", "V1", "M1", (f"{density}~3.50", f"{water}~{6.0 + n:.2f}"), {"n_soft": 1.0},
+                            False, 0.5), n)
+        assert learner._graded_counts(("V1", "M1", "SPC_SIGNAL:density"), 3.6) == (2 if n < 5 else 1, 0)
+    assert not learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))  # the oldest accept left the window
+    restored = Learner.from_bytes(learner.to_bytes())
+    name = ("V1", "M1", "SPC_SIGNAL:density")
+    assert restored.fingerprint() == learner.fingerprint() and list(restored.graded[name]) == list(learner.graded[name])
