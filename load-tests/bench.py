@@ -310,7 +310,8 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
 
 
 def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float, timeout: float,
-                    log_dir: Path, result: dict[str, Any], key: str = "latency", seed: int = 12) -> None:
+                    log_dir: Path, result: dict[str, Any], key: str = "latency", seed: int = 12,
+                    on_progress: Callable[[str], None] | None = None) -> None:
     """Publish ``count`` receipts at ``rate``/s while reading (read_committed) until every one of
     them is decided — verified, exception or dead letter, matched by the receipt's
     topic/partition/offset — and every input it references is seen. A receipt's latency: from
@@ -329,9 +330,11 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
         published: dict[str, Any] = {}
         stop_publishing = threading.Event()
 
-        def progress(_: str) -> None:  # called about once a second: where publishing can stop
+        def progress(line: str) -> None:  # called about once a second: where publishing can stop
             if stop_publishing.is_set():
                 raise InterruptedError("the latency phase stopped")
+            if on_progress is not None:
+                on_progress(line)
 
         def publish_all() -> None:
             try:
@@ -395,14 +398,22 @@ def measure_latency(settings: Settings, proc: subprocess.Popen[bytes], count: in
 def measure_steady_memory(settings: Settings, proc: subprocess.Popen[bytes], count: int, rate: float,
                           timeout: float, log_dir: Path, result: dict[str, Any]) -> None:
     """Worker RSS over ``count`` receipts published at ``rate``/s, a rate one worker sustains: the
-    memory target's run. Start: when half of them were published (the state has long reached its
-    size under the 20 s retention); end: when every one is decided. A backlog's state is not
+    memory target's run. Start: the first sample once half of them were published (the state has
+    long reached its size under the 20 s retention); end: when every one is decided. A backlog's state is not
     stationary (what is alive within a wall-clock retention depends on the mix read each second),
     a steady stream's is, apart from open exceptions, which nobody decides here and which are
     kept until a person does (``worker_state_keys_steady_*`` shows the keys at both points). Every
     receipt is decided and timed, as in the latency phase (``steady_*`` latency figures)."""
+    if count <= 0 or rate <= 0:
+        raise BenchFailed(f"the memory run needs receipts and a rate: {count} at {rate:g}/s")
     samples: list[tuple[float, float, int]] = []
     done = threading.Event()
+    half_published: list[float] = []  # when the publisher reported half the receipts sent
+
+    def on_progress(line: str) -> None:  # "receipts <n>/<count> (...)"
+        sent = int(line.split()[1].split("/")[0])
+        if sent >= count // 2 and not half_published:
+            half_published.append(time.monotonic())
 
     def sample() -> None:
         while not done.wait(1.0):
@@ -413,13 +424,16 @@ def measure_steady_memory(settings: Settings, proc: subprocess.Popen[bytes], cou
     began = time.monotonic()
     sampler.start()
     try:
-        measure_latency(settings, proc, count, rate, timeout, log_dir, result, key="steady", seed=16)
+        measure_latency(settings, proc, count, rate, timeout, log_dir, result, key="steady", seed=16,
+                        on_progress=on_progress)
     finally:
         done.set()
         sampler.join(5)
     if proc.poll() is None:
         samples.append((time.monotonic(), process_rss_mb(proc.pid), state_keys(settings)))
-    half = next(s for s in samples if s[0] - began >= count / rate / 2)
+    if not samples or not half_published:
+        raise BenchFailed("the memory run has no RSS sample half-way (the worker exited?)")
+    half = next((s for s in samples if s[0] >= half_published[0]), samples[-1])
     result["steady_rate"] = rate
     result["steady_receipts"] = count
     result["worker_rss_start_mb"], result["worker_rss_end_mb"] = round(half[1], 1), round(samples[-1][1], 1)

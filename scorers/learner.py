@@ -28,7 +28,10 @@ Design (argued):
   its over-delivery), else by the soft patterns not yet cleared.
 * **Graded patterns.** Where a reason has a size (an over-delivery of 3.4 %, a CoA value 3.7
   sigma from its chart's reference) the pattern carries it, ``QUANTITY_OVER~3.40``, and people's
-  decisions are kept with their sizes (the last ``graded_window``). A size is cleared when people
+  decisions are kept with their sizes: the last ``graded_window`` decisions of receipts with the
+  pattern, of which those charged to it count (a reject charged to the lot's farther value still
+  moves the window: else accepts from before a vendor's spread tripled cleared its lots after it,
+  learning run 25). A size is cleared when people
   accepted ``graded_accepts`` at least as large, one more per reject at most as large, and those
   rejects are at most ``max_rejects``: what a correct reviewer decides grows worse with the size
   (an agreement allows up to 4 % over; a lot 4 sigma out is a fault), so an accept at 3.8 %
@@ -86,9 +89,10 @@ __all__ = ["GRADE", "HARD_REASON_FEATURES", "SOFT_REASON_FEATURE", "DriftState",
 
 Features = dict[str, float]
 PatternKey = tuple[str, str, str]  # vendor, material, reason code (graded: "<code>~<size>")
-FORMAT = 3  # bumped when the pickled layout changes: an older release refuses a newer checkpoint
-# 1: before the soft map (its soft points are in the one map until they age out); 2: before graded patterns
-READABLE_FORMATS = (1, 2, 3)
+FORMAT = 4  # bumped when the pickled layout changes: an older release refuses a newer checkpoint
+# 1: before the soft map (its soft points are in the one map until they age out); 2: before graded patterns;
+# 3: before graded points of decisions not charged to the pattern ((size, None): read as a reject before)
+READABLE_FORMATS = (1, 2, 3, 4)
 GRADE = "~"  # separates a graded pattern's code from its size
 CALIBRATION_LABELS = 10_000  # the newest kept for the fit: a checkpoint stays well under 1 MB
 
@@ -247,7 +251,8 @@ class Learner:
         self.open_calibrator = IsotonicCalibrator(max_labels=CALIBRATION_LABELS)  # held by one not cleared
         self.patterns: dict[PatternKey, collections.deque[bool]] = {}
         self.pattern_totals: dict[PatternKey, list[int]] = {}  # [accepted, rejected] over all time
-        # (size, good), newest last; good None: a reject charged to another pattern of its receipt
+        # (size, good), newest last; good None: a reject charged to other patterns of its receipt, or
+        # explained by a hard reason (it moves the window, it does not count)
         self.graded: dict[PatternKey, collections.deque[tuple[float, bool | None]]] = {}
         self.errors: dict[str, drift.ADWIN] = {}
         self.tightened: dict[str, DriftState] = {}

@@ -748,11 +748,13 @@ class ReceivingProcessor:
         # Only lots that passed the rules shape what "normal" looks like for this vendor (its
         # statistics, the reference windows, the charts' values); a held lot's in-spec values still
         # measure its process, so they count for the process level (``history.observe_chart``). A
-        # duplicate receipt's lots were measured once already.
+        # duplicate receipt's lots, and a lot booked again, were measured once already.
         if failed and ctx.duplicate_receipt_of:
             return changed
         stats = profile["stats"]
         for f in ctx.lines:
+            if failed and f.duplicate_lot_of:
+                continue  # a lot booked again: its value counted with its first booking
             for c in f.coa_facts:
                 if c.value is None or not math.isfinite(c.value):
                     continue

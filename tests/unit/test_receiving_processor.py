@@ -727,5 +727,9 @@ def test_a_lot_a_rule_held_counts_for_the_process_level_only_and_a_duplicate_not
     assert "MAT-1|purity" not in vendor_state.get("V-1@0")["stats"]
     view = run.proc._chart_view("V-1", 0, "MAT-1|purity", slice_)
     assert view.values == [99.1] and view.recent == [99.1, 99.3]
-    run.handle(RECEIPT(1, rid="R-2"))  # the same lot booked again: a duplicate, measured once already
+    # the same lot booked again, and the same receipt again, each with a certificate read before
+    # it: duplicates, whose lots were measured once already
+    run.handle(event(topics.CERTIFICATES, {**coa(purity=99.6), "coa_id": "C-2"}, 1), RECEIPT(1, rid="R-2"))
+    assert "DUPLICATE_RECEIPT" in run.codes() and vendor_state.get(key)["h"] == [[NOW_MS, 99.3]]
+    run.handle(event(topics.CERTIFICATES, {**coa(purity=99.7), "coa_id": "C-3"}, 2), RECEIPT(2))
     assert "DUPLICATE_RECEIPT" in run.codes() and vendor_state.get(key)["h"] == [[NOW_MS, 99.3]]
