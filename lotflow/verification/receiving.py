@@ -72,6 +72,15 @@ SPC_FREE_Z = 2.5
 # statistic: the spread of a vendor whose variance jumped is not a moved mean).
 LEVEL_N, LEVEL_MIN, LEVEL_FREE, LEVEL_T = 10, 5, 1.5, 3.0
 PROCESS_LEVEL = "PROCESS_LEVEL"  # the chart of an SPC_SIGNAL raised by the level alone (an X-bar of LEVEL_N lots)
+# The process spread: a lot more than SPC_FREE_Z reference sigma out while at least SPREAD_K of the
+# chart's last LEVEL_N values (this lot's included, held lots' too) lie beyond SPREAD_Z. After a
+# vendor's spread widened, its variance CUSUM signals and starts again from zero, and between
+# signals a lot beyond 4 sigma of the truth passed wherever 50 heavy-tailed lots had put the
+# reference sigma 1.2-1.5 x too wide (learning run 28: 5 of the variance-jump vendor's lots, no
+# chart signal). Simulated on Student-t (4 dof) lots with a reference from 50 of them: in control
+# it fires on 0.13 % of values, after a 3 x spread on 25 % (74 % of those beyond 4 true sigma).
+SPREAD_Z, SPREAD_K = 2.0, 4
+PROCESS_SPREAD = "PROCESS_SPREAD"  # the chart of an SPC_SIGNAL raised by the spread alone
 _PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
                         charts=frozenset({"CUSUM_MEAN", "CUSUM_VARIANCE", "NELSON_3", "NELSON_1"}))
@@ -177,6 +186,7 @@ class CoaFact:
     ref_z: float | None = None  # distance from the chart's frozen reference window, in its sigma
     signals: list[spc.Signal] = field(default_factory=list)
     level: float | None = None  # where the recent lots' mean moved, in reference sigma (None: it did not)
+    spread: int | None = None  # how many recent lots lie beyond SPREAD_Z where the spread widened (None: not)
 
 
 @dataclass(slots=True)
@@ -246,9 +256,27 @@ def _coa_facts(line: Record, spec: Record, coa: CoaLot, stats: Mapping[str, Any]
             fact.ref_z = (value - mean) / scale
             if prop["min"] <= value <= prop["max"]:  # out of spec is a rule's, not a chart's
                 fact.signals = spc.scan(chart.reference, [*chart.values, value], CHART)
-                fact.level = process_level([(v - mean) / scale for v in chart.recent[-(LEVEL_N - 1):]], fact.ref_z)
+                recent = [(v - mean) / scale for v in chart.recent[-(LEVEL_N - 1):]]
+                fact.level = process_level(recent, fact.ref_z)
+                fact.spread = process_spread(recent, fact.ref_z)
         facts.append(fact)
     return facts
+
+
+def process_spread(recent: Sequence[float], z: float) -> int | None:
+    """How many of the recent standardized values and ``z`` (the newest) lie beyond ``SPREAD_Z``,
+    where ``z`` itself is more than ``SPC_FREE_Z`` out and they are at least ``SPREAD_K`` of at
+    least ``LEVEL_MIN``; None otherwise (a wider spread is not what made this lot stand out).
+
+    >>> process_spread([2.6, -0.3, -2.4, 0.8, 3.1], -2.9)
+    4
+    >>> process_spread([2.6, -0.3, -2.4, 0.8, 0.1], -2.9) is None  # 3 of 6: one far lot is no wider spread
+    True
+    """
+    if not abs(z) > SPC_FREE_Z or len(recent) + 1 < LEVEL_MIN:
+        return None
+    wide = 1 + sum(1 for v in recent if abs(v) > SPREAD_Z)  # NaN compares False: not beyond
+    return wide if wide >= SPREAD_K else None
 
 
 def process_level(recent: Sequence[float], z: float) -> float | None:
@@ -469,6 +497,14 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
                               f"average {c.level:+.1f} sigma from the chart's reference (this lot {c.ref_z:+.1f})",
                               vendor_lot=lot, property=c.prop, charts=PROCESS_LEVEL, z=c.ref_z,
                               process_level=c.level))
+            elif c.spread is not None and c.ref_z is not None:
+                # The lot's own value is far and the chart's recent lots scatter wider than its
+                # reference: what a vendor whose spread widened looks like between its variance
+                # CUSUM's signals (``SPREAD_K``).
+                out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: {c.ref_z:+.1f} sigma from the "
+                              f"chart's reference while {c.spread} of the last {LEVEL_N} lots lie beyond "
+                              f"{SPREAD_Z:g} sigma (a wider spread)", vendor_lot=lot, property=c.prop,
+                              charts=PROCESS_SPREAD, z=c.ref_z, wide_lots=c.spread))
             elif c.z is not None and abs(c.z) >= ATYPICAL_Z:
                 n, mean, std = c.history
                 # INFO: the confidence model weighs the distance; this only explains it.

@@ -151,6 +151,38 @@ def test_a_moved_process_level_is_a_chart_signal_even_where_the_lot_itself_signa
     assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_LEVEL:purity~2.40")]  # type: ignore[arg-type]
 
 
+def test_a_wider_spread_is_a_chart_signal_for_a_far_lot_the_charts_passed() -> None:
+    """Run 28: lots of the variance-jump vendor beyond 4 true sigma, inside 4 reference sigma (a
+    reference sigma 1.16 x too wide), between its variance CUSUM's signals: no reason at all."""
+    chart = ChartView(0, (60, 99.0, 0.01), [])
+    far = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=-3.4, spread=5)
+    near = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
+    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[far, near])
+    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
+    reasons = rules.check_certificates(ctx)  # type: ignore[arg-type]
+    assert [(r.code, r.severity, r.evidence["property"], r.evidence["charts"]) for r in reasons] == [
+        ("SPC_SIGNAL", Severity.WARN, "purity", rules.PROCESS_SPREAD)]
+    assert reasons[0].evidence["wide_lots"] == "5" and "a wider spread" in reasons[0].message
+    # graded by the lot's own distance, like any far value on a signal
+    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_SIGNAL:purity~3.40")]  # type: ignore[arg-type]
+
+
+def test_the_process_spread_counts_far_lots_around_a_far_lot() -> None:
+    assert rules.process_spread([2.6, -0.3, -2.4, 0.8, 3.1], -2.9) == 4
+    assert rules.process_spread([2.6, -0.3, -2.4, 0.8, 3.1], -2.4) is None  # this lot is ordinary scatter
+    assert rules.process_spread([2.6, -2.4, 3.1], -2.9) is None  # too few lots to say
+    assert rules.process_spread([2.6, math.nan, -2.4, math.inf, 3.1, 0.0], 2.9) == 5  # inf is far, NaN is not
+    rng = random.Random(5)
+
+    def fired(scale: float) -> float:
+        values = [scale * rng.gauss(0.0, 1.0) for _ in range(20_000)]
+        hits = [rules.process_spread(values[i:i + 9], values[i + 9]) for i in range(len(values) - 9)]
+        return sum(hit is not None for hit in hits) / len(hits)
+
+    assert fired(1.0) < 0.001  # in control (normal: fewer than 1 in 1,000 values)
+    assert fired(3.0) > 0.2  # a tripled spread: a fifth of its values and more
+
+
 def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_rejected_smaller() -> None:
     learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=6))
 
