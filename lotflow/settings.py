@@ -66,8 +66,10 @@ class Settings(BaseSettings):
                                                                   "soft reason without a size before the model may "
                                                                   "verify it")
     soft_graded_accepts: int = Field(default=2, ge=1, description="accepts at least as large before a size of a "
-                                     "graded soft reason (an over-delivery of 3.4 %) may be verified, plus one per "
-                                     "reject at most as large")
+                                     "graded soft reason (an over-delivery of 3.4 %) may be verified where people "
+                                     "rejected a size between, plus one per reject at most as large")
+    soft_graded_uncontested_accepts: int = Field(default=1, ge=1, description="the same where nobody rejected a size "
+                                                 "between it and the largest accept at least as large")
     label_error_rate: float = Field(default=0.0, ge=0, lt=0.5, description="share of people's decisions "
                                     "that are wrong (attribute agreement study); the calibration corrects for it")
     model_checkpoint_every: int = Field(default=200, ge=1, description="labels between model checkpoints")

@@ -77,6 +77,7 @@ class InputEvent:
 
 def learner_config(settings: Settings) -> LearnerConfig:
     return LearnerConfig(accepts_needed=settings.soft_accepts_needed, graded_accepts=settings.soft_graded_accepts,
+                         graded_uncontested_accepts=settings.soft_graded_uncontested_accepts,
                          spot_check_share=settings.spot_check_share, label_error_rate=settings.label_error_rate)
 
 

@@ -184,6 +184,7 @@ def test_the_process_spread_counts_far_lots_around_a_far_lot() -> None:
 
 
 def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_rejected_smaller() -> None:
+    """One accept clears the sizes below it where nobody rejected one between; else graded_accepts."""
     learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=6))
 
     def teach(n: int, size: float, good: bool) -> None:
@@ -192,21 +193,21 @@ def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_reje
     def cleared(size: float) -> bool:
         return learner.accepted(("V1", "M1", f"QUANTITY_OVER~{size:.2f}"))
 
-    teach(0, 3.8, True)
-    assert not cleared(3.0)
-    teach(1, 3.5, True)
-    assert cleared(3.0) and cleared(3.5) and not cleared(3.6) and not cleared(4.2)
+    teach(0, 3.8, True)  # uncontested, one accept speaks for every smaller size
+    assert cleared(3.0) and cleared(3.8) and not cleared(3.85)
     assert not learner.accepted(("V1", "M1", "PRICE_ANOMALY~3.00"))  # another reason: another pattern
+    teach(1, 3.6, False)  # a reject between: now graded_accepts are needed
+    assert not cleared(3.0) and not cleared(3.7)  # (3.7: one accept, but one more per reject below)
     teach(2, 3.9, True)
-    assert cleared(3.6) and not cleared(3.85)
-    teach(3, 4.5, False)  # a reject larger than the size says nothing about it
-    assert cleared(3.6)
+    assert cleared(3.0) and cleared(3.7) and not cleared(3.95)
+    teach(3, 4.5, False)  # a reject larger than every accept says nothing about the sizes below
+    assert cleared(3.7)
     teach(4, 2.5, False)  # a reject as small asks one more accept; two rejects close it
-    assert cleared(3.0) and not cleared(3.6)
+    assert not cleared(3.0) and cleared(2.4)
     teach(5, 2.0, False)
     assert not cleared(3.0) and cleared(1.9)
     assert learner.pattern_features([("V1", "M1", "QUANTITY_OVER~3.00")])["pattern_accept_share"] == \
-        pytest.approx((3 + 1) / (3 + 2 + 2))
+        pytest.approx((2 + 1) / (2 + 2 + 2))
     for n in range(6, 9):  # the window is the last graded_window decisions: old accepts age out
         teach(n, 1.0, True)
     assert not cleared(1.9) and cleared(1.0)
@@ -256,7 +257,7 @@ def test_one_decision_is_one_point_of_a_graded_pattern_at_its_largest_size() -> 
     learner.learn(Label("d0", "V1", "M1", ("M1|QUANTITY_OVER~3.50", "M1|QUANTITY_OVER~4.20"), {"n_soft": 1.0},
                         True, 0.5), 0)
     assert list(learner.graded[("V1", "M1", "QUANTITY_OVER")]) == [(4.2, True)]
-    assert not learner.accepted(("V1", "M1", "QUANTITY_OVER~3.50"))
+    assert learner._graded_counts(("V1", "M1", "QUANTITY_OVER"), 3.5) == (1, 0)  # one accept, not two
 
 
 def test_a_price_deviation_is_graded_per_direction_and_an_unreadable_size_is_the_bare_code() -> None:
@@ -411,7 +412,8 @@ def _labels(run: Run) -> list[dict[str, Any]]:
 
 
 def test_accepted_soft_deviations_are_then_verified_and_a_reject_sends_them_back() -> None:
-    run = Run(settings=Settings(document_wait_s=10, spot_check_share=0.0, soft_graded_accepts=3))
+    run = Run(settings=Settings(document_wait_s=10, spot_check_share=0.0, soft_graded_accepts=3,
+                                soft_graded_uncontested_accepts=3))
     learner = run.proc.node.learner
     for n in range(3):
         exception = _over_receipt(run, n, quantity=1035.0)
@@ -625,11 +627,11 @@ def test_accepts_age_out_of_a_graded_window_that_rejects_charged_elsewhere_move_
     for n, size in enumerate((4.81, 4.38)):
         learner.learn(Label(f"a{n}", "V1", "M1", (f"{density}~{size:.2f}",), {"n_soft": 1.0}, True, 0.5), n)
     assert learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))
-    for n in range(2, 6):  # rejects charged to the farther water value: not against density's 3.5
+    for n in range(2, 7):  # rejects charged to the farther water value: not against density's 3.5
         learner.learn(Label(f"r{n}", "V1", "M1", (f"{density}~3.50", f"{water}~{6.0 + n:.2f}"), {"n_soft": 1.0},
                             False, 0.5), n)
-        assert learner._graded_counts(("V1", "M1", "SPC_SIGNAL:density"), 3.6) == (2 if n < 5 else 1, 0)
-    assert not learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))  # the oldest accept left the window
+        assert learner._graded_counts(("V1", "M1", "SPC_SIGNAL:density"), 3.6) == (max(0, min(2, 6 - n)), 0)
+    assert not learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))  # both accepts left the window
     restored = Learner.from_bytes(learner.to_bytes())
     name = ("V1", "M1", "SPC_SIGNAL:density")
     assert restored.fingerprint() == learner.fingerprint() and list(restored.graded[name]) == list(learner.graded[name])
