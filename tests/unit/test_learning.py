@@ -136,35 +136,36 @@ def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
     assert rules.pattern_keys(ctx, _reason("QUANTITY_OVER", deviation_pct="nan")) == [("V1", "M1", "QUANTITY_OVER")]
 
 
+def _chart_reasons(ref_z: float, **signal: Any) -> tuple[Any, list[Reason]]:
+    """A lot whose purity is ``ref_z`` reference sigma out with ``signal`` (a level or a spread), and
+    whose water is ordinary: the receipt's context and its certificate reasons."""
+    chart = ChartView(0, (60, 99.0, 0.01), [])
+    far = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=ref_z, **signal)
+    plain = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
+    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[far, plain])
+    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
+    return ctx, rules.check_certificates(ctx)  # type: ignore[arg-type]
+
+
 def test_a_moved_process_level_is_a_chart_signal_even_where_the_lot_itself_signals_nothing() -> None:
     """Runs 18 and 21: lots of the drifting vendor right after a signal (the CUSUMs start again from
     zero) had no reason at all and were verified at 0.98."""
-    chart = ChartView(0, (60, 99.0, 0.01), [])
-    quiet = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1, level=2.4)
-    plain = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
-    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[quiet, plain])
-    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
-    reasons = rules.check_certificates(ctx)  # type: ignore[arg-type]
+    ctx, reasons = _chart_reasons(1.1, level=2.4)
     assert [(r.code, r.severity, r.evidence["property"], r.evidence["charts"]) for r in reasons] == [
         ("SPC_SIGNAL", Severity.WARN, "purity", rules.PROCESS_LEVEL)]
     assert reasons[0].evidence["process_level"] == "2.4" and "average +2.4 sigma" in reasons[0].message
-    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_LEVEL:purity~2.40")]  # type: ignore[arg-type]
+    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_LEVEL:purity~2.40")]
 
 
 def test_a_wider_spread_is_a_chart_signal_for_a_far_lot_the_charts_passed() -> None:
     """Run 28: lots of the variance-jump vendor beyond 4 true sigma, inside 4 reference sigma (a
     reference sigma 1.16 x too wide), between its variance CUSUM's signals: no reason at all."""
-    chart = ChartView(0, (60, 99.0, 0.01), [])
-    far = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=-3.4, spread=5)
-    near = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
-    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[far, near])
-    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
-    reasons = rules.check_certificates(ctx)  # type: ignore[arg-type]
+    ctx, reasons = _chart_reasons(-3.4, spread=5)
     assert [(r.code, r.severity, r.evidence["property"], r.evidence["charts"]) for r in reasons] == [
         ("SPC_SIGNAL", Severity.WARN, "purity", rules.PROCESS_SPREAD)]
     assert reasons[0].evidence["wide_lots"] == "5" and "a wider spread" in reasons[0].message
     # graded by the lot's own distance, like any far value on a signal
-    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_SIGNAL:purity~3.40")]  # type: ignore[arg-type]
+    assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_SIGNAL:purity~3.40")]
 
 
 def test_the_process_spread_counts_far_lots_around_a_far_lot() -> None:
