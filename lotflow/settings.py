@@ -69,7 +69,8 @@ class Settings(BaseSettings):
                                      "graded soft reason (an over-delivery of 3.4 %) may be verified where people "
                                      "rejected a size between, plus one per reject at most as large")
     soft_graded_uncontested_accepts: int = Field(default=1, ge=1, description="the same where nobody rejected a size "
-                                                 "between it and the largest accept at least as large")
+                                                 "between it and the largest accept at least as large, and "
+                                                 "people accepted the pattern soft_graded_accepts times lately")
     label_error_rate: float = Field(default=0.0, ge=0, lt=0.5, description="share of people's decisions "
                                     "that are wrong (attribute agreement study); the calibration corrects for it")
     model_checkpoint_every: int = Field(default=200, ge=1, description="labels between model checkpoints")

@@ -186,7 +186,7 @@ def test_the_process_spread_counts_far_lots_around_a_far_lot() -> None:
 
 def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_rejected_smaller() -> None:
     """One accept clears the sizes below it where nobody rejected one between; else graded_accepts."""
-    learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=6))
+    learner = Learner(LearnerConfig(graded_accepts=2, max_rejects=1, graded_window=8))
 
     def teach(n: int, size: float, good: bool) -> None:
         learner.learn(Label(f"d{n}", "V1", "M1", (f"M1|QUANTITY_OVER~{size:.2f}",), {"n_soft": 1.0}, good, 0.5), n)
@@ -194,22 +194,24 @@ def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_reje
     def cleared(size: float) -> bool:
         return learner.accepted(("V1", "M1", f"QUANTITY_OVER~{size:.2f}"))
 
-    teach(0, 3.8, True)  # uncontested, one accept speaks for every smaller size
+    teach(0, 3.8, True)
+    assert not cleared(3.0)  # the pattern's only accept: a reviewer's slip would clear everything below it
+    teach(1, 2.0, True)  # uncontested, and accepted twice: one accept speaks for every smaller size
     assert cleared(3.0) and cleared(3.8) and not cleared(3.85)
     assert not learner.accepted(("V1", "M1", "PRICE_ANOMALY~3.00"))  # another reason: another pattern
-    teach(1, 3.6, False)  # a reject between: now graded_accepts are needed
-    assert not cleared(3.0) and not cleared(3.7)  # (3.7: one accept, but one more per reject below)
-    teach(2, 3.9, True)
+    teach(2, 3.6, False)  # a reject between: now graded_accepts are needed
+    assert not cleared(3.0) and not cleared(3.7) and cleared(2.0)  # (3.7: one more accept per reject below)
+    teach(3, 3.9, True)
     assert cleared(3.0) and cleared(3.7) and not cleared(3.95)
-    teach(3, 4.5, False)  # a reject larger than every accept says nothing about the sizes below
+    teach(4, 4.5, False)  # a reject larger than every accept says nothing about the sizes below
     assert cleared(3.7)
-    teach(4, 2.5, False)  # a reject as small asks one more accept; two rejects close it
+    teach(5, 2.5, False)  # a reject as small asks one more accept; two rejects close it
     assert not cleared(3.0) and cleared(2.4)
-    teach(5, 2.0, False)
+    teach(6, 2.0, False)
     assert not cleared(3.0) and cleared(1.9)
     assert learner.pattern_features([("V1", "M1", "QUANTITY_OVER~3.00")])["pattern_accept_share"] == \
         pytest.approx((2 + 1) / (2 + 2 + 2))
-    for n in range(6, 9):  # the window is the last graded_window decisions: old accepts age out
+    for n in range(7, 10):  # the window is the last graded_window decisions: old accepts age out
         teach(n, 1.0, True)
     assert not cleared(1.9) and cleared(1.0)
     restored = Learner.from_bytes(learner.to_bytes())
@@ -217,7 +219,7 @@ def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_reje
 
 
 def test_a_reject_is_charged_to_the_lots_values_beyond_what_people_accepted() -> None:
-    learner = Learner(LearnerConfig(graded_accepts=2))
+    learner = Learner(LearnerConfig(graded_accepts=3))  # no size below is cleared by the accepts here
     near, far = "M1|SPC_SIGNAL:purity~2.70", "M1|SPC_SIGNAL:water~5.00"
     learner.learn(Label("d0", "V1", "M1", (near,), {"n_soft": 1.0}, True, 0.5), 0)  # purity 2.7 accepted once
     learner.learn(Label("d1", "V1", "M1", (near, far), {"n_soft": 1.0}, False, 0.5), 1)
