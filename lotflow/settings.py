@@ -66,11 +66,12 @@ class Settings(BaseSettings):
                                                                   "soft reason without a size before the model may "
                                                                   "verify it")
     soft_graded_accepts: int = Field(default=2, ge=1, description="accepts at least as large before a size of a "
-                                     "graded soft reason (an over-delivery of 3.4 %) may be verified where people "
-                                     "rejected a size between, plus one per reject at most as large")
-    soft_graded_uncontested_accepts: int = Field(default=1, ge=1, description="the same where nobody rejected a size "
-                                                 "between it and the largest accept at least as large, and "
-                                                 "people accepted the pattern soft_graded_accepts times lately")
+                                     "graded soft reason (an over-delivery of 3.4 %) may be verified, plus one per "
+                                     "reject at most as large (among the pattern's last 30 decisions)")
+    soft_graded_uncontested_accepts: int = Field(default=1, ge=1, description="the same (at most "
+                                                 "soft_graded_accepts) where no reject lies above the size up to "
+                                                 "the largest of those accepts and the pattern's last 30 decisions "
+                                                 "hold soft_graded_accepts accepts of any size")
     label_error_rate: float = Field(default=0.0, ge=0, lt=0.5, description="share of people's decisions "
                                     "that are wrong (attribute agreement study); the calibration corrects for it")
     model_checkpoint_every: int = Field(default=200, ge=1, description="labels between model checkpoints")
@@ -115,7 +116,7 @@ class Settings(BaseSettings):
                                         "TLS-terminating proxy serves the review service")
 
     @model_validator(mode="after")
-    def _check_kafka_security(self) -> Settings:
+    def _check_combinations(self) -> Settings:
         needs_credentials = self.kafka_security_protocol.startswith("SASL_") or self.kafka_sasl_port > 0
         if needs_credentials and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
             why = (f"LOTFLOW_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
@@ -123,6 +124,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{why} needs LOTFLOW_KAFKA_SASL_USERNAME and LOTFLOW_KAFKA_SASL_PASSWORD")
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError("LOTFLOW_KAFKA_SSL_CERTFILE and LOTFLOW_KAFKA_SSL_KEYFILE go together (mutual TLS)")
+        if self.soft_graded_uncontested_accepts > self.soft_graded_accepts:
+            raise ValueError("LOTFLOW_SOFT_GRADED_UNCONTESTED_ACCEPTS must be at most LOTFLOW_SOFT_GRADED_ACCEPTS "
+                             f"({self.soft_graded_uncontested_accepts} > {self.soft_graded_accepts}): more would "
+                             "make a reject clear what its absence did not")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -36,12 +36,14 @@ Design (argued):
   rejects are at most ``max_rejects``: what a correct reviewer decides grows worse with the size
   (an agreement allows up to 4 % over; a lot 4 sigma out is a fault), so an accept at 3.8 %
   speaks for 3.1 %, and a reject at 2.5 % against 3.1 %. Where nobody rejected anything between the
-  size and the largest accept at least as large, and people accepted the pattern ``graded_accepts``
-  times lately, ``graded_uncontested_accepts`` (one) do (plus one per reject at most as large): the
+  size and the largest accept at least as large, and the window holds ``graded_accepts`` accepts of
+  any size, ``graded_uncontested_accepts`` (one) do (plus one per reject at most as large): the
   second accept guards against a reviewer's slip, which among a pattern's faults sits among their
-  rejects, or is the pattern's only accept (learning run 31: one slip accepting a 4.9 %
-  over-delivery cleared a 4.4 % one); otherwise it only held the largest clean sizes of a pattern
-  (an agreed over-delivery of 3.7 %, a heavy-tailed value) until it came. Replayed on the labels of
+  rejects; the window's accepts keep a pattern's only accept from being a slip that clears
+  everything below it (learning run 31: one slip accepting a 4.9 % over-delivery cleared a 4.4 %
+  one), not a slip among routine accepts of small sizes. Otherwise the second accept only held the
+  largest clean sizes of a pattern (an agreed over-delivery of 3.7 %, a heavy-tailed value) until
+  it came. Replayed on the labels of
   learning runs 29 and 30, that cleared 30 and 35 of the ~110 clean receipts held in the final
   window, and one fault each. Bands (3-4 % over, 4-5 %) made each
   band wait for its own three accepts, and a band pooled over a lot's properties mixed good and
@@ -133,7 +135,8 @@ class LearnerConfig:
     graded_window: int = 30  # the last decisions kept per graded pattern (those charged to it count)
     # a graded size is cleared by this many accepts at least as large, plus one per reject at most as large
     graded_accepts: int = 2
-    # ... and by this many where nobody rejected a size between it and the largest of them (module doc)
+    # ... or by this many (at most graded_accepts) where no reject lies above the size up to the largest
+    # of them and the pattern's window holds graded_accepts accepts of any size (module doc)
     graded_uncontested_accepts: int = 1
     relax_after: int = 20
     adwin_delta: float = 0.002
@@ -147,6 +150,10 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_error_rate < 0.5:  # at 0.5 labels say nothing; beyond, the opposite
             raise ValueError(f"label_error_rate must be in [0, 0.5): {self.label_error_rate!r}")
+        if not 1 <= self.graded_uncontested_accepts <= self.graded_accepts:
+            # more would make a reject between clear what its absence did not
+            raise ValueError(f"graded_uncontested_accepts must be in [1, graded_accepts = {self.graded_accepts}]: "
+                             f"{self.graded_uncontested_accepts!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,8 +356,7 @@ class Learner:
 
     def accepted(self, key: PatternKey) -> bool:
         """People cleared this pattern: one without a size, enough accepts and at most ``max_rejects``
-        among its recent decisions; a graded size, ``graded_accepts`` accepts at least as large plus one per
-        reject at most as large, and at most ``max_rejects`` of those (module doc)."""
+        among its recent decisions; a graded size, ``_graded_cleared``."""
         name, size = split_grade(key)
         if size is not None:
             return self._graded_cleared(name, size)
@@ -365,17 +371,19 @@ class Learner:
                 sum(1 for s, good in points if good is False and s <= size))
 
     def _graded_cleared(self, name: PatternKey, size: float) -> bool:
-        """``graded_accepts`` accepts at least as large as ``size`` (``graded_uncontested_accepts`` where
-        no reject lies between ``size`` and the largest of them and people accepted the pattern
-        ``graded_accepts`` times lately), plus one per reject at most as large, and at most
-        ``max_rejects`` of those (module doc)."""
+        """Among the pattern's last ``graded_window`` decisions: ``graded_accepts`` accepts at least as
+        large as ``size`` — ``graded_uncontested_accepts`` where no reject lies above ``size`` up to the
+        largest of them and the window holds ``graded_accepts`` accepts of any size — plus one per
+        reject at most as large, and at most ``max_rejects`` of those (module doc). A reject at the
+        size itself counts once (as one at most as large): counted as between too, ties made a size
+        harder to clear than a larger one, and a receipt is gated at its largest size."""
         points = self.graded.get(name, ())
         accepted = [s for s, good in points if good is True and s >= size]
         rejected = sum(1 for s, good in points if good is False and s <= size)
         if not accepted or rejected > self.config.max_rejects:
             return False
         top = max(accepted)
-        uncontested = (not any(good is False and size <= s <= top for s, good in points)
+        uncontested = (not any(good is False and size < s <= top for s, good in points)
                        and sum(1 for _, good in points if good is True) >= self.config.graded_accepts)
         needed = self.config.graded_uncontested_accepts if uncontested else self.config.graded_accepts
         return len(accepted) >= needed + rejected

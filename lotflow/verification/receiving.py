@@ -80,6 +80,7 @@ PROCESS_LEVEL = "PROCESS_LEVEL"  # the chart of an SPC_SIGNAL raised by the leve
 # chart signal). Simulated on Student-t (4 dof) lots with a reference from 50 of them: in control
 # it fires on 0.13 % of values, after a 3 x spread on 25 % (74 % of those beyond 4 true sigma).
 SPREAD_Z, SPREAD_K = 2.0, 4
+assert SPREAD_Z < SPC_FREE_Z  # ``process_spread`` counts a lot beyond SPC_FREE_Z as beyond SPREAD_Z
 PROCESS_SPREAD = "PROCESS_SPREAD"  # the chart of an SPC_SIGNAL raised by the spread alone
 _PATTERN_UNSAFE = re.compile(r"[|~/:;]")  # separators of a pattern string (and of a history file's list)
 CHART = spc.ChartConfig(reference_n=50, h=7.0, variance_h=14.0, clip_z=3.0, point_limit=4.0,
@@ -502,8 +503,8 @@ def check_certificates(ctx: ReceivingContext) -> list[Reason]:
                 # reference: what a vendor whose spread widened looks like between its variance
                 # CUSUM's signals (``SPREAD_K``).
                 out.append(_r("SPC_SIGNAL", Severity.WARN, f"{c.prop} of lot {lot}: {c.ref_z:+.1f} sigma from the "
-                              f"chart's reference while {c.spread} of the last {LEVEL_N} lots lie beyond "
-                              f"{SPREAD_Z:g} sigma (a wider spread)", vendor_lot=lot, property=c.prop,
+                              f"chart's reference while {c.spread} of its recent lots (the last {LEVEL_N} at most) "
+                              f"lie beyond {SPREAD_Z:g} sigma (a wider spread)", vendor_lot=lot, property=c.prop,
                               charts=PROCESS_SPREAD, z=c.ref_z, wide_lots=c.spread))
             elif c.z is not None and abs(c.z) >= ATYPICAL_Z:
                 n, mean, std = c.history

@@ -4,6 +4,7 @@ identical replicas and checkpoints, and the processor acting on what was learnt.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import pickle
 import random
@@ -19,6 +20,7 @@ from lotflow.scorers.learner import Label, Learner, LearnerConfig, largest_sizes
 from lotflow.settings import Settings
 from lotflow.streams import topics
 from lotflow.streams.learning import Checkpoint
+from lotflow.streams.receiving import learner_config
 from lotflow.verification import receiving as rules
 from lotflow.verification.node import Reason, Severity, graded
 
@@ -168,6 +170,21 @@ def test_a_wider_spread_is_a_chart_signal_for_a_far_lot_the_charts_passed() -> N
     assert rules.pattern_keys(ctx, reasons[0]) == [("V1", "M1", "SPC_SIGNAL:purity~3.40")]
 
 
+def test_a_lots_facts_carry_the_spread_of_its_charts_recent_lots() -> None:
+    """Through the facts a receipt is checked on: the chart's recent lots (held ones too) decide."""
+    spec = {"properties": [{"name": "purity", "min": 98.0, "max": 100.0, "unit": "%"}]}
+    line = {"material_id": "M1", "vendor_lot": "L-1"}
+
+    def facts(recent: list[float]) -> rules.CoaFact:
+        chart = ChartView(0, (60, 99.0, 0.59), [99.0] * 5, recent)  # reference mean 99.0, sigma 0.1
+        [fact] = rules._coa_facts(line, spec, {"purity": (99.3, "%")}, {}, {"M1|purity": chart})  # type: ignore[arg-type]
+        return fact
+
+    wide = facts([99.0, 99.25, 99.0, 98.75, 99.0, 99.22])  # 3 beyond 2 sigma, and this lot at 3.0
+    assert wide.ref_z == pytest.approx(3.0) and wide.spread == 4 and not wide.signals and wide.level is None
+    assert facts([99.0, 99.25, 99.0, 98.85, 99.0, 99.22]).spread is None  # 2 beyond: ordinary scatter
+
+
 def test_the_process_spread_counts_far_lots_around_a_far_lot() -> None:
     assert rules.process_spread([2.6, -0.3, -2.4, 0.8, 3.1], -2.9) == 4
     assert rules.process_spread([2.6, -0.3, -2.4, 0.8, 3.1], -2.4) is None  # this lot is ordinary scatter
@@ -218,6 +235,35 @@ def test_a_graded_pattern_clears_the_sizes_people_accepted_larger_and_never_reje
     assert restored.fingerprint() == learner.fingerprint() and restored.accepted(("V1", "M1", "QUANTITY_OVER~1.00"))
 
 
+def test_clearing_a_graded_size_is_monotone_with_ties_and_random_windows() -> None:
+    """A receipt is gated at its largest size: clearing a size must clear every smaller one. A reject
+    at the size itself is one at most as large, not also one between (a review found 2.0 held while
+    3.0 was cleared by accepts at 3.0 and 5.0 over a reject at 2.0)."""
+    learner = Learner(LearnerConfig(graded_accepts=2, graded_window=30))
+    name = ("V1", "M1", "Q")
+    learner.graded[name] = collections.deque([(2.0, False), (3.0, True), (5.0, True)])
+    assert learner.accepted((*name[:2], "Q~2.00")) and learner.accepted((*name[:2], "Q~3.00"))
+    rng = random.Random(11)
+    sizes = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    for _ in range(3000):
+        learner.graded[name] = collections.deque(
+            (rng.choice(sizes), rng.choice((True, False, None))) for _ in range(rng.randint(0, 8)))
+        cleared = [learner.accepted((*name[:2], f"Q~{size:.2f}")) for size in sizes]
+        assert all(not later or earlier for earlier, later in itertools.pairwise(cleared)), list(learner.graded[name])
+
+
+def test_the_uncontested_accepts_are_at_most_the_graded_accepts_and_reach_the_worker() -> None:
+    with pytest.raises(ValueError, match="graded_uncontested_accepts"):
+        LearnerConfig(graded_accepts=2, graded_uncontested_accepts=3)
+    with pytest.raises(ValueError, match="LOTFLOW_SOFT_GRADED_UNCONTESTED_ACCEPTS"):
+        Settings(soft_graded_accepts=2, soft_graded_uncontested_accepts=3)
+    config = learner_config(Settings(soft_graded_accepts=3, soft_graded_uncontested_accepts=2))
+    assert (config.graded_accepts, config.graded_uncontested_accepts) == (3, 2)
+    # replicas told another rule hold another model: the fingerprint says so
+    assert Learner(LearnerConfig(graded_uncontested_accepts=1)).fingerprint() != \
+        Learner(LearnerConfig(graded_uncontested_accepts=2)).fingerprint()
+
+
 def test_a_reject_is_charged_to_the_lots_values_beyond_what_people_accepted() -> None:
     learner = Learner(LearnerConfig(graded_accepts=3))  # no size below is cleared by the accepts here
     near, far = "M1|SPC_SIGNAL:purity~2.70", "M1|SPC_SIGNAL:water~5.00"
@@ -261,6 +307,7 @@ def test_one_decision_is_one_point_of_a_graded_pattern_at_its_largest_size() -> 
                         True, 0.5), 0)
     assert list(learner.graded[("V1", "M1", "QUANTITY_OVER")]) == [(4.2, True)]
     assert learner._graded_counts(("V1", "M1", "QUANTITY_OVER"), 3.5) == (1, 0)  # one accept, not two
+    assert not learner.accepted(("V1", "M1", "QUANTITY_OVER~3.50"))  # (and one accept alone clears nothing)
 
 
 def test_a_price_deviation_is_graded_per_direction_and_an_unreadable_size_is_the_bare_code() -> None:
@@ -634,6 +681,8 @@ def test_accepts_age_out_of_a_graded_window_that_rejects_charged_elsewhere_move_
         learner.learn(Label(f"r{n}", "V1", "M1", (f"{density}~3.50", f"{water}~{6.0 + n:.2f}"), {"n_soft": 1.0},
                             False, 0.5), n)
         assert learner._graded_counts(("V1", "M1", "SPC_SIGNAL:density"), 3.6) == (max(0, min(2, 6 - n)), 0)
+        if n == 5:  # the oldest accept left the window; one is not enough once it holds no other
+            assert not learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))
     assert not learner.accepted(("V1", "M1", "SPC_SIGNAL:density~4.21"))  # both accepts left the window
     restored = Learner.from_bytes(learner.to_bytes())
     name = ("V1", "M1", "SPC_SIGNAL:density")
