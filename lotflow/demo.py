@@ -122,7 +122,7 @@ class OutputReader:
             for msg in messages:
                 if msg.error():
                     continue
-                topic = msg.topic()
+                topic = str(msg.topic())  # a message without an error has its topic
                 if topic in self.inputs:
                     ref = (str(topic), int(msg.partition() or 0), int(msg.offset() or 0))
                     self.input_ts[ref] = msg.timestamp()[1]

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from lotflow.metrics import WorkerMetrics, observe_all
 from lotflow.schemas.serde import AvroCodec, DecodeError, SchemaSource
@@ -357,7 +357,7 @@ class ReceivingProcessor:
         wait_key = f"W|{po}|{pending_key}"
         if wait_key in self.po_state:
             return  # re-delivered while it waits: it keeps its original deadline
-        pending = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
+        pending: Record = {"receipt": receipt, "ref": [event.topic, event.partition, event.offset],
                    "ts": event.timestamp_ms, "deadline": now_ms + self.wait_ms, "t": now_ms}
         unit = self._unit()
         core = unit.get(self.po_state, key)
@@ -814,7 +814,7 @@ class ReceivingProcessor:
                 if decided >= limit:
                     self.more_due = True
                     break
-                key, pending_key = item
+                key, pending_key = cast(tuple[str, str], item)
                 wait_key = f"W|{key[2:]}|{pending_key}"
                 if pending_key in self._waiting.get(key, ()) and wait_key in self.po_state:
                     if read_until is None:

@@ -146,21 +146,18 @@ class _DictStore:
         self._key_partition: dict[str, int] = {}
 
 
+class _Topic:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def get_topic_name(self) -> str:
+        return self._name
+
+
 class _DictTable:
     def __init__(self, name: str) -> None:
         self.data = _DictStore()
-        self._name = name
-
-    @property
-    def changelog_topic(self) -> Any:
-        name = self._name
-
-        class _Topic:
-            @staticmethod
-            def get_topic_name() -> str:
-                return name
-
-        return _Topic()
+        self.changelog_topic = _Topic(name)
 
 
 class DictState(ChangelogTable):
