@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := var/.apt-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps demo review-demo learning-demo review-timing test lint unit integration bench kafka-start kafka-stop clean
+.PHONY: help install compile system-deps demo review-demo learning-demo review-timing test lint unit integration bench kafka-start kafka-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -25,7 +25,10 @@ $(APT_STAMP): Makefile
 	fi
 	@mkdir -p var && touch $@
 
-install: system-deps $(STAMP) ## create .venv and install lotflow with its dev tools
+install: system-deps $(STAMP) ## create .venv, install lotflow with its dev tools, compile its core (mypyc)
+	@# the processor's hot modules as C extensions (lotflow/compiled.py); rebuilt when a source
+	@# changed, a no-op otherwise; if it cannot build, it says why and lotflow runs from its sources
+	@$(BIN)/python -m lotflow.compile_core || true
 
 $(STAMP): pyproject.toml
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
@@ -73,6 +76,7 @@ kafka-start: install ## start the local broker (var/kafka)
 kafka-stop: install ## stop the local broker started by kafka-start
 	$(BIN)/lotflow kafka stop
 
-clean: ## remove var/ (broker data, embedded ClickHouse, results) and .venv
+clean: ## remove var/ (broker data, embedded ClickHouse, results), the compiled core and .venv
 	-$(BIN)/lotflow kafka stop 2>/dev/null
+	-$(BIN)/python -m lotflow.compile_core --clean 2>/dev/null
 	rm -rf var $(VENV) *.egg-info

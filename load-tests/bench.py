@@ -249,6 +249,7 @@ def bench_pipeline(settings: Settings, receipts: int, latency_s: float, rate: fl
     proc = start_worker(settings, log_dir / "worker.log")
     try:
         result["worker_rss_boot_mb"] = round(process_rss_mb(proc.pid), 1)
+        result["compiled_core"] = worker_metric(settings, "lotflow_compiled_core") == 1  # lotflow/compiled.py
         msgs_per_s, samples = drain(records_in(settings), inputs, 1800, "pipeline inputs", proc,
                                     sample=lambda: (process_rss_mb(proc.pid), process_cpu_s(proc.pid),
                                                     state_keys(settings)))

@@ -17,6 +17,11 @@ Two runs over the same events, each in its own processor:
   instrumented total (a little above the clean one: ~0.3 µs per wrapped call);
 * a clean one: ``processor`` is its µs per input event, nothing measured inside it.
 
+With the compiled core in use (``lotflow.compiled``), the instrumented run is made on the sources
+in a child process (compiled classes and calls cannot be wrapped); ``processor`` is then the
+compiled core's clean time and ``processor_pure_python`` the sources' clean time on the same
+traffic, side by side in one run.
+
 Stages: ``decode`` (Avro of the input records), ``control_charts`` (pooling a vendor's chart
 slices, running the charts), ``checks`` (deriving the facts and the rules), ``scoring`` (features,
 the learnt model, calibration, explanation), ``output_encode`` (Avro of the outputs),
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 import zlib
@@ -40,6 +47,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from lotflow import compiled
 from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import AvroCodec, schema_source
 from lotflow.scorers import history, spc
@@ -89,8 +97,10 @@ def _partition(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions  # any stable spread: the processor keys state by PO
 
 
-def traffic(settings: Settings, receipts: int, seed: int = 11) -> tuple[list[InputEvent], dict[str, Any]]:
-    """The simulator's run ``seed`` as encoded input records (and the material specs it publishes)."""
+def traffic(settings: Settings, receipts: int, seed: int = 11,
+            start_ms: int | None = None) -> tuple[list[InputEvent], dict[str, Any]]:
+    """The simulator's run ``seed`` as encoded input records (and the material specs it publishes),
+    its clock starting at ``start_ms`` (default: now)."""
     source = schema_source(None)
     names = {spec: spec.full_name(settings) for spec in topics.TOPICS}
     codecs = {spec: AvroCodec(source, f"{names[spec]}-value", spec.schema, epoch_millis=True)
@@ -98,7 +108,8 @@ def traffic(settings: Settings, receipts: int, seed: int = 11) -> tuple[list[Inp
     specs: dict[str, Any] = {}
     events: list[InputEvent] = []
     offsets: Counter[tuple[str, int]] = Counter()
-    for event in generate(seed, receipts, parse_fault_spec("default"), int(time.time() * 1000)):
+    for event in generate(seed, receipts, parse_fault_spec("default"),
+                          int(time.time() * 1000) if start_ms is None else start_ms):
         if event.topic is topics.MATERIAL_SPECS:
             codec = codecs[topics.MATERIAL_SPECS]
             spec = normalize_spec(codec.decode(codec.encode(event.value)))
@@ -169,15 +180,47 @@ def _instrument(processor: ReceivingProcessor, clock: StageClock) -> None:
 def measure_stages(settings: Settings, receipts: int, produce_to: Settings | None = None,
                    say: Callable[[str], None] = print, tune_gc: bool = True) -> dict[str, Any]:
     """µs per input event of each stage (see the module docstring); with ``produce_to``, the
-    outputs of the clean run are produced in the worker's transactions to that topic set."""
+    outputs of the clean run are produced in the worker's transactions to that topic set.
+
+    With the compiled core in use (``lotflow.compiled``) its classes and calls cannot be wrapped:
+    the instrumented run, and a clean run for comparison (``processor_pure_python``), go to a
+    child process on the sources (``LOTFLOW_PURE_PYTHON=1``), and ``processor`` is the compiled one."""
     events, specs = traffic(settings, receipts)
     if tune_gc:
         tune_garbage_collector()  # as the worker does: a full collection walks everything kept alive
-    say(f"stages: {len(events)} input events of {receipts} receipts, batches of {settings.batch_size}")
+    say(f"stages: {len(events)} input events of {receipts} receipts, batches of {settings.batch_size}"
+        f"{' (compiled core)' if compiled.active() else ''}")
     changelog = settings.topic("bench.stages-changelog")
     per_event = 1e6 / len(events)
+    if compiled.active():
+        result = _instrumented_from_sources(settings, receipts, tune_gc)
+    else:
+        result = _instrumented(settings, events, specs, changelog)
+    result["compiled"] = compiled.active()
+    # clean run: the processor's own time; the outputs are kept, per batch, to produce later
+    clock = _Clock()
+    outputs: list[Message] = []
+    processor = _processor(settings, specs, changelog, clock, outputs.append)
+    batches: list[list[Message]] = []
+    started = time.perf_counter()
+    for _ in _batches(processor, events, settings.batch_size, clock):
+        processor.end_batch()
+        batches.append(list(outputs))
+        outputs.clear()
+        _changes_into(processor, batches[-1])
+    clean_s = time.perf_counter() - started
+    result.update({"events": len(events), "processor": clean_s * per_event,
+                   "outputs_per_event": sum(len(b) for b in batches) / len(events)})
+    if produce_to is not None:
+        result.update(_produce(produce_to, batches, len(events)))
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
 
-    # instrumented run first (it also warms the caches up for the clean one), in its own processor
+
+def _instrumented(settings: Settings, events: list[InputEvent], specs: dict[str, Any],
+                  changelog: str) -> dict[str, Any]:
+    """The instrumented run (first: it also warms the caches up), in its own processor: the
+    stages' µs per event and their sum as run (``instrumented``)."""
+    per_event = 1e6 / len(events)
     stage_clock = StageClock()
     clock = _Clock()
     processor = _processor(settings, specs, changelog, clock, lambda message: None)
@@ -195,27 +238,27 @@ def measure_stages(settings: Settings, receipts: int, produce_to: Settings | Non
         instrumented_s = time.perf_counter() - started
     finally:
         spc.scan, history.chart_view, rules.derive = originals  # type: ignore[assignment]
-    # clean run: the processor's own time; the outputs are kept, per batch, to produce later
-    clock = _Clock()
-    outputs: list[Message] = []
-    processor = _processor(settings, specs, changelog, clock, outputs.append)
-    batches: list[list[Message]] = []
-    started = time.perf_counter()
-    for _ in _batches(processor, events, settings.batch_size, clock):
-        processor.end_batch()
-        batches.append(list(outputs))
-        outputs.clear()
-        _changes_into(processor, batches[-1])
-    clean_s = time.perf_counter() - started
-    result: dict[str, Any] = {"events": len(events), "processor": clean_s * per_event,
-                              "outputs_per_event": sum(len(b) for b in batches) / len(events),
-                              "instrumented": instrumented_s * per_event}
+    result: dict[str, Any] = {"instrumented": instrumented_s * per_event}
     for stage in STAGES:
         result[stage] = stage_clock.seconds[stage] * per_event
+    return result
 
-    if produce_to is not None:
-        result.update(_produce(produce_to, batches, len(events)))
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+
+def _instrumented_from_sources(settings: Settings, receipts: int, tune_gc: bool) -> dict[str, Any]:
+    """The stages measured on the sources in a child process, and its clean processor time."""
+    command = [sys.executable, __file__, "--receipts", str(receipts), "--settings", settings.model_dump_json()]
+    if not tune_gc:
+        command.append("--default-gc")
+    done = subprocess.run(command, env={**os.environ, compiled.PURE_ENV: "1"}, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the stages on the sources failed: {done.stderr.strip()[-2000:]}")
+    figures = json.loads(done.stdout)
+    if figures.get("compiled"):
+        raise RuntimeError("the child meant to run the sources ran the compiled core")
+    out = {stage: figures[stage] for stage in (*STAGES, "instrumented")}
+    out["processor_pure_python"] = figures["processor"]
+    return out
 
 
 def _changes_into(processor: ReceivingProcessor, out: list[Message]) -> None:
@@ -272,8 +315,12 @@ def _produce(settings: Settings, batches: list[list[Message]], events: int) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--receipts", type=int, default=20_000)
+    parser.add_argument("--settings", help="the settings as JSON (default: from the environment)")
+    parser.add_argument("--default-gc", action="store_true", help="leave the garbage collector as Python sets it")
     args = parser.parse_args()
-    result = measure_stages(get_settings(), args.receipts)
+    settings = Settings.model_validate_json(args.settings) if args.settings else get_settings()
+    result = measure_stages(settings, args.receipts, say=lambda message: print(message, file=sys.stderr),
+                            tune_gc=not args.default_gc)
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

@@ -38,6 +38,7 @@ class WorkerMetrics:
     drift_events: Gauge
     shared_history_records: Counter
     state_keys: Gauge
+    compiled_core: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -74,6 +75,10 @@ class WorkerMetrics:
             consumer_lag=Gauge(
                 "lotflow_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
                 registry=registry,
+            ),
+            compiled_core=Gauge(
+                "lotflow_compiled_core", "1 when the processor's core runs compiled (lotflow.compiled), 0 when "
+                "it runs from its sources", registry=registry,
             ),
             model_labels=Gauge(
                 "lotflow_model_labels", "People's decisions the confidence model has learnt from", ["node"],

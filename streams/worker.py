@@ -28,6 +28,7 @@ from typing import Any
 import faust
 from prometheus_client import CollectorRegistry, generate_latest
 
+from lotflow import compiled
 from lotflow.kafka_clients import faust_broker_credentials
 from lotflow.metrics import WorkerMetrics
 from lotflow.schemas.serde import schema_source
@@ -110,6 +111,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
     partition for ``stall_timeout_s`` (started before the app, as a join can hang its start-up)."""
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
+    metrics.compiled_core.set(1 if compiled.active() else 0)
     source = schema_source(settings.schema_registry_url)
     datadir = (settings.var_dir / "faust" / settings.app_id).resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,12 @@ import math
 import pickle
 import random
 import statistics
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from lotflow.scorers import spc
-from lotflow.scorers.history import ChartView
+from lotflow.scorers.history import ChartView, empty_profile
 from lotflow.scorers.learner import Label, Learner, LearnerConfig, largest_sizes, split_grade, spot_check_draw
 from lotflow.settings import Settings
 from lotflow.streams import topics
@@ -94,22 +93,33 @@ def test_a_pattern_is_cleared_by_consistent_accepts_and_closed_by_a_reject() -> 
     assert features["pattern_accept_share"] == pytest.approx((3 + 1) / (5 + 2))
 
 
+def _line(facts: list[rules.CoaFact], lot: str = "L-1", po_line: int = 1, material: str = "M1") -> rules.LineFact:
+    return rules.LineFact(line={"vendor_lot": lot, "po_line": po_line, "material_id": material}, po_line=None,
+                          spec=None, coa_facts=facts)
+
+
+def _context(lines: list[rules.LineFact]) -> rules.ReceivingContext:
+    """A receipt's context with only what grading and the certificate checks read (real types:
+    the compiled core checks them)."""
+    return rules.ReceivingContext(receipt={"vendor_id": "V1"}, po=None, lines=lines, totals=[], missing=[],
+                                  duplicate_receipt_of="", vendor_profile=empty_profile(),
+                                  rules=rules.ReceivingRules())
+
+
 def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
     signalled = [spc.Signal("NELSON_1", "far", {})]
 
     def fact(prop: str, ref_z: float | None, *, signal: bool = False, level: float | None = None,
              epoch: int = 0) -> rules.CoaFact:
-        chart = ChartView(epoch, (60, 99.0, 0.01), [])
+        chart = ChartView(epoch, [60, 99.0, 0.01], [])
         return rules.CoaFact(prop, 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=ref_z,
                              signals=signalled if signal else [], level=level)
 
     def keys(*facts: rules.CoaFact, material: str = "M1", more: tuple[rules.CoaFact, ...] = ()) -> list[Any]:
-        lines = [SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": material},
-                                 coa_facts=list(facts))]
+        lines = [_line(list(facts), material=material)]
         if more:
-            lines.append(SimpleNamespace(line={"vendor_lot": "L-2", "po_line": 2, "material_id": material},
-                                         coa_facts=list(more)))
-        ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=lines)
+            lines.append(_line(list(more), "L-2", 2, material))
+        ctx = _context(lines)
         return rules.pattern_keys(ctx, _reason("SPC_SIGNAL", Severity.WARN, vendor_lot="L-1", z="2.4"))
 
     # the signalled value, and only those others that stand out (beyond SPC_FREE_Z)
@@ -132,8 +142,7 @@ def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
     assert keys(off_spec, fact("water", 2.6, signal=True)) == [("V1", "M1", "SPC_SIGNAL:water~2.60")]
     # an over-delivery is graded by its own size only
     over = _reason("QUANTITY_OVER", deviation_pct="3.5", vendor_lot="L-1")
-    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[SimpleNamespace(
-        line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[fact("purity", 9.0)])])
+    ctx = _context([_line([fact("purity", 9.0)])])
     assert rules.pattern_keys(ctx, over) == [("V1", "M1", "QUANTITY_OVER~3.50")]
     assert rules.pattern_keys(ctx, _reason("QUANTITY_OVER", deviation_pct="nan")) == [("V1", "M1", "QUANTITY_OVER")]
 
@@ -141,12 +150,11 @@ def test_a_control_chart_signal_is_graded_per_property_of_the_lot() -> None:
 def _chart_reasons(ref_z: float, **signal: Any) -> tuple[Any, list[Reason]]:
     """A lot whose purity is ``ref_z`` reference sigma out with ``signal`` (a level or a spread), and
     whose water is ordinary: the receipt's context and its certificate reasons."""
-    chart = ChartView(0, (60, 99.0, 0.01), [])
+    chart = ChartView(0, [60, 99.0, 0.01], [])
     far = rules.CoaFact("purity", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=ref_z, **signal)
     plain = rules.CoaFact("water", 99.0, 98.0, 100.0, None, (60, 99.0, 0.1), chart=chart, ref_z=1.1)
-    line = SimpleNamespace(line={"vendor_lot": "L-1", "po_line": 1, "material_id": "M1"}, coa_facts=[far, plain])
-    ctx = SimpleNamespace(receipt={"vendor_id": "V1"}, lines=[line])
-    return ctx, rules.check_certificates(ctx)  # type: ignore[arg-type]
+    ctx = _context([_line([far, plain])])
+    return ctx, rules.check_certificates(ctx)
 
 
 def test_a_moved_process_level_is_a_chart_signal_even_where_the_lot_itself_signals_nothing() -> None:
@@ -176,8 +184,8 @@ def test_a_lots_facts_carry_the_spread_of_its_charts_recent_lots() -> None:
     line = {"material_id": "M1", "vendor_lot": "L-1"}
 
     def facts(recent: list[float]) -> rules.CoaFact:
-        chart = ChartView(0, (60, 99.0, 0.59), [99.0] * 5, recent)  # reference mean 99.0, sigma 0.1
-        [fact] = rules._coa_facts(line, spec, {"purity": (99.3, "%")}, {}, {"M1|purity": chart})  # type: ignore[arg-type]
+        chart = ChartView(0, [60, 99.0, 0.59], [99.0] * 5, recent)  # reference mean 99.0, sigma 0.1
+        [fact] = rules._coa_facts(line, spec, {"purity": [99.3, "%"]}, {}, {"M1|purity": chart})  # type: ignore[arg-type]
         return fact
 
     wide = facts([99.0, 99.25, 99.0, 98.75, 99.0, 99.22])  # 3 beyond 2 sigma, and this lot at 3.0
