@@ -12,12 +12,13 @@ APT_STAMP := var/.apt-installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-system-deps: $(APT_STAMP) ## Java 17, ZooKeeper 3.8 jars (for the local broker), promtool, chromium (browser test)
+system-deps: $(APT_STAMP) ## Java 17, ZooKeeper 3.8 jars (for the local broker), promtool, chromium (browser test), a C compiler (the compiled core)
 $(APT_STAMP): Makefile
 	@missing=""; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	[ -f /usr/share/java/zookeeper-3.8.0.jar ] || missing="$$missing libzookeeper-java"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -26,9 +27,11 @@ $(APT_STAMP): Makefile
 	@mkdir -p var && touch $@
 
 install: system-deps $(STAMP) ## create .venv, install lotflow with its dev tools, compile its core (mypyc)
-	@# the processor's hot modules as C extensions (lotflow/compiled.py); rebuilt when a source
-	@# changed, a no-op otherwise; if it cannot build, it says why and lotflow runs from its sources
-	@$(BIN)/python -m lotflow.compile_core || true
+	@# the processor's hot modules as C extensions (lotflow/compiled.py): rebuilt when a source
+	@# changed, a no-op otherwise; a machine without a C compiler runs lotflow from its sources
+	@$(BIN)/python -m lotflow.compile_core
+
+compile: install ## build the compiled core (lotflow/_compiled; install does it); python -m lotflow.compile_core --clean removes it
 
 $(STAMP): pyproject.toml
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
@@ -50,9 +53,7 @@ lint: install ## ruff + mypy
 	@# mypy cannot follow the package-dir mapping of an editable install (lotflow.streams is
 	@# streams/, ...): it checks a tree of links laid out as the installed package, so that
 	@# imports between the parts are checked instead of read as Any.
-	@rm -rf var/typecheck && mkdir -p var/typecheck/lotflow
-	@for f in lotflow/*; do ln -s ../../../$$f var/typecheck/lotflow/; done
-	@for d in streams schemas scorers sinks; do ln -s ../../../$$d var/typecheck/lotflow/$$d; done
+	@$(BIN)/python -m lotflow.compile_core --link-tree var/typecheck
 	cd var/typecheck && $(abspath $(BIN))/mypy --config-file ../../pyproject.toml --cache-dir ../mypy-cache lotflow
 
 test: install lint ## lint, then every test (unit + integration on a real broker and ClickHouse)
@@ -78,5 +79,4 @@ kafka-stop: install ## stop the local broker started by kafka-start
 
 clean: ## remove var/ (broker data, embedded ClickHouse, results), the compiled core and .venv
 	-$(BIN)/lotflow kafka stop 2>/dev/null
-	-$(BIN)/python -m lotflow.compile_core --clean 2>/dev/null
-	rm -rf var $(VENV) *.egg-info
+	rm -rf var $(VENV) *.egg-info lotflow/_compiled lotflow/_compiled.new lotflow/_compiled.old

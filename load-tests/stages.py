@@ -17,10 +17,11 @@ Two runs over the same events, each in its own processor:
   instrumented total (a little above the clean one: ~0.3 µs per wrapped call);
 * a clean one: ``processor`` is its µs per input event, nothing measured inside it.
 
-With the compiled core in use (``lotflow.compiled``), the instrumented run is made on the sources
-in a child process (compiled classes and calls cannot be wrapped); ``processor`` is then the
-compiled core's clean time and ``processor_pure_python`` the sources' clean time on the same
-traffic, side by side in one run.
+With the compiled core in use (``lotflow.compiled``), compiled classes and calls cannot be wrapped:
+the two runs above are made on the sources in a child process (``LOTFLOW_PURE_PYTHON=1``, the
+same traffic), and a third, clean run on the compiled core in this process (after a warm-up on a
+tenth of the traffic) gives ``processor``. The stages then break down ``instrumented`` (the
+sources), ``processor_pure_python`` is the sources' clean time beside the compiled ``processor``.
 
 Stages: ``decode`` (Avro of the input records), ``control_charts`` (pooling a vendor's chart
 slices, running the charts), ``checks`` (deriving the facts and the rules), ``scoring`` (features,
@@ -178,14 +179,16 @@ def _instrument(processor: ReceivingProcessor, clock: StageClock) -> None:
 
 
 def measure_stages(settings: Settings, receipts: int, produce_to: Settings | None = None,
-                   say: Callable[[str], None] = print, tune_gc: bool = True) -> dict[str, Any]:
+                   say: Callable[[str], None] = print, tune_gc: bool = True,
+                   start_ms: int | None = None) -> dict[str, Any]:
     """µs per input event of each stage (see the module docstring); with ``produce_to``, the
     outputs of the clean run are produced in the worker's transactions to that topic set.
 
     With the compiled core in use (``lotflow.compiled``) its classes and calls cannot be wrapped:
     the instrumented run, and a clean run for comparison (``processor_pure_python``), go to a
     child process on the sources (``LOTFLOW_PURE_PYTHON=1``), and ``processor`` is the compiled one."""
-    events, specs = traffic(settings, receipts)
+    start_ms = int(time.time() * 1000) if start_ms is None else start_ms
+    events, specs = traffic(settings, receipts, start_ms=start_ms)
     if tune_gc:
         tune_garbage_collector()  # as the worker does: a full collection walks everything kept alive
     say(f"stages: {len(events)} input events of {receipts} receipts, batches of {settings.batch_size}"
@@ -193,7 +196,12 @@ def measure_stages(settings: Settings, receipts: int, produce_to: Settings | Non
     changelog = settings.topic("bench.stages-changelog")
     per_event = 1e6 / len(events)
     if compiled.active():
-        result = _instrumented_from_sources(settings, receipts, tune_gc)
+        result = _instrumented_from_sources(settings, receipts, tune_gc, start_ms)
+        # a warm-up on a tenth of the traffic, as the instrumented run is in one process
+        warm = _processor(settings, specs, changelog, _Clock(), lambda message: None)
+        for _ in _batches(warm, events[:len(events) // 10], settings.batch_size, _Clock()):
+            warm.end_batch()
+            _changes_into(warm, [])
     else:
         result = _instrumented(settings, events, specs, changelog)
     result["compiled"] = compiled.active()
@@ -244,9 +252,11 @@ def _instrumented(settings: Settings, events: list[InputEvent], specs: dict[str,
     return result
 
 
-def _instrumented_from_sources(settings: Settings, receipts: int, tune_gc: bool) -> dict[str, Any]:
-    """The stages measured on the sources in a child process, and its clean processor time."""
-    command = [sys.executable, __file__, "--receipts", str(receipts), "--settings", settings.model_dump_json()]
+def _instrumented_from_sources(settings: Settings, receipts: int, tune_gc: bool, start_ms: int) -> dict[str, Any]:
+    """The stages measured on the sources in a child process (the same traffic), and its clean
+    processor time."""
+    command = [sys.executable, __file__, "--receipts", str(receipts), "--start-ms", str(start_ms),
+               "--settings", settings.model_dump_json()]
     if not tune_gc:
         command.append("--default-gc")
     done = subprocess.run(command, env={**os.environ, compiled.PURE_ENV: "1"}, capture_output=True, text=True,
@@ -317,10 +327,11 @@ def main() -> int:
     parser.add_argument("--receipts", type=int, default=20_000)
     parser.add_argument("--settings", help="the settings as JSON (default: from the environment)")
     parser.add_argument("--default-gc", action="store_true", help="leave the garbage collector as Python sets it")
+    parser.add_argument("--start-ms", type=int, help="the simulated traffic's start (default: now)")
     args = parser.parse_args()
     settings = Settings.model_validate_json(args.settings) if args.settings else get_settings()
     result = measure_stages(settings, args.receipts, say=lambda message: print(message, file=sys.stderr),
-                            tune_gc=not args.default_gc)
+                            tune_gc=not args.default_gc, start_ms=args.start_ms)
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

@@ -1,19 +1,25 @@
 """Build the compiled core (``lotflow.compiled``): ``python -m lotflow.compile_core [--clean]``.
 
-mypyc type-checks and compiles ``compiled.MODULES`` into C extensions written beside their
-sources, and one shared library (the modules' common runtime) into this interpreter's
-site-packages. It needs mypy (a dev dependency) and a C compiler; without them, or on any build
-error, it says why, removes what a failed build left, and lotflow runs from its sources.
+mypyc type-checks and compiles ``compiled.MODULES`` into C extensions and one shared runtime
+library, which go to ``compiled.COMPILED_DIR`` with a manifest: the interpreter's extension
+suffix, and the SHA-256 of every Python file of lotflow as compiled. Up to date already (the
+manifest fits): nothing is done.
 
-The sources live in ``streams/``, ``scorers/``, ... and are installed under ``lotflow.*`` by a
-package-dir mapping that mypyc cannot follow, so the build runs in ``var/compile``: a tree of
-links laid out as the installed package (the same as ``make lint`` type-checks).
-Up to date already (the manifest matches every source): nothing is done.
+The sources live in ``streams/``, ``scorers/``, ... and are installed under ``lotflow.*`` by the
+package-dir mapping in pyproject.toml, which mypy cannot follow. So the build compiles a copy
+laid out as the installed package (``var/compile``; a copy, not links, so that what is hashed is
+what was compiled even if a file is edited meanwhile), and ``--link-tree DIR`` lays out the same
+tree as links for ``make lint``'s mypy.
+
+Exit status: 0 when the core is built or up to date, or when this machine cannot build it
+(no mypyc, C compiler or Python headers: it says which, and lotflow runs from its sources);
+1 when a build failed (a defect, like a type error: the log's tail is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -21,13 +27,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+import tomllib
 from pathlib import Path
 
 from lotflow import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = {"lotflow.streams": "streams", "lotflow.schemas": "schemas", "lotflow.scorers": "scorers",
-         "lotflow.sinks": "sinks"}
 # Third-party packages are not followed: their types are not needed to compile lotflow's code,
 # and analysing them (numpy, scipy, river, faust) takes minutes.
 _MYPY_INI = """[mypy]
@@ -38,111 +43,137 @@ clickhouse_connect.*,prometheus_client.*,pydantic.*,pydantic_settings.*,orjson.*
 jinja2.*,matplotlib.*]
 follow_imports = skip
 """
-EXTENSION_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def source_of(module: str) -> Path:
-    """The ``.py`` file of a ``lotflow.*`` module in this checkout."""
-    parts = module.split(".")
-    for package, directory in PARTS.items():
-        if module.startswith(package + "."):
-            return ROOT / directory / Path(*module[len(package) + 1:].split(".")).with_suffix(".py")
-    return ROOT / Path(*parts).with_suffix(".py")
+def package_dirs(root: Path = ROOT) -> dict[str, Path]:
+    """Package name -> its directory in the checkout, as pyproject.toml maps them."""
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    mapping = config["tool"]["setuptools"]["package-dir"]
+    return {str(package): root / str(directory) for package, directory in mapping.items()}
 
 
-def extension_of(module: str) -> Path:
-    source = source_of(module)
-    return source.with_name(source.stem + EXTENSION_SUFFIX)
+def package_files(root: Path = ROOT) -> dict[Path, Path]:
+    """Every Python file of lotflow: its path in the installed layout -> its file in the checkout."""
+    dirs = package_dirs(root)
+    files: dict[Path, Path] = {}
+    # the longest package names last: a part's own directory wins over lotflow's tree
+    for package in sorted(dirs, key=len):
+        base = Path(*package.split("."))
+        for source in sorted(dirs[package].rglob("*.py")):
+            relative = source.relative_to(dirs[package])
+            if any(part.startswith(("_compiled", "__pycache__")) for part in relative.parts):
+                continue
+            files[base / relative] = source
+    return files
 
 
-def _site_packages() -> Path:
-    return Path(sysconfig.get_paths()["purelib"])
+def lay_out(tree: Path, files: dict[Path, Path], *, link: bool) -> None:
+    """``tree``: the files in the installed layout, as links to the checkout or as copies."""
+    if tree.exists():
+        shutil.rmtree(tree)
+    for relative, source in files.items():
+        target = tree / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            target.symlink_to(source)
+        else:
+            shutil.copyfile(source, target)
 
 
-def clean(say: bool = True) -> int:
-    """Remove the extensions, the shared library and the manifest: lotflow runs from its sources."""
-    removed = 0
-    manifest = compiled._manifest()
-    shared = manifest.get("shared_library") if manifest else None
-    paths = [extension_of(m) for m in compiled.MODULES] + ([Path(str(shared))] if shared else [])
-    for path in [*paths, compiled.MANIFEST]:
-        if path.exists():
-            path.unlink()
-            removed += 1
+def clean(directory: Path = compiled.COMPILED_DIR, say: bool = True) -> None:
+    """Remove the compiled core: lotflow runs from its sources."""
+    shutil.rmtree(directory, ignore_errors=True)
     if say:
-        print(f"compiled core: removed {removed} files; lotflow runs from its sources")
-    return removed
+        print(f"compiled core: removed {directory}; lotflow runs from its sources")
 
 
-def _up_to_date() -> bool:
-    manifest = compiled._manifest()
-    return manifest is not None and compiled._why_not(manifest) is None
+def missing_tools() -> str | None:
+    """What this machine lacks to build the core, or None."""
+    if not Path(sys.executable).with_name("mypyc").exists():
+        return "mypyc (pip install mypy)"
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        return "a C compiler (apt-get install gcc)"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "the Python headers (apt-get install python3-dev)"
+    if importlib.util.find_spec("setuptools") is None:
+        return "setuptools (pip install setuptools)"
+    return None
 
 
-def _link_tree(build: Path) -> None:
-    """``build/lotflow``: lotflow's files, and its parts where the installed package has them."""
-    if build.exists():
-        shutil.rmtree(build)
-    package = build / "lotflow"
-    package.mkdir(parents=True)
-    for entry in (ROOT / "lotflow").iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry)
-    for name, directory in PARTS.items():
-        (package / name.rpartition(".")[2]).symlink_to(ROOT / directory, target_is_directory=True)
+def _mypy_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("mypy")
+    except Exception:  # not installed: the build says so before this matters
+        return "unknown"
 
 
-def build(var_dir: Path) -> int:
-    """Compile the core; 0 when it is in use afterwards, 1 when lotflow runs from its sources."""
-    if _up_to_date():
+def build(var_dir: Path, directory: Path = compiled.COMPILED_DIR) -> int:
+    if compiled.build_problem(compiled.read_manifest(directory), directory) is None:
         print("compiled core: up to date")
         return 0
-    clean(say=False)
-    mypyc = Path(sys.executable).with_name("mypyc")
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not mypyc.exists() or compiler is None:
-        print(f"compiled core: not built ({'mypyc' if not mypyc.exists() else 'a C compiler'} is missing); "
-              "lotflow runs from its sources")
-        return 1
+    lacking = missing_tools()
+    if lacking is not None:
+        clean(directory, say=False)
+        print(f"compiled core: not built, this machine lacks {lacking}; lotflow runs from its sources")
+        return 0
     workdir = var_dir.resolve() / "compile"
-    _link_tree(workdir)
+    files = package_files()
+    lay_out(workdir, files, link=False)
     (workdir / "mypy.ini").write_text(_MYPY_INI)
-    files = [str(Path("lotflow", *m.split(".")[1:]).with_suffix(".py")) for m in compiled.MODULES]
-    digests = {m: compiled.source_digest(source_of(m)) for m in compiled.MODULES}
-    print(f"compiled core: compiling {len(files)} modules with mypyc (~30-60 s) ...", flush=True)
+    digests = {str(source): compiled.source_digest(workdir / relative) for relative, source in files.items()}
+    targets = {m: Path(*m.split(".")).with_suffix(".py") for m in compiled.MODULES}
+    print(f"compiled core: compiling {len(targets)} modules with mypyc (~30-60 s) ...", flush=True)
     started = time.monotonic()
-    log = workdir / "build.log"
+    log = var_dir.resolve() / "compile.log"
     with log.open("wb") as out:
-        done = subprocess.run([str(mypyc), "--config-file", "mypy.ini", *files], cwd=workdir,
-                              stdout=out, stderr=subprocess.STDOUT, check=False)
-    shared = sorted(workdir.glob(f"*__mypyc{EXTENSION_SUFFIX}"))
-    missing = [m for m in compiled.MODULES if not extension_of(m).exists()]
-    if done.returncode != 0 or len(shared) != 1 or missing:
-        clean(say=False)
-        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        print(f"compiled core: build failed (exit {done.returncode}; see {log}); lotflow runs from its sources",
-              *tail, sep="\n  ")
+        done = subprocess.run([str(Path(sys.executable).with_name("mypyc")), "--config-file", "mypy.ini",
+                               *map(str, targets.values())], cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                              check=False)
+    built = {m: workdir / path.with_suffix(compiled.EXTENSION_SUFFIX) for m, path in targets.items()}
+    shared = sorted(workdir.glob(f"*__mypyc{compiled.EXTENSION_SUFFIX}"))
+    if done.returncode != 0 or len(shared) != 1 or not all(f.is_file() for f in built.values()):
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        print(f"compiled core: the build failed (mypyc exit {done.returncode}; the log: {log})", *tail,
+              sep="\n  ")
         return 1
-    target = _site_packages() / shared[0].name
-    shutil.copy2(shared[0], target)
-    # the digests of the sources as they were when the build began: a file edited meanwhile is stale
-    compiled.MANIFEST.write_text(json.dumps({
-        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-        "shared_library": str(target),
-        "modules": {m: {"source": str(source_of(m)), "sha256": digests[m], "extension": str(extension_of(m))}
-                    for m in compiled.MODULES},
+    fresh = directory.with_name(directory.name + ".new")
+    clean(fresh, say=False)
+    fresh.mkdir()
+    modules = {}
+    for module, file in built.items():
+        modules[module] = f"{module}{compiled.EXTENSION_SUFFIX}"
+        shutil.copy2(file, fresh / modules[module])
+    shutil.copy2(shared[0], fresh / shared[0].name)
+    (fresh / compiled.MANIFEST.name).write_text(json.dumps({
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0], "mypy": _mypy_version(),
+        "extension_suffix": compiled.EXTENSION_SUFFIX, "modules": modules,
+        "shared": {"name": shared[0].name[:-len(compiled.EXTENSION_SUFFIX)], "file": shared[0].name},
+        "sources": digests,
     }, indent=1))
-    print(f"compiled core: {len(files)} modules in {time.monotonic() - started:.0f} s")
+    # swapped in whole: a process starting meanwhile sees the old build or the new one
+    old = directory.with_name(directory.name + ".old")
+    clean(old, say=False)
+    if directory.exists():
+        directory.rename(old)
+    fresh.rename(directory)
+    clean(old, say=False)
+    print(f"compiled core: {len(modules)} modules in {time.monotonic() - started:.0f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clean", action="store_true", help="remove the compiled core: run from the sources")
+    parser.add_argument("--link-tree", type=Path, metavar="DIR",
+                        help="only lay out lotflow as installed, as links, in DIR (for mypy)")
     parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
     args = parser.parse_args(argv)
     if args.clean:
         clean()
+        return 0
+    if args.link_tree is not None:
+        lay_out(args.link_tree, package_files(), link=True)
         return 0
     return build(args.var_dir)
 

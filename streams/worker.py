@@ -111,7 +111,7 @@ def create_worker(settings: Settings, registry: CollectorRegistry | None = None,
     partition for ``stall_timeout_s`` (started before the app, as a join can hang its start-up)."""
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
-    metrics.compiled_core.set(1 if compiled.active() else 0)
+    metrics.compiled_core.set(1 if compiled.status()["compiled"] else 0)
     source = schema_source(settings.schema_registry_url)
     datadir = (settings.var_dir / "faust" / settings.app_id).resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,20 @@
-"""The compiled core (lotflow/compiled.py): used only when built from the current sources, and
-deciding exactly as the sources do."""
+"""The compiled core (lotflow/compiled.py, lotflow/compile_core.py): used only when built for this
+interpreter from today's sources, and deciding exactly as the sources do."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lotflow import compiled
+from lotflow import compile_core, compiled
 from lotflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,55 +22,95 @@ sys.path.insert(0, str(ROOT / "load-tests"))
 
 import stages  # noqa: E402  (load-tests/stages.py)
 
-
-def _manifest(tmp_path: Path, *, built_from: bytes = b"x = 1\n") -> dict[str, object]:
-    modules = {}
-    for name in compiled.MODULES:
-        source = tmp_path / f"{name}.py"
-        source.write_bytes(b"x = 1\n")
-        extension = tmp_path / f"{name}.so"
-        extension.write_bytes(b"")
-        modules[name] = {"source": str(source), "extension": str(extension),
-                         "sha256": hashlib.sha256(built_from).hexdigest()}
-    return {"modules": modules}
+BUILT = compiled.build_problem(compiled.read_manifest())
+needs_build = pytest.mark.skipif(BUILT is not None, reason=f"the compiled core is not built here: {BUILT}")
 
 
-def test_the_core_is_compiled_only_while_every_source_is_the_one_it_was_built_from(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
-    assert compiled._why_not(_manifest(tmp_path)) is None
-    assert "changed since it was compiled" in str(compiled._why_not(_manifest(tmp_path, built_from=b"x = 2\n")))
-    manifest = _manifest(tmp_path)
-    Path(manifest["modules"]["lotflow.scorers.spc"]["extension"]).unlink()  # type: ignore[index]
-    assert "missing" in str(compiled._why_not(manifest))
-    assert "not built" in str(compiled._why_not(None))
-    monkeypatch.setenv(compiled.PURE_ENV, "1")
-    assert compiled._why_not(_manifest(tmp_path)) == f"{compiled.PURE_ENV} is set"
+def _build(tmp_path: Path, **change: Any) -> dict[str, Any]:
+    """A manifest of a made-up build in ``tmp_path``, for ``compiled.build_problem``."""
+    source = tmp_path / "source.py"
+    source.write_text("x = 1\n")
+    modules = {name: f"{name}.so" for name in compiled.MODULES}
+    for file in [*modules.values(), "shared.so"]:
+        (tmp_path / file).write_bytes(b"")
+    manifest = {"extension_suffix": compiled.EXTENSION_SUFFIX, "modules": modules,
+                "shared": {"name": "abc__mypyc", "file": "shared.so"},
+                "sources": {str(source): hashlib.sha256(b"x = 1\n").hexdigest()}}
+    manifest.update(change)
+    return manifest
 
 
-def test_the_source_finder_takes_only_the_cores_modules(tmp_path: Path) -> None:
-    (tmp_path / "spc.py").write_text("x = 1\n")
-    (tmp_path / "other.py").write_text("x = 1\n")
-    spec = compiled._SourceFirst().find_spec("lotflow.scorers.spc", [str(tmp_path)])
-    assert spec is not None and spec.origin == str(tmp_path / "spc.py")
-    assert compiled._SourceFirst().find_spec("lotflow.scorers.other", [str(tmp_path)]) is None
-    assert compiled._SourceFirst().find_spec("lotflow.scorers.spc", None) is None
+def test_a_build_is_used_only_for_this_interpreter_and_todays_sources(tmp_path: Path) -> None:
+    assert compiled.build_problem(_build(tmp_path), tmp_path) is None
+    assert "not built" in str(compiled.build_problem(None, tmp_path))
+    assert "this interpreter loads" in str(compiled.build_problem(
+        _build(tmp_path, extension_suffix=".cpython-312-x86_64-linux-gnu.so"), tmp_path))
+    assert "another set of modules" in str(compiled.build_problem(
+        _build(tmp_path, modules={"lotflow.scorers.spc": "x.so"}), tmp_path))
+    manifest = _build(tmp_path)
+    (tmp_path / "shared.so").unlink()
+    assert "shared.so is missing" in str(compiled.build_problem(manifest, tmp_path))
+    manifest = _build(tmp_path)
+    (tmp_path / "source.py").write_text("x = 2\n")  # any file of the package, not only a core module
+    assert "changed since the core was compiled" in str(compiled.build_problem(manifest, tmp_path))
+    (tmp_path / "source.py").unlink()
+    assert "is gone" in str(compiled.build_problem(manifest, tmp_path))
 
 
-def _status_in_child(pure: bool) -> dict[str, object]:
+def test_the_build_hashes_every_file_of_the_package_in_its_installed_layout(tmp_path: Path) -> None:
+    files = compile_core.package_files()
+    assert files[Path("lotflow/streams/receiving.py")] == ROOT / "streams" / "receiving.py"
+    assert files[Path("lotflow/verification/receiving.py")] == ROOT / "lotflow" / "verification" / "receiving.py"
+    assert files[Path("lotflow/cli.py")] == ROOT / "lotflow" / "cli.py"
+    assert all(Path(*m.split(".")).with_suffix(".py") in files for m in compiled.MODULES)
+    assert not any("_compiled" in str(path) or "__pycache__" in str(path) for path in files)
+    compile_core.lay_out(tmp_path / "tree", files, link=True)
+    assert (tmp_path / "tree" / "lotflow" / "scorers" / "spc.py").resolve() == ROOT / "scorers" / "spc.py"
+
+
+def _in_child(code: str, *, pure: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != compiled.PURE_ENV}
     if pure:
         env[compiled.PURE_ENV] = "1"
-    code = ("import json, lotflow.compiled as c, lotflow.streams.receiving, lotflow.scorers.spc as s; "
-            "print(json.dumps({**c.status(), 'spc': s.__file__}))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return dict(json.loads(done.stdout))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+STATUS = ("import json, lotflow.compiled as c, lotflow.streams.receiving, lotflow.scorers.spc as s; "
+          "print(json.dumps({**c.status(), 'origin': s.__spec__.origin}))")
 
 
 def test_pure_python_on_request_runs_every_module_of_the_core_from_its_source() -> None:
-    status = _status_in_child(pure=True)
+    status = _in_child(STATUS, pure=True)
     assert status["compiled"] is False and status["extensions_loaded"] == 0
-    assert str(status["spc"]).endswith("spc.py")
+    assert status["modules_loaded"] == len(compiled.MODULES)  # the processor imports every one
+    assert str(status["origin"]).endswith("spc.py")
+
+
+@needs_build
+def test_a_current_build_serves_the_core_and_a_stale_one_the_sources(tmp_path: Path) -> None:
+    status = _in_child(STATUS, pure=False)
+    assert status["compiled"] is True and status["extensions_loaded"] == status["modules_loaded"] == len(
+        compiled.MODULES)
+    assert str(status["origin"]).startswith(str(compiled.COMPILED_DIR))
+    # a copy of the build, decided on afresh in a child: as built, then with one source changed
+    stale = tmp_path / "build"
+    shutil.copytree(compiled.COMPILED_DIR, stale)
+    decide = ("import json, os, warnings; from pathlib import Path; import lotflow.compiled as c; "
+              "os.environ.pop(c.PURE_ENV); c._state['reason'] = 'not decided'; "
+              "warnings.simplefilter('always'); w = warnings.catch_warnings(record=True); caught = w.__enter__(); "
+              f"used = c.use_compiled_core(Path({str(stale)!r})); import lotflow.scorers.spc as s; "
+              "print(json.dumps({'used': used, 'warned': [str(x.message) for x in caught], "
+              "'origin': s.__spec__.origin}))")
+    fresh = _in_child(decide, pure=True)
+    assert fresh["used"] is True and not fresh["warned"] and str(fresh["origin"]).startswith(str(stale))
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["sources"][str(ROOT / "lotflow" / "settings.py")] = "0" * 64  # an import of the core changed
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    changed = _in_child(decide, pure=True)
+    assert changed["used"] is False and str(changed["origin"]).endswith("spc.py")
+    assert any("settings.py changed since the core was compiled" in w for w in changed["warned"])
 
 
 def _outputs_digest(receipts: int) -> str:
@@ -76,26 +118,28 @@ def _outputs_digest(receipts: int) -> str:
     settings = Settings()
     events, specs = stages.traffic(settings, receipts, start_ms=1_780_000_000_000)
     clock = stages._Clock()
-    outputs: list[object] = []
+    outputs: list[Any] = []
     processor = stages._processor(settings, specs, settings.topic("test.changelog"), clock, outputs.append)
     digest = hashlib.sha256()
+    records = 0
     for _ in stages._batches(processor, events, settings.batch_size, clock):
         processor.end_batch()
-        stages._changes_into(processor, outputs)  # type: ignore[arg-type]
+        stages._changes_into(processor, outputs)
         for m in outputs:
-            digest.update(repr((m.topic, m.key, m.value, m.partition)).encode())  # type: ignore[attr-defined]
+            digest.update(repr((m.topic, m.key, m.value, m.partition)).encode())
+        records += len(outputs)
         outputs.clear()
+    assert records > 3 * receipts  # outputs and state of every receipt
     return digest.hexdigest()
 
 
+@needs_build
 def test_the_compiled_core_decides_exactly_as_its_sources() -> None:
-    if not compiled.active():
-        pytest.skip(f"the compiled core is not in use here: {compiled.status()['reason']}")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests' / 'unit')!r}); "
-            "import lotflow.compiled as c; assert not c.active(); "
-            "from test_compiled import _outputs_digest; print(_outputs_digest(400))")
-    env = {**os.environ, compiled.PURE_ENV: "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False,
-                          cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _outputs_digest(400) == done.stdout.strip()
+    assert compiled.status()["compiled"], compiled.status()
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'tests' / 'unit')!r}); "
+            "import lotflow.compiled as c; from test_compiled import _outputs_digest; "
+            "digest = _outputs_digest(400); print(json.dumps({**c.status(), 'digest': digest}))")
+    pure = _in_child(code, pure=True)
+    assert pure["extensions_loaded"] == 0 and pure["modules_loaded"] == len(compiled.MODULES)
+    assert _outputs_digest(400) == pure["digest"]
+    assert compiled.status()["extensions_loaded"] == len(compiled.MODULES)  # it was the compiled core here
